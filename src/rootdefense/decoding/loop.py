@@ -1,0 +1,173 @@
+"""The RDS decoding loop: propose -> score -> choose -> commit, one token per step.
+
+With no rule the loop is plain decoding (greedy output equals ``model.generate``); with a
+probe but no rule it also records the harm of each emitted token at no extra cost (the
+hidden state comes out of the same forward); with a rule it scores the top-m candidates in
+one forward and lets the rule choose.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .candidates import forward_candidates, keep_candidate, prefill
+from .config import GenerationConfig
+from .rules import Candidates, Rule
+from .trace import TokenStep, Trace
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    trace: Trace
+    prompt_tokens: int
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self, with_trace: bool = True) -> dict:
+        out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+               "finish_reason": self.trace.finish_reason, "timings": self.timings}
+        out["trace"] = self.trace.to_dict() if with_trace else self.trace.summary()
+        return out
+
+
+class _Detokenizer:
+    """Incremental text of the generated ids; token pieces that split a multi-byte
+    character are attributed to the token that completes it."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def piece(self, token_id: int) -> str:
+        text = self.tok.decode(self.ids + [token_id], skip_special_tokens=True)
+        return text[len(self.text):] if text.startswith(self.text) else text
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        new = self.tok.decode(self.ids, skip_special_tokens=True)
+        if new.endswith("\ufffd"):  # incomplete UTF-8 sequence; wait for the next token
+            return ""
+        piece, self.text = new[len(self.text):], new
+        return piece
+
+
+def _own_choice(logprobs: torch.Tensor, cfg: GenerationConfig, rng) -> int:
+    """The token the undefended model emits: argmax, or a sample with top-p."""
+    if cfg.greedy:
+        return int(torch.argmax(logprobs).item())
+    probs = logprobs.exp()
+    if cfg.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < cfg.top_p
+        keep[0] = True
+        filtered = torch.zeros_like(probs)
+        filtered[order[keep]] = sorted_p[keep]
+        probs = filtered
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=rng).item())
+
+
+def _candidate_pool(logprobs: torch.Tensor, own: int, cfg: GenerationConfig) -> torch.Tensor:
+    """Top-m token ids by probability (optionally nucleus-cut), with the model's own token
+    always included; most probable first."""
+    top = torch.topk(logprobs, cfg.top_m)
+    ids = top.indices
+    if cfg.candidate_top_p < 1.0:
+        p = top.values.exp()
+        keep = torch.cumsum(p, 0) - p < cfg.candidate_top_p
+        keep[0] = True
+        ids = ids[keep]
+    if not bool((ids == own).any()):
+        ids = torch.cat([ids, torch.tensor([own], device=ids.device)])
+    return ids
+
+
+class Decoder:
+    """Decode one prompt with an optional harm probe and decision rule."""
+
+    def __init__(self, model, tokenizer, probe=None, rule: Rule | None = None,
+                 eos_token_ids: list[int] | None = None):
+        if rule is not None and probe is None:
+            raise ValueError("a decision rule needs a probe to score candidates")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.probe = probe
+        self.rule = rule
+        self.eos = set(eos_token_ids or [])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, cfg: GenerationConfig, on_token=None) -> Generation:
+        """``input_ids``: (1, T) prompt. ``on_token(step, piece)`` is called per token."""
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        rng = None
+        if not cfg.greedy:
+            rng = torch.Generator(device="cpu")
+            rng.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        layer = self.probe.layer if self.probe is not None else None
+        cache = DynamicCache(config=self.model.config)
+        t0 = time.perf_counter()
+        out = prefill(self.model, input_ids, cache)
+        t_prefill = time.perf_counter() - t0
+        logits = out.logits[0]
+        prefix_len = int(input_ids.shape[1])
+        detok = _Detokenizer(self.tokenizer)
+        trace = Trace()
+        generated: list[int] = []
+        t1 = time.perf_counter()
+        for _ in range(cfg.max_new_tokens):
+            # propose
+            temp = cfg.temperature if not cfg.greedy else 1.0
+            logprobs = torch.log_softmax(logits / temp, dim=-1).cpu()
+            own = _own_choice(logprobs, cfg, rng)
+            pool = _candidate_pool(logprobs, own, cfg) if self.rule is not None else torch.tensor([own])
+            own_idx = int((pool == own).nonzero()[0, 0])
+            # score
+            step = forward_candidates(self.model, cache, pool.to(device), prefix_len, layer)
+            harms = self.probe.score(step.hidden).cpu() if self.probe is not None else None
+            # choose
+            if self.rule is None:
+                j = own_idx
+            else:
+                j = self.rule.choose(Candidates(pool, logprobs[pool], harms, own_idx), rng)
+            # commit
+            keep_candidate(cache, prefix_len, len(pool), j)
+            prefix_len += 1
+            logits = step.logits[j]
+            token = int(pool[j])
+            original_piece = detok.piece(own) if j != own_idx else None
+            piece = detok.push(token)
+            trace.steps.append(TokenStep(
+                token_id=token, token=piece, prob=float(logprobs[token].exp()),
+                harm=None if harms is None else float(harms[j]),
+                original_id=own, original=piece if original_piece is None else original_piece,
+                original_prob=float(logprobs[own].exp()),
+                original_harm=None if harms is None else float(harms[own_idx]),
+                replaced=j != own_idx, candidates=len(pool),
+            ))
+            generated.append(token)
+            if on_token is not None:
+                on_token(trace.steps[-1], piece)
+            if token in self.eos:
+                trace.finish_reason = "eos"
+                break
+            if cfg.stop and any(s in detok.text for s in cfg.stop):
+                trace.finish_reason = "stop"
+                break
+        elapsed = time.perf_counter() - t1
+        text = detok.text
+        if trace.finish_reason == "stop":
+            cut = min(text.find(s) for s in cfg.stop if s in text)
+            text = text[:cut]
+        n = len(generated)
+        return Generation(
+            text=text, token_ids=generated, trace=trace, prompt_tokens=int(input_ids.shape[1]),
+            timings={"prefill_s": round(t_prefill, 4), "decode_s": round(elapsed, 4),
+                     "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 else None,
+                     "ms_per_token": round(1000 * elapsed / n, 2) if n else None},
+        )

