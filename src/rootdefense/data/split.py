@@ -1,0 +1,24 @@
+"""Deterministic split by prompt text, so the same prompt never lands on two sides, in any
+dataset, on any machine: 20% test, 10% validation (threshold calibration), 70% fit."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+
+def _normal(prompt: str) -> str:
+    return re.sub(r"\W+", " ", prompt.lower()).strip()
+
+
+def split_of(prompt: str) -> str:
+    bucket = int(hashlib.sha256(_normal(prompt).encode()).hexdigest()[:8], 16) % 10
+    return "test" if bucket < 2 else "val" if bucket == 2 else "fit"
+
+
+def edgy_half(prompt: str) -> str:
+    """The benign-but-edgy set is small, so it is halved rather than split 70/10/20: the
+    'train' half teaches probes that edgy words are not harm; the 'eval' half measures
+    over-refusal and is never trained on."""
+    bucket = int(hashlib.sha256(("edgy:" + _normal(prompt)).encode()).hexdigest()[:8], 16) % 2
+    return "train" if bucket == 0 else "eval"
