@@ -72,7 +72,9 @@ def pick_device(device: str) -> torch.device:
 def load_model(name: str = EMBEDDED_NAME, dtype: str = "float32", device: str = "auto") -> LoadedModel:
     """Load ``name`` (embedded name, hub id or folder) for inference."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bars are enough
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     path = resolve_model_path(name)

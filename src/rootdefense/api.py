@@ -1,0 +1,117 @@
+"""The library entry point: a model, a probe and a decision rule behind one object.
+
+    from rootdefense import api
+    d = api.Defender.load("smollm2-135m", defense="rds", rule="threshold")
+    out = d.generate("How do I bake bread?")
+    print(out.text, out.trace.replaced)
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths
+from .decoding import Decoder, GenerationConfig, Generation, make_rule
+from .decoding.rules import RULES
+from .errors import InputError, ProbeError
+from .models import LoadedModel, encode_chat, load_model, normalize_messages
+from .probes.base import LinearProbe
+
+DEFENSES = ("none", "rds")
+# which probe kind each rule reads by default: the paper's rule with the paper's probe;
+# the others with the answer-position probe, trained where candidates are scored
+DEFAULT_PROBE_KIND = {"paper": "paper", "threshold": "response", "weighted": "response"}
+
+
+def probe_dir(model_id: str, kind: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", model_id)
+    return paths.home() / "probes" / safe / kind
+
+
+def find_probe(model_id: str, kind: str) -> LinearProbe:
+    folder = probe_dir(model_id, kind)
+    if not (folder / "probe.json").exists():
+        raise ProbeError(f"no '{kind}' probe for model '{model_id}' at {folder}; train one with "
+                         f"`rootdefense probe train --model {model_id} --kind {kind}`")
+    return LinearProbe.load(folder)
+
+
+@dataclass
+class DefenseSettings:
+    defense: str = "rds"
+    rule: str = "threshold"
+    tau: float | None = None  # default: the probe's calibrated threshold
+    k: int = 10  # paper rule: top-k by probability
+    lam: float = 2.0  # weighted rule
+    probe: str | None = None  # path; default: the cached probe for the model and rule
+
+    def __post_init__(self):
+        if self.defense not in DEFENSES:
+            raise InputError(f"unknown defense '{self.defense}'; choose one of {', '.join(DEFENSES)}")
+        if self.rule not in RULES:
+            raise InputError(f"unknown rule '{self.rule}'; choose one of {', '.join(RULES)}")
+        if self.tau is not None and not 0 < self.tau < 1:
+            raise InputError(f"tau must lie strictly between 0 and 1, got {self.tau}")
+
+
+class Defender:
+    """Generate with or without the RDS defense; with a probe loaded, undefended answers
+    are still scored token by token (for the trace), at no extra cost."""
+
+    def __init__(self, lm: LoadedModel, probe: LinearProbe | None, settings: DefenseSettings):
+        self.lm = lm
+        self.probe = probe
+        self.settings = settings
+        self.rule = None
+        if settings.defense == "rds":
+            if probe is None:
+                raise ProbeError("the rds defense needs a probe")
+            tau = settings.tau if settings.tau is not None else probe.threshold
+            self.rule = make_rule(settings.rule, tau=tau, k=settings.k, lam=settings.lam)
+        if probe is not None:
+            probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
+            probe.to(lm.device)
+        self.decoder = Decoder(lm.model, lm.tokenizer, probe=probe, rule=self.rule,
+                               eos_token_ids=lm.eos_token_ids)
+
+    @classmethod
+    def load(cls, model: str = "smollm2-135m", dtype: str = "float32", device: str = "auto",
+             lm: LoadedModel | None = None, monitor: bool = True, **settings) -> "Defender":
+        """``monitor``: load the probe even when undefended, to shade the trace."""
+        s = DefenseSettings(**settings)
+        lm = lm or load_model(model, dtype=dtype, device=device)
+        probe = None
+        if s.probe:
+            probe = LinearProbe.load(s.probe)
+        elif s.defense == "rds":
+            probe = find_probe(lm.model_id, DEFAULT_PROBE_KIND[s.rule])
+        elif monitor:
+            try:
+                probe = find_probe(lm.model_id, DEFAULT_PROBE_KIND[s.rule])
+            except ProbeError:
+                probe = None
+        return cls(lm, probe, s)
+
+    def describe(self) -> dict:
+        out = {"model": self.lm.model_id, "defense": self.settings.defense,
+               "dtype": str(self.lm.dtype).replace("torch.", ""), "device": str(self.lm.device)}
+        if self.rule is not None:
+            out.update(self.rule.describe())
+        if self.probe is not None:
+            out["probe"] = {"kind": self.probe.meta.get("kind"), "layer": self.probe.layer,
+                            "threshold": round(self.probe.threshold, 4)}
+        return out
+
+    def encode(self, prompt: str | None = None, messages: list | None = None,
+               config: GenerationConfig | None = None):
+        cfg = config or GenerationConfig()
+        msgs = normalize_messages(prompt, messages)
+        return encode_chat(self.lm.tokenizer, msgs, self.lm.max_context, reserve=cfg.max_new_tokens)
+
+    def generate(self, prompt: str | None = None, messages: list | None = None,
+                 config: GenerationConfig | None = None, on_token=None) -> Generation:
+        cfg = config or GenerationConfig()
+        ids = self.encode(prompt, messages, cfg)
+        return self.decoder.generate(ids, cfg, on_token=on_token)

@@ -1,0 +1,269 @@
+"""Command line: a thin layer over :mod:`rootdefense.api`. Errors caused by input exit 2
+with one line naming the problem."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import InputError, RootDefenseError
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+class Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RootDefenseError as exc:
+            raise UserError(str(exc)) from exc
+
+
+def model_options(f):
+    f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")(f)
+    f = click.option("--dtype", default="float32", show_default=True,
+                     type=click.Choice(["float32", "bfloat16", "float16"]))(f)
+    f = click.option("--model", default="smollm2-135m", show_default=True,
+                     help="embedded name, hub id or local folder of a chat model")(f)
+    return f
+
+
+def defense_options(f):
+    from .api import DEFENSES
+    from .decoding.rules import RULES
+
+    f = click.option("--probe", default=None, help="probe folder (default: the cached one for the model and rule)")(f)
+    f = click.option("--lam", type=float, default=2.0, show_default=True, help="weighted rule: lambda")(f)
+    f = click.option("--k", "k", type=int, default=10, show_default=True, help="paper rule: top-k by probability")(f)
+    f = click.option("--tau", type=float, default=None, help="harm threshold (default: the probe's calibrated one)")(f)
+    f = click.option("--rule", type=click.Choice(list(RULES)), default="threshold", show_default=True)(f)
+    f = click.option("--defense", type=click.Choice(list(DEFENSES)), default="rds", show_default=True)(f)
+    return f
+
+
+def generation_options(f):
+    f = click.option("--top-m", type=int, default=20, show_default=True, help="candidates scored per step")(f)
+    f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
+    f = click.option("--seed", type=int, default=None)(f)
+    f = click.option("--top-p", type=float, default=1.0, show_default=True)(f)
+    f = click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")(f)
+    f = click.option("--max-new-tokens", type=int, default=128, show_default=True)(f)
+    return f
+
+
+def _config(o):
+    from .decoding import GenerationConfig
+
+    return GenerationConfig(max_new_tokens=o["max_new_tokens"], temperature=o["temperature"], top_p=o["top_p"],
+                            seed=o["seed"], stop=list(o["stop"]), top_m=o["top_m"])
+
+
+def _defender(o):
+    from .api import Defender
+
+    return Defender.load(o["model"], dtype=o["dtype"], device=o["device"], defense=o["defense"], rule=o["rule"],
+                         tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"])
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="rootdefense")
+def cli():
+    """rootdefense: make an open LLM safer while it decodes (Root Defense Strategies)."""
+
+
+@cli.command()
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--probes/--no-probes", default=True, show_default=True, help="also train the default probes")
+def prepare(model, probes):
+    """Convert the embedded model once and train its default probes (cached)."""
+    from .api import probe_dir
+    from .models import load_model
+    from .probes.train import TrainSpec, train_probe
+
+    lm = load_model(model)
+    click.echo(f"model ready: {lm.model_id} ({lm.num_layers} layers, hidden {lm.hidden_size})")
+    if not probes:
+        return
+    for kind in ("response", "paper"):
+        folder = probe_dir(lm.model_id, kind)
+        if (folder / "probe.json").exists():
+            click.echo(f"probe ready: {folder}")
+            continue
+        click.echo(f"training the '{kind}' probe (once) ...")
+        probe, metrics = train_probe(lm, TrainSpec(kind=kind), log=click.echo)
+        probe.save(folder)
+        click.echo(f"probe saved: {folder} (layer {probe.layer}, held-out AUROC {metrics['test_auroc']:.3f})")
+
+
+@cli.command()
+@click.argument("prompt", required=False)
+@model_options
+@defense_options
+@generation_options
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object (single prompt)")
+@click.option("--html", type=click.Path(dir_okay=False), default=None, help="write the trace page here")
+@click.option("--input", "input_path", type=click.Path(dir_okay=False), default=None,
+              help="batch mode: JSONL with {\"prompt\": ...} or {\"messages\": [...]} per line")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None, help="batch mode: JSONL out")
+@click.option("--resume", is_flag=True, help="batch mode: skip input lines already in --output")
+@click.option("--overwrite", is_flag=True, help="batch mode: replace an existing --output")
+def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, **o):
+    """Answer PROMPT (or every line of --input) with or without the defense."""
+    from .batch import run_batch
+    from .render import write_trace_page
+
+    cfg = _config(o)
+    if input_path or output_path:
+        if prompt:
+            raise InputError("give either PROMPT or --input/--output, not both")
+        if not (input_path and output_path):
+            raise InputError("batch mode needs both --input and --output")
+        defender = _defender(o)
+        summary = run_batch(defender, cfg, input_path, output_path, resume=resume, overwrite=overwrite, html=html)
+        click.echo(json.dumps(summary) if as_json else
+                   f"{summary['written']} answers written to {output_path} ({summary['skipped']} already done)")
+        return
+    if prompt is None:
+        raise InputError("give a PROMPT, or --input FILE.jsonl --output FILE.jsonl")
+    defender = _defender(o)
+    ids_check = defender.encode(prompt, None, cfg)  # validates before any decoding
+    del ids_check
+    stream = not as_json and sys.stdout.isatty()
+    gen = defender.generate(prompt, config=cfg, on_token=(lambda s, piece: click.echo(piece, nl=False)) if stream else None)
+    record = {"prompt": prompt, **gen.to_dict(), "settings": defender.describe()}
+    if html:
+        write_trace_page(html, [{"prompt": prompt, "label": _label(defender), "text": gen.text,
+                                 "trace": record["trace"], "meta": gen.timings}], title="rootdefense trace")
+    if as_json:
+        click.echo(json.dumps(record, ensure_ascii=False))
+        return
+    if not stream:
+        click.echo(gen.text, nl=False)
+    s = gen.trace.summary()
+    click.echo(f"\n[{_label(defender)}] {s['replaced']} of {s['tokens']} tokens replaced; "
+               f"{gen.timings['tokens_per_s']} tok/s" + (f"; trace: {html}" if html else ""), err=True)
+
+
+def _label(defender) -> str:
+    d = defender.describe()
+    if d["defense"] == "none":
+        return "undefended"
+    extra = f" tau={d['tau']:.3f}" if "tau" in d else ""
+    return f"rds {d['rule']}{extra}"
+
+
+@cli.command()
+@model_options
+@defense_options
+@generation_options
+def chat(**o):
+    """Interactive chat; /reset clears the conversation, /exit or Ctrl-D quits."""
+    cfg = _config(o)
+    defender = _defender(o)
+    click.echo(f"rootdefense chat [{_label(defender)}] on {defender.lm.model_id}; /exit to quit", err=True)
+    messages: list[dict] = []
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            messages = []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            gen = defender.generate(messages=messages, config=cfg)
+        except InputError as exc:
+            click.echo(f"error: {exc}", err=True)
+            messages.pop()
+            continue
+        messages.append({"role": "assistant", "content": gen.text})
+        click.echo(f"bot> {gen.text}")
+        click.echo(f"     ({gen.trace.replaced} of {len(gen.token_ids)} tokens replaced)", err=True)
+
+
+@cli.group(cls=Group)
+def probe():
+    """Train and evaluate harm probes."""
+
+
+@probe.command("train")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--kind", type=click.Choice(["paper", "query", "response"]), default="response", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's probe cache")
+@click.option("--per-dataset", type=int, default=300, show_default=True, help="prompts per dataset (cap)")
+@click.option("--self-answers", type=int, default=96, show_default=True, help="response probe: own answers per side")
+@click.option("--target-fpr", type=float, default=None, help="benign flag rate for the threshold")
+@click.option("--layers", default=None, help="comma-separated layers to sweep (default: all / every 3rd)")
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16", "float16"]))
+def probe_train(model, kind, out, per_dataset, self_answers, target_fpr, layers, dtype):
+    """Collect hidden states from installed datasets and fit a probe."""
+    from .api import probe_dir
+    from .models import load_model
+    from .probes.train import TrainSpec, train_probe
+
+    try:
+        layer_list = [int(x) for x in layers.split(",")] if layers else None
+    except ValueError as exc:
+        raise InputError(f"--layers must be comma-separated integers, got '{layers}'") from exc
+    if self_answers < 8:
+        raise InputError("--self-answers must be at least 8")
+    spec = TrainSpec(kind=kind, per_dataset=per_dataset, layers=layer_list, target_fpr=target_fpr,
+                     self_answers=self_answers)
+    lm = load_model(model, dtype=dtype)
+    if layer_list and not all(0 <= l <= lm.num_layers for l in layer_list):
+        raise InputError(f"--layers must lie in 0..{lm.num_layers} for this model")
+    probe_obj, metrics = train_probe(lm, spec, log=click.echo)
+    folder = probe_obj.save(out or probe_dir(lm.model_id, kind))
+    click.echo(json.dumps({"saved": str(folder), "layer": probe_obj.layer, "threshold": probe_obj.threshold,
+                           "metrics": metrics}, indent=2))
+
+
+@probe.command("eval")
+@click.argument("probe_path", required=False)
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--kind", type=click.Choice(["paper", "query", "response"]), default="response", show_default=True,
+              help="which cached probe, when PROBE_PATH is not given")
+@click.option("--limit", type=int, default=None, help="held-out prompts per dataset (cap)")
+@click.option("--json", "as_json", is_flag=True)
+def probe_eval(probe_path, model, kind, limit, as_json):
+    """Re-score a saved probe on held-out data: AUROC, per-dataset TPR, edgy FPR."""
+    from .api import find_probe
+    from .models import load_model
+    from .probes.base import LinearProbe
+    from .probes.evaluate import evaluate_probe, format_report
+
+    if limit is not None and limit < 5:
+        raise InputError("--limit must be at least 5")
+    lm = load_model(model)
+    p = LinearProbe.load(probe_path) if probe_path else find_probe(lm.model_id, kind)
+    p.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
+    report = evaluate_probe(lm, p, limit=limit)
+    click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
+
+
+@cli.command()
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="default: $ROOTDEFENSE_HOME/demo")
+@click.option("--rule", type=click.Choice(["paper", "threshold", "weighted"]), default="threshold", show_default=True)
+def demo(max_new_tokens, out, rule):
+    """5 AdvBench + 5 benign prompts, undefended vs RDS side by side, with a trace page."""
+    from .demo import run_demo
+
+    run_demo(max_new_tokens=max_new_tokens, out=out, rule=rule)
+
+
+def main():
+    cli(prog_name="rootdefense")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`rootdefense demo`: held-out AdvBench and benign prompts, undefended vs RDS side by side,
+with a trace page. Everything comes from the cache that `rootdefense prepare` fills."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from . import paths
+from .api import Defender
+from .data import load_dataset
+from .data.split import edgy_half, split_of
+from .decoding import GenerationConfig
+from .jsonl import JsonlWriter
+from .models import load_model
+from .render import write_trace_page
+
+
+def demo_prompts(n_harmful: int = 5, n_benign: int = 5) -> list[tuple[str, str]]:
+    """Prompts no probe was trained on: the test split of AdvBench; MT-bench turn 1 and the
+    eval half of the benign-but-edgy set."""
+    harmful = [e.prompt for e in load_dataset("advbench") if split_of(e.prompt) == "test"][:n_harmful]
+    mt = [e.prompt for e in load_dataset("mtbench") if split_of(e.prompt) == "test"]
+    edgy = [e.prompt for e in load_dataset("edgy") if edgy_half(e.prompt) == "eval"]
+    benign = (mt[: (n_benign + 1) // 2] + edgy)[:n_benign]
+    return [("harmful", p) for p in harmful] + [("benign", p) for p in benign]
+
+
+def run_demo(max_new_tokens: int = 64, out: str | None = None, rule: str = "threshold") -> Path:
+    console = Console()
+    out_dir = Path(out) if out else paths.home() / "demo"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lm = load_model("smollm2-135m")
+    plain = Defender.load(lm=lm, defense="none", rule=rule)
+    rds = Defender.load(lm=lm, defense="rds", rule=rule)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    prompts = demo_prompts()
+    entries, rows = [], []
+    with Progress(console=console, transient=True) as progress, \
+            JsonlWriter(out_dir / "demo.jsonl", append=False) as log:
+        task = progress.add_task("generating", total=2 * len(prompts))
+        for i, (kind, prompt) in enumerate(prompts):
+            pair = []
+            for name, d in (("undefended", plain), (f"rds ({rule})", rds)):
+                progress.update(task, description=f"{kind} {i + 1}/{len(prompts)}: {name}")
+                gen = d.generate(prompt, config=cfg)
+                pair.append(gen)
+                rec = {"kind": kind, "prompt": prompt, "defense": name, **gen.to_dict(), "settings": d.describe()}
+                log.write(rec)
+                entries.append({"prompt": prompt, "label": name, "text": gen.text, "trace": rec["trace"],
+                                "group": f"{kind} {i + 1}", "meta": {"tok/s": gen.timings["tokens_per_s"]}})
+                progress.advance(task)
+            rows.append((kind, prompt, pair[0], pair[1]))
+    table = Table(title=f"undefended vs RDS ({rule}) on {lm.model_id}, greedy, {max_new_tokens} new tokens",
+                  show_lines=True)
+    table.add_column("prompt", ratio=2)
+    table.add_column("undefended", ratio=3)
+    table.add_column(f"RDS ({rule})", ratio=3)
+    for kind, prompt, a, b in rows:
+        table.add_row(f"[bold]{kind}[/]\n{_short(prompt, 160)}", _short(a.text, 300),
+                      _short(b.text, 300) + f"\n[dim]{b.trace.replaced} tokens replaced[/]")
+    console.print(table)
+    speed_a = sum(e["meta"]["tok/s"] or 0 for e in entries[0::2]) / len(rows)
+    speed_b = sum(e["meta"]["tok/s"] or 0 for e in entries[1::2]) / len(rows)
+    page = write_trace_page(out_dir / "trace.html", entries, title=f"rootdefense demo: {lm.model_id}")
+    console.print(f"mean speed: undefended {speed_a:.1f} tok/s, RDS {speed_b:.1f} tok/s")
+    console.print(f"answers (JSONL): {out_dir / 'demo.jsonl'}")
+    console.print(f"trace page: {page}")
+    return page
+
+
+def _short(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[: n - 1] + "…"

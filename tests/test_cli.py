@@ -1,0 +1,181 @@
+"""Every CLI command through click's runner, on a tiny model saved to a folder (fast) —
+the embedded-model commands are in test_integration.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_tiny_model, make_tokenizer
+from rootdefense.cli import cli
+from rootdefense.probes.base import LinearProbe
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-model")
+    tok = make_tokenizer()
+    model = make_tiny_model(tok)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_probe(tiny_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("probe")
+    g = torch.Generator().manual_seed(3)
+    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                meta={"model_id": tiny_dir, "kind": "response"}).save(d)
+    return str(d)
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
+
+
+def test_generate_undefended_json(tiny_dir):
+    r = run("generate", "How do I bake bread?", "--model", tiny_dir, "--defense", "none",
+            "--max-new-tokens", 12, "--json")
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert len(rec["token_ids"]) == 12 and rec["trace"]["summary"]["replaced"] == 0
+    assert rec["settings"]["defense"] == "none"
+
+
+def test_generate_rds_with_trace_page(tiny_dir, tiny_probe, tmp_path):
+    page = tmp_path / "t.html"
+    r = run("generate", "How do I bake bread?", "--model", tiny_dir, "--probe", tiny_probe, "--tau", 0.3,
+            "--max-new-tokens", 12, "--json", "--html", page)
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    steps = rec["trace"]["steps"]
+    assert all(s["harm"] is not None for s in steps)
+    assert rec["trace"]["summary"]["replaced"] == sum(s["replaced"] for s in steps) > 0
+    html = page.read_text()
+    assert html.count('class="tok') >= len(steps) and "model wanted" in html
+
+
+def test_generate_plain_text_output(tiny_dir, tiny_probe):
+    r = run("generate", "hello", "--model", tiny_dir, "--probe", tiny_probe, "--rule", "weighted",
+            "--max-new-tokens", 5)
+    assert r.exit_code == 0
+    assert "tokens replaced" in r.output
+
+
+def test_batch_keeps_fields_and_resumes(tiny_dir, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    out = tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "hi"}) + "\n\n"
+                   + json.dumps({"id": "b", "messages": [{"role": "user", "content": "bread?"}]}) + "\n")
+    args = ["generate", "--model", tiny_dir, "--defense", "none", "--max-new-tokens", 4,
+            "--input", inp, "--output", out]
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(x["id"], x["line"]) for x in lines] == [("a", 1), ("b", 3)]
+    assert all("text" in x and "trace" in x and "timings" in x for x in lines)
+    assert lines[1]["messages"][0]["content"] == "bread?"
+    r = run(*args)  # refuses to clobber
+    assert r.exit_code == 2 and "--resume" in r.output
+    with inp.open("a") as fh:
+        fh.write(json.dumps({"id": "c", "prompt": "more"}) + "\n")
+    r = run(*args, "--resume")
+    assert r.exit_code == 0 and "1 answers written" in r.output and "2 already done" in r.output
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (b'{"prompt": "ok"}\n{"prompt": "fine"}\n{"prompt": oops}\n', "line 3 is not valid JSON"),
+    (b'{"prompt": "ok"}\n{"prompt": "fine"}\n{"prompt": "\xff\xfe"}\n', "line 3 is not valid UTF-8"),
+    (b'{"prompt": "ok"}\n{"prompt": "fine"}\n{"text": "no prompt"}\n', "line 3 has neither"),
+    (b'{"prompt": "ok"}\n{"prompt": "fine"}\n{"prompt": "   "}\n', "line 3: empty prompt"),
+])
+def test_batch_bad_line_keeps_finished_lines(tiny_dir, tmp_path, bad, needle):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_bytes(bad)
+    r = run("generate", "--model", tiny_dir, "--defense", "none", "--max-new-tokens", 3,
+            "--input", inp, "--output", out)
+    assert r.exit_code == 2
+    assert needle in r.output
+    assert len(out.read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "  "], "empty prompt"),
+    (["generate", "hi", "--max-new-tokens", -3], "max_new_tokens"),
+    (["generate", "hi", "--max-new-tokens", 10**9], "max_new_tokens"),
+    (["generate", "hi", "--temperature", -1], "temperature"),
+    (["generate", "hi", "--top-m", 0], "top_m"),
+    (["generate", "hi", "--tau", 1.5], "tau"),
+    (["generate", "hi", "--top-p", 2], "top_p"),
+    (["generate"], "give a PROMPT"),
+    (["generate", "hi", "--input", "x.jsonl"], "not both"),
+])
+def test_bad_arguments_exit_2(tiny_dir, tiny_probe, args, needle):
+    r = run(*args, "--model", tiny_dir, "--probe", tiny_probe)
+    assert r.exit_code == 2, r.output
+    assert needle in r.output
+
+
+def test_unknown_model_is_named(rd_home):
+    r = run("generate", "hi", "--model", "./no/such/model", "--defense", "none")
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_prompt_longer_than_context(tiny_dir):
+    r = run("generate", "bread " * 600, "--model", tiny_dir, "--defense", "none", "--max-new-tokens", 4)
+    assert r.exit_code == 2 and "context window" in r.output
+
+
+def test_probe_for_another_model_is_refused(tiny_dir, tmp_path):
+    LinearProbe(torch.zeros(48), 0.0, 1, 0.5, {"model_id": "someone/else"}).save(tmp_path / "p")
+    r = run("generate", "hi", "--model", tiny_dir, "--probe", tmp_path / "p")
+    assert r.exit_code == 2 and "trained for model 'someone/else'" in r.output
+    LinearProbe(torch.zeros(64), 0.0, 1, 0.5, {"model_id": tiny_dir}).save(tmp_path / "q")
+    r = run("generate", "hi", "--model", tiny_dir, "--probe", tmp_path / "q")
+    assert r.exit_code == 2 and "hidden size 64" in r.output
+
+
+def test_corrupt_probe_is_refused(tiny_dir, tiny_probe, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_probe, bad)
+    (bad / "probe.safetensors").write_bytes(b"not a safetensors file")
+    r = run("generate", "hi", "--model", tiny_dir, "--probe", bad)
+    assert r.exit_code == 2 and "corrupt" in r.output
+    shutil.copytree(tiny_probe, tmp_path / "bad2")
+    (tmp_path / "bad2" / "probe.json").write_text("{nope")
+    r = run("generate", "hi", "--model", tiny_dir, "--probe", tmp_path / "bad2")
+    assert r.exit_code == 2 and "corrupt" in r.output
+    r = run("generate", "hi", "--model", tiny_dir, "--probe", tmp_path / "missing")
+    assert r.exit_code == 2 and "no probe" in r.output
+
+
+def test_missing_default_probe_names_the_command(tiny_dir, rd_home):
+    r = run("generate", "hi", "--model", tiny_dir)
+    assert r.exit_code == 2 and "rootdefense probe train" in r.output
+
+
+def test_chat_keeps_history(tiny_dir, tiny_probe):
+    r = run("chat", "--model", tiny_dir, "--probe", tiny_probe, "--max-new-tokens", 4,
+            input="hello\n\nhow are you?\n/reset\nbye\n/exit\n")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("bot> ") == 3
+
+
+def test_probe_eval_rejects_another_models_probe(tiny_dir, tmp_path):
+    LinearProbe(torch.zeros(48), 0.0, 1, 0.5, {"model_id": "someone/else"}).save(tmp_path / "p")
+    r = run("probe", "eval", tmp_path / "p", "--model", tiny_dir)
+    assert r.exit_code == 2 and "someone/else" in r.output
+
+
+def test_probe_train_rejects_bad_options(tiny_dir):
+    r = run("probe", "train", "--model", tiny_dir, "--layers", "a,b")
+    assert r.exit_code == 2 and "--layers" in r.output
+    r = run("probe", "train", "--model", tiny_dir, "--per-dataset", 2)
+    assert r.exit_code == 2 and "per_dataset" in r.output
