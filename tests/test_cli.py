@@ -179,3 +179,17 @@ def test_probe_train_rejects_bad_options(tiny_dir):
     assert r.exit_code == 2 and "--layers" in r.output
     r = run("probe", "train", "--model", tiny_dir, "--per-dataset", 2)
     assert r.exit_code == 2 and "per_dataset" in r.output
+
+
+def test_data_list_and_export():
+    r = run("data", "list")
+    assert r.exit_code == 0 and "advbench" in r.output and "MIT" in r.output
+    r = run("data", "export", "advbench", "mtbench", "--split", "test", "--limit", 3)
+    assert r.exit_code == 0
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(rows) == 6 and rows[0]["harmful"] and not rows[-1]["harmful"]
+    from rootdefense.data.split import split_of
+
+    assert all(split_of(x["prompt"]) == "test" for x in rows)
+    r = run("data", "export", "nope")
+    assert r.exit_code == 2 and "valid names" in r.output

@@ -250,6 +250,44 @@ def probe_eval(probe_path, model, kind, limit, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else format_report(report))
 
 
+@cli.group(cls=Group)
+def data():
+    """List and export the datasets read from installed packages."""
+
+
+@data.command("list")
+def data_list():
+    """Each dataset with its kind, size, package and licence."""
+    from .data import dataset_table
+
+    for row in dataset_table():
+        rows = row["rows"] if row["rows"] is not None else f"missing ({row.get('error')})"
+        click.echo(f"{row['name']:<14} {row['kind']:<8} {rows!s:>6}  {row['package'] or '-':<32} {row['licence']}")
+
+
+@data.command("export")
+@click.argument("names", nargs=-1, required=True)
+@click.option("--split", type=click.Choice(["all", "fit", "val", "test", "edgy-eval"]), default="all",
+              show_default=True, help="test: never trained on by probes; edgy-eval: the held-out edgy half")
+@click.option("--limit", type=int, default=None, help="rows per dataset")
+def data_export(names, split, limit):
+    """Print prompts of NAMES as JSONL ({"id", "prompt", "harmful", "source"}) for batch mode."""
+    from .data import load_dataset
+    from .data.split import edgy_half, split_of
+
+    if limit is not None and limit < 1:
+        raise InputError("--limit must be positive")
+    for name in names:
+        rows = load_dataset(name)
+        if split == "edgy-eval":
+            rows = [e for e in rows if edgy_half(e.prompt) == "eval"]
+        elif split != "all":
+            rows = [e for e in rows if split_of(e.prompt) == split]
+        for e in rows[:limit]:
+            click.echo(json.dumps({"id": e.id, "prompt": e.prompt, "harmful": e.harmful, "source": e.source},
+                                  ensure_ascii=False))
+
+
 @cli.command()
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: $ROOTDEFENSE_HOME/demo")

@@ -9,6 +9,17 @@ from tqdm.auto import tqdm
 from ..models.chat import encode_chat, normalize_messages
 
 
+def left_pad(seqs: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask), both (len(seqs), longest), padded on the left."""
+    width = max(len(x) for x in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, seq in enumerate(seqs):
+        ids[r, width - len(seq):] = torch.tensor(seq)
+        mask[r, width - len(seq):] = 1
+    return ids, mask
+
+
 def _batched_hidden(lm, sequences: list[list[int]], select, layers: list[int], batch_size: int,
                     desc: str) -> list[torch.Tensor]:
     """Run each token sequence; ``select(i, seq_len)`` gives the positions to keep for
@@ -20,13 +31,8 @@ def _batched_hidden(lm, sequences: list[list[int]], select, layers: list[int], b
     with torch.no_grad(), tqdm(total=len(sequences), desc=desc, unit="seq", leave=False) as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(sequences[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for r, i in enumerate(idx):
-                seq = sequences[i]
-                ids[r, width - len(seq):] = torch.tensor(seq)
-                mask[r, width - len(seq):] = 1
+            ids, mask = left_pad([sequences[i] for i in idx], pad)
+            width = ids.shape[1]
             pos = (mask.cumsum(1) - 1).clamp(min=0)
             out = model(input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device),
                         position_ids=pos.to(lm.device), output_hidden_states=True, logits_to_keep=1)
@@ -88,12 +94,8 @@ def self_answers(lm, prompts: list[str], max_new_tokens: int = 48, batch_size: i
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     for start in tqdm(range(0, len(order), batch_size), desc="model answers", unit="batch", leave=False):
         idx = order[start:start + batch_size]
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(idx):
-            ids[r, width - len(seqs[i]):] = torch.tensor(seqs[i])
-            mask[r, width - len(seqs[i]):] = 1
+        ids, mask = left_pad([seqs[i] for i in idx], pad)
+        width = ids.shape[1]
         out = lm.model.generate(ids.to(lm.device), attention_mask=mask.to(lm.device), do_sample=False,
                                 max_new_tokens=max_new_tokens, pad_token_id=pad)
         for r, i in enumerate(idx):

@@ -56,9 +56,9 @@ class TrainSpec:
         if self.per_dataset is not None and self.per_dataset < 10:
             raise InputError("per_dataset must be at least 10")
         if self.target_fpr is None:
-            # per prompt for query probes; per answer token for the response probe, where
-            # every benign token is a chance to intervene, so the budget is tighter
-            self.target_fpr = 0.02 if self.kind == "response" else 0.05
+            # per prompt for query probes; per answer for the response probe (an answer
+            # counts as flagged when any of its scored tokens is)
+            self.target_fpr = 0.05
         if not 0 < self.target_fpr < 0.5:
             raise InputError("target_fpr must lie in (0, 0.5)")
 
@@ -125,16 +125,27 @@ def train_probe(lm, spec: TrainSpec, log=print) -> tuple[LinearProbe, dict]:
     return probe, meta["metrics"]
 
 
-def _evaluate(X, y, source, fit_mask, val_mask, test_mask, edgy_X, spec, pca, standardize):
+def _calibrate(s, benign_val, groups, fpr):
+    """Threshold at ``fpr`` of benign validation items: prompts, or (with ``groups``)
+    answers, each flagged when any of its scored tokens is."""
+    if groups is None:
+        return threshold_at_fpr(s[benign_val], fpr)
+    best: dict[int, float] = {}
+    for g, v in zip(groups[benign_val], s[benign_val]):
+        best[int(g)] = max(best.get(int(g), 0.0), float(v))
+    return threshold_at_fpr(np.array(list(best.values())), fpr)
+
+
+def _evaluate(X, y, source, fit_mask, val_mask, test_mask, edgy_X, spec, pca, standardize, groups=None):
     w, b = fit_affine(X[fit_mask], y[fit_mask], standardize, pca, spec.C, spec.seed)
     s = scores(X, w, b)
-    t = threshold_at_fpr(s[val_mask & (y == 0)], spec.target_fpr)
+    t = _calibrate(s, val_mask & (y == 0), groups, spec.target_fpr)
     cross = {}
     for name in sorted(set(source[y == 1].tolist())):
         keep = fit_mask & (source != name)
         w2, b2 = fit_affine(X[keep], y[keep], standardize, pca, spec.C, spec.seed)
         s2 = scores(X, w2, b2)
-        t2 = threshold_at_fpr(s2[val_mask & (y == 0)], spec.target_fpr)
+        t2 = _calibrate(s2, val_mask & (y == 0), groups, spec.target_fpr)
         cross[name] = rate(s2[source == name], t2)
     edgy_s = scores(edgy_X, w, b)
     return {
@@ -181,8 +192,10 @@ def _train_response(lm, spec, harm, benign, edgy, t0, log):
     # the model's own answers: what the probe actually reads at decode time
     pool_h = [e for n in ("advbench", "harmbench", "donotanswer") for e in harm[n] if split_of(e.prompt) != "test"]
     pool_h = _sample(pool_h, spec.self_answers, spec.seed)
-    pool_b = [e for n in ("imperative", "mtbench", "gsm8k", EDGY) for e in benign[n] if split_of(e.prompt) != "test"]
-    pool_b = _sample(pool_b, spec.self_answers, spec.seed)
+    pool_b = [e for n in ("imperative", "mtbench", "gsm8k") for e in benign[n] if split_of(e.prompt) != "test"]
+    # every prompt of the edgy training half: edgy words next to benign answers are what
+    # a probe trained on generic benign text gets wrong
+    pool_b = _sample(pool_b, spec.self_answers, spec.seed) + [e for e in benign[EDGY] if split_of(e.prompt) != "test"]
     test_h = _sample([e for n in ("advbench", "harmbench") for e in harm[n] if split_of(e.prompt) == "test"],
                      max(spec.self_answers // 3, 16), spec.seed)
     edgy_s = edgy
@@ -209,7 +222,8 @@ def _train_response(lm, spec, harm, benign, edgy, t0, log):
     fit_mask, val_mask, test_mask = split == "fit", split == "val", split == "test"
     sweep = []
     for li, layer in enumerate(layers):
-        res = _evaluate(feats[:, li], y, source, fit_mask, val_mask, test_mask, edgy_feats[:, li], spec, None, True)
+        res = _evaluate(feats[:, li], y, source, fit_mask, val_mask, test_mask, edgy_feats[:, li], spec, None, True,
+                        groups=owner)
         # answer-level view: share of edgy answers with any token flagged
         w, b = fit_affine(feats[fit_mask, li], y[fit_mask], True, None, spec.C, spec.seed)
         es = scores(edgy_feats[:, li], w, b)
@@ -220,8 +234,8 @@ def _train_response(lm, spec, harm, benign, edgy, t0, log):
         log(f"  layer {layer:>2}: held-out AUROC {res['test_auroc']:.3f}  cross-source TPR "
             f"{res['cross_tpr_mean']:.3f}  edgy token FPR {res['edgy_fpr']:.3f}  "
             f"edgy answers flagged {res['edgy_answer_flag_rate']:.2f}")
-    best = max(range(len(layers)), key=lambda i: (sweep[i]["cross_tpr_mean"] - sweep[i]["edgy_fpr"],
-                                                   sweep[i]["test_auroc"]))
+    # chosen by transfer alone: the edgy eval half and the test split only report
+    best = max(range(len(layers)), key=lambda i: (sweep[i]["cross_tpr_mean"], sweep[i]["test_auroc"]))
     chosen = sweep[best]
     w, b = fit_affine(feats[fit_mask, best], y[fit_mask], True, None, spec.C, spec.seed)
     counts: dict[str, int] = {}
