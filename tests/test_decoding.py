@@ -187,3 +187,13 @@ def test_config_rejects_absurd_values(kwargs):
 def test_rules_reject_bad_parameters(bad):
     with pytest.raises(InputError):
         bad()
+
+
+def test_unsupported_cache_layout_is_a_clear_error(tiny_model, tiny_tokenizer):
+    from rootdefense.errors import ModelError
+
+    ids = prompt_ids(tiny_tokenizer, PROMPTS[0])
+    cache = DynamicCache(config=tiny_model.config)
+    prefill(tiny_model, ids, cache)
+    with pytest.raises(ModelError, match="not supported by candidate scoring"):
+        keep_candidate(cache, ids.shape[1], 5, 0)  # the cache holds no 5 candidates

@@ -50,8 +50,11 @@ def run_demo(max_new_tokens: int = 64, out: str | None = None, rule: str = "thre
                 pair.append(gen)
                 rec = {"kind": kind, "prompt": prompt, "defense": name, **gen.to_dict(), "settings": d.describe()}
                 log.write(rec)
+                meta = {"tok/s": gen.timings["tokens_per_s"]}
+                if d.rule is not None:
+                    meta.update({k: v for k, v in d.rule.describe().items() if k != "rule"})
                 entries.append({"prompt": prompt, "label": name, "text": gen.text, "trace": rec["trace"],
-                                "group": f"{kind} {i + 1}", "meta": {"tok/s": gen.timings["tokens_per_s"]}})
+                                "group": f"{kind} {i + 1}", "meta": meta})
                 progress.advance(task)
             rows.append((kind, prompt, pair[0], pair[1]))
     table = Table(title=f"undefended vs RDS ({rule}) on {lm.model_id}, greedy, {max_new_tokens} new tokens",

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ModelError
+
 
 @dataclass
 class StepOutput:
@@ -59,9 +61,10 @@ def keep_candidate(cache, prefix_len: int, m: int, j: int) -> None:
     for layer in cache.layers:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if keys is None or keys.shape[-2] != prefix_len + m:
-            raise NotImplementedError(
+            raise ModelError(
                 f"{type(layer).__name__} cache layers are not supported by candidate scoring "
-                "(sliding-window or recurrent caches past their window)"
+                "(sliding-window or recurrent caches past their window); use a model with full "
+                "attention or a prompt shorter than its window"
             )
         if j != 0:
             keys[:, :, prefix_len] = keys[:, :, prefix_len + j]
