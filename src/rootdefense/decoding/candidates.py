@@ -71,6 +71,8 @@ def keep_candidate(cache, prefix_len: int, m: int, j: int) -> None:
             values[:, :, prefix_len] = values[:, :, prefix_len + j]
         layer.keys = keys[:, :, : prefix_len + 1]
         layer.values = values[:, :, : prefix_len + 1]
+        if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they have seen
+            layer.cumulative_length = prefix_len + 1
 
 
 @torch.no_grad()
