@@ -193,3 +193,13 @@ def test_data_list_and_export():
     assert all(split_of(x["prompt"]) == "test" for x in rows)
     r = run("data", "export", "nope")
     assert r.exit_code == 2 and "valid names" in r.output
+
+
+def test_expert_train_command(tiny_dir, tmp_path):
+    out = tmp_path / "expert"
+    r = run("expert", "train", "--model", tiny_dir, "--harmful", 8, "--benign", 8, "--epochs", 1,
+            "--rank", 2, "--answer-tokens", 6, "--no-check", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "expert.json").read_text())["model_id"] == tiny_dir
+    r = run("expert", "train", "--model", tiny_dir, "--harmful", 1)
+    assert r.exit_code == 2 and "at least 8" in r.output

@@ -251,6 +251,39 @@ def probe_eval(probe_path, model, kind, limit, as_json):
 
 
 @cli.group(cls=Group)
+def expert():
+    """The safety expert adapter (LoRA) used for correction and by SafeDecoding."""
+
+
+@expert.command("train")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's expert cache")
+@click.option("--harmful", type=int, default=240, show_default=True, help="harmful prompts (-> refusals)")
+@click.option("--benign", type=int, default=240, show_default=True, help="benign prompts (-> own answers)")
+@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option("--rank", type=int, default=16, show_default=True)
+@click.option("--answer-tokens", type=int, default=64, show_default=True)
+@click.option("--check/--no-check", default=True, show_default=True,
+              help="afterwards, compare refusal rates of base and expert on held-out prompts")
+def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check):
+    """Fit the expert: refusals for harmful prompts, the model's own answers for benign ones."""
+    from .expert import ExpertSpec, expert_dir, train_expert
+    from .expert.train import refusal_rates
+    from .models import load_model
+
+    spec = ExpertSpec(harmful=harmful, benign=benign, epochs=epochs, rank=rank, answer_tokens=answer_tokens)
+    lm = load_model(model)
+    folder = out or expert_dir(lm.model_id)
+    meta = train_expert(lm, spec, folder, log=click.echo)
+    if check:
+        meta["check"] = refusal_rates(lm, folder)
+        from pathlib import Path
+
+        (Path(folder) / "expert.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    click.echo(json.dumps({"saved": str(folder), **meta}, indent=2))
+
+
+@cli.group(cls=Group)
 def data():
     """List and export the datasets read from installed packages."""
 

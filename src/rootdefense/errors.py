@@ -22,3 +22,7 @@ class InputError(RootDefenseError):
 
 class DataError(RootDefenseError):
     """A dataset package is missing or its files are not where expected."""
+
+
+class ExpertError(RootDefenseError):
+    """A safety-expert adapter is missing, corrupt, or made for another model."""
