@@ -112,6 +112,7 @@ def test_batch_bad_line_keeps_finished_lines(tiny_dir, tmp_path, bad, needle):
     (["generate", "hi", "--top-m", 0], "top_m"),
     (["generate", "hi", "--tau", 1.5], "tau"),
     (["generate", "hi", "--top-p", 2], "top_p"),
+    (["generate", "hi", "--candidate-top-p", 0], "candidate_top_p"),
     (["generate"], "give a PROMPT"),
     (["generate", "hi", "--input", "x.jsonl"], "not both"),
 ])

@@ -197,3 +197,15 @@ def test_unsupported_cache_layout_is_a_clear_error(tiny_model, tiny_tokenizer):
     prefill(tiny_model, ids, cache)
     with pytest.raises(ModelError, match="not supported by candidate scoring"):
         keep_candidate(cache, ids.shape[1], 5, 0)  # the cache holds no 5 candidates
+
+
+def test_candidate_top_p_cuts_the_pool(tiny_model, tiny_tokenizer):
+    ids = prompt_ids(tiny_tokenizer, PROMPTS[0])
+    probe = random_probe(tiny_model.config.hidden_size, layer=2)
+    dec = Decoder(tiny_model, tiny_tokenizer, probe=probe, rule=ThresholdRule(0.5))
+    full = dec.generate(ids, GenerationConfig(max_new_tokens=8, top_m=16))
+    cut = dec.generate(ids, GenerationConfig(max_new_tokens=8, top_m=16, candidate_top_p=0.5))
+    assert all(s.candidates == 16 for s in full.trace.steps)
+    assert all(1 <= s.candidates < 16 for s in cut.trace.steps)
+    for s in cut.trace.steps:  # the pool never lost the most probable token
+        assert s.replaced or s.token_id == s.original_id

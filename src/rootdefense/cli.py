@@ -46,6 +46,8 @@ def defense_options(f):
 
 
 def generation_options(f):
+    f = click.option("--candidate-top-p", type=float, default=1.0, show_default=True,
+                     help="keep only candidates inside this probability mass (the top one always)")(f)
     f = click.option("--top-m", type=int, default=20, show_default=True, help="candidates scored per step")(f)
     f = click.option("--stop", multiple=True, help="stop string (repeatable)")(f)
     f = click.option("--seed", type=int, default=None)(f)
@@ -59,7 +61,8 @@ def _config(o):
     from .decoding import GenerationConfig
 
     return GenerationConfig(max_new_tokens=o["max_new_tokens"], temperature=o["temperature"], top_p=o["top_p"],
-                            seed=o["seed"], stop=list(o["stop"]), top_m=o["top_m"])
+                            seed=o["seed"], stop=list(o["stop"]), top_m=o["top_m"],
+                            candidate_top_p=o["candidate_top_p"])
 
 
 def _defender(o):
