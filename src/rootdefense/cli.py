@@ -261,11 +261,11 @@ def expert():
 @expert.command("train")
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's expert cache")
-@click.option("--harmful", type=int, default=240, show_default=True, help="harmful prompts (-> refusals)")
-@click.option("--benign", type=int, default=240, show_default=True, help="benign prompts (-> own answers)")
+@click.option("--harmful", type=int, default=160, show_default=True, help="harmful prompts (-> refusals)")
+@click.option("--benign", type=int, default=160, show_default=True, help="benign prompts (-> own answers)")
 @click.option("--epochs", type=int, default=2, show_default=True)
 @click.option("--rank", type=int, default=16, show_default=True)
-@click.option("--answer-tokens", type=int, default=64, show_default=True)
+@click.option("--answer-tokens", type=int, default=48, show_default=True)
 @click.option("--check/--no-check", default=True, show_default=True,
               help="afterwards, compare refusal rates of base and expert on held-out prompts")
 def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check):

@@ -31,9 +31,10 @@ REFUSAL_RE = re.compile(r"\b(I can(?:no|')t|I'm sorry|I am sorry|I won't|I will 
 
 @dataclass
 class ExpertSpec:
-    harmful: int = 240
-    benign: int = 240
-    answer_tokens: int = 64
+    harmful: int = 160
+    benign: int = 160
+    answer_tokens: int = 48
+    top_layers: float = 0.5  # LoRA on the top share of layers only: backward stops there (CPU time)
     rank: int = 16
     alpha: int = 32
     epochs: int = 2
@@ -45,6 +46,8 @@ class ExpertSpec:
         for name in ("harmful", "benign"):
             if getattr(self, name) < 8:
                 raise InputError(f"expert training needs at least 8 {name} examples")
+        if not 0 < self.top_layers <= 1:
+            raise InputError("top_layers must lie in (0, 1]")
         if not 1 <= self.rank <= 256:
             raise InputError("rank must lie in 1..256")
         if not 1 <= self.epochs <= 20:
@@ -93,8 +96,10 @@ def train_expert(lm, spec: ExpertSpec, out: str | Path, log=print) -> dict:
     torch.manual_seed(spec.seed)
     rows = build_examples(lm, spec, log=log)
     encoded = [_encode(lm, r, spec.answer_tokens + 16) for r in rows]
+    n = lm.num_layers
+    first = n - max(1, round(spec.top_layers * n))
     cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.05, target_modules="all-linear",
-                     task_type="CAUSAL_LM")
+                     layers_to_transform=list(range(first, n)), task_type="CAUSAL_LM")
     model = get_peft_model(lm.model, cfg, adapter_name="default")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
