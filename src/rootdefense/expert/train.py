@@ -82,6 +82,14 @@ def build_examples(lm, spec: ExpertSpec, log=print) -> list[dict]:
     return rows
 
 
+def _linear_names(model) -> list[str]:
+    """Names of the linear layers inside the decoder (every family names them its own way);
+    the output head is left alone."""
+    out = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
+                   if isinstance(mod, torch.nn.Linear) and mod is not out})
+
+
 def _encode(lm, row, max_answer: int) -> tuple[list[int], int]:
     head = prompt_ids(lm, row["prompt"])
     eos = lm.eos_token_ids[:1]
@@ -98,7 +106,7 @@ def train_expert(lm, spec: ExpertSpec, out: str | Path, log=print) -> dict:
     encoded = [_encode(lm, r, spec.answer_tokens + 16) for r in rows]
     n = lm.num_layers
     first = n - max(1, round(spec.top_layers * n))
-    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.05, target_modules="all-linear",
+    cfg = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.05, target_modules=_linear_names(lm.model),
                      layers_to_transform=list(range(first, n)), task_type="CAUSAL_LM")
     model = get_peft_model(lm.model, cfg, adapter_name="default")
     model.train()
