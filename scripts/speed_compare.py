@@ -7,16 +7,15 @@ import statistics
 import sys
 
 from rootdefense.api import Defender
-from rootdefense.data import load_dataset
-from rootdefense.data.split import edgy_half, split_of
+from rootdefense.data.split import held_out
 from rootdefense.decoding import GenerationConfig
 from rootdefense.models import load_model
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 tokens = int(sys.argv[2]) if len(sys.argv) > 2 else 128
 lm = load_model("smollm2-135m")
-harmful = [e.prompt for e in load_dataset("advbench") if split_of(e.prompt) == "test"][-n:]
-benign = [e.prompt for e in load_dataset("edgy") if edgy_half(e.prompt) == "eval"][-n:]
+harmful = [e.prompt for e in held_out("advbench")][-n:]
+benign = [e.prompt for e in held_out("edgy")][-n:]
 runs = {"undefended": Defender.load(lm=lm, defense="none", monitor=False),
         "rds paper": Defender.load(lm=lm, defense="rds", rule="paper"),
         "rds threshold": Defender.load(lm=lm, defense="rds", rule="threshold")}

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,8 +25,7 @@ DEFAULT_PROBE_KIND = {"paper": "paper", "threshold": "response", "weighted": "re
 
 
 def probe_dir(model_id: str, kind: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "--", model_id)
-    return paths.home() / "probes" / safe / kind
+    return paths.home() / "probes" / paths.model_slug(model_id) / kind
 
 
 def find_probe(model_id: str, kind: str) -> LinearProbe:

@@ -23,10 +23,22 @@ class Group(click.Group):
             raise UserError(str(exc)) from exc
 
 
+def dtype_option(f):
+    from .models.loading import DTYPES
+
+    return click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))(f)
+
+
+def kind_option(f):
+    from .probes.base import KINDS
+
+    return click.option("--kind", type=click.Choice(list(KINDS)), default="response", show_default=True,
+                        help="probe kind (eval: which cached probe, when PROBE_PATH is not given)")(f)
+
+
 def model_options(f):
     f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")(f)
-    f = click.option("--dtype", default="float32", show_default=True,
-                     type=click.Choice(["float32", "bfloat16", "float16"]))(f)
+    f = dtype_option(f)
     f = click.option("--model", default="smollm2-135m", show_default=True,
                      help="embedded name, hub id or local folder of a chat model")(f)
     return f
@@ -133,8 +145,6 @@ def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, 
     if prompt is None:
         raise InputError("give a PROMPT, or --input FILE.jsonl --output FILE.jsonl")
     defender = _defender(o)
-    ids_check = defender.encode(prompt, None, cfg)  # validates before any decoding
-    del ids_check
     stream = not as_json and sys.stdout.isatty()
     gen = defender.generate(prompt, config=cfg, on_token=(lambda s, piece: click.echo(piece, nl=False)) if stream else None)
     record = {"prompt": prompt, **gen.to_dict(), "settings": defender.describe()}
@@ -200,13 +210,13 @@ def probe():
 
 @probe.command("train")
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--kind", type=click.Choice(["paper", "query", "response"]), default="response", show_default=True)
+@kind_option
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's probe cache")
 @click.option("--per-dataset", type=int, default=300, show_default=True, help="prompts per dataset (cap)")
 @click.option("--self-answers", type=int, default=96, show_default=True, help="response probe: own answers per side")
 @click.option("--target-fpr", type=float, default=None, help="benign flag rate for the threshold")
 @click.option("--layers", default=None, help="comma-separated layers to sweep (default: all / every 3rd)")
-@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16", "float16"]))
+@dtype_option
 def probe_train(model, kind, out, per_dataset, self_answers, target_fpr, layers, dtype):
     """Collect hidden states from installed datasets and fit a probe."""
     from .api import probe_dir
@@ -233,8 +243,7 @@ def probe_train(model, kind, out, per_dataset, self_answers, target_fpr, layers,
 @probe.command("eval")
 @click.argument("probe_path", required=False)
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--kind", type=click.Choice(["paper", "query", "response"]), default="response", show_default=True,
-              help="which cached probe, when PROBE_PATH is not given")
+@kind_option
 @click.option("--limit", type=int, default=None, help="held-out prompts per dataset (cap)")
 @click.option("--json", "as_json", is_flag=True)
 def probe_eval(probe_path, model, kind, limit, as_json):

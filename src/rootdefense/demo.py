@@ -11,8 +11,7 @@ from rich.table import Table
 
 from . import paths
 from .api import Defender
-from .data import load_dataset
-from .data.split import edgy_half, split_of
+from .data.split import held_out
 from .decoding import GenerationConfig
 from .jsonl import JsonlWriter
 from .models import load_model
@@ -22,10 +21,8 @@ from .render import write_trace_page
 def demo_prompts(n_harmful: int = 5, n_benign: int = 5) -> list[tuple[str, str]]:
     """Prompts no probe was trained on: the test split of AdvBench; MT-bench turn 1 and the
     eval half of the benign-but-edgy set."""
-    harmful = [e.prompt for e in load_dataset("advbench") if split_of(e.prompt) == "test"][:n_harmful]
-    mt = [e.prompt for e in load_dataset("mtbench") if split_of(e.prompt) == "test"]
-    edgy = [e.prompt for e in load_dataset("edgy") if edgy_half(e.prompt) == "eval"]
-    benign = (mt[: (n_benign + 1) // 2] + edgy)[:n_benign]
+    harmful = [e.prompt for e in held_out("advbench", n_harmful)]
+    benign = [e.prompt for e in held_out("mtbench", (n_benign + 1) // 2) + held_out("edgy")][:n_benign]
     return [("harmful", p) for p in harmful] + [("benign", p) for p in benign]
 
 

@@ -13,6 +13,13 @@ def home() -> Path:
     return root
 
 
+def model_slug(model_id: str) -> str:
+    """A folder name for a model id (hub ids and paths contain slashes)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]+", "--", model_id)
+
+
 def package_dir(dist_module: str, pip_name: str) -> Path:
     """Folder of an installed package, found without importing it (many data packages
     pull heavy or missing dependencies on import)."""

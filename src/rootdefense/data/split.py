@@ -22,3 +22,13 @@ def edgy_half(prompt: str) -> str:
     over-refusal and is never trained on."""
     bucket = int(hashlib.sha256(("edgy:" + _normal(prompt)).encode()).hexdigest()[:8], 16) % 2
     return "train" if bucket == 0 else "eval"
+
+
+def held_out(name: str, limit: int | None = None):
+    """Examples of dataset ``name`` that no probe or expert trains on: the test split, or
+    for the benign-but-edgy set its eval half. ``limit`` keeps the first ones."""
+    from .loaders import load_dataset
+
+    keep = (lambda p: edgy_half(p) == "eval") if name == "edgy" else (lambda p: split_of(p) == "test")
+    rows = [e for e in load_dataset(name) if keep(e.prompt)]
+    return rows[:limit] if limit else rows

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ META = "expert.json"
 
 
 def expert_dir(model_id: str) -> Path:
-    return paths.home() / "experts" / re.sub(r"[^A-Za-z0-9._-]+", "--", model_id)
+    return paths.home() / "experts" / paths.model_slug(model_id)
 
 
 @dataclass

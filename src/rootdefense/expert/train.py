@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_answer_pairs, load_dataset, refusal_for
-from ..data.split import edgy_half, split_of
+from ..data.split import edgy_half, held_out, split_of
 from ..errors import InputError
 from ..probes.features import left_pad, prompt_ids, self_answers
 from .adapter import META
@@ -168,9 +168,8 @@ def refusal_rates(lm, folder: str | Path, n: int = 12, tokens: int = 40) -> dict
 
     from .adapter import load_expert
 
-    harmful = [e.prompt for e in load_dataset("advbench") if split_of(e.prompt) == "test"][:n]
-    benign = ([e.prompt for e in load_dataset("mtbench") if split_of(e.prompt) == "test"][: n // 2]
-              + [e.prompt for e in load_dataset("edgy") if edgy_half(e.prompt) == "eval"][: n - n // 2])
+    harmful = [e.prompt for e in held_out("advbench", n)]
+    benign = [e.prompt for e in held_out("mtbench", n // 2) + held_out("edgy", n - n // 2)]
     peft_model, _ = load_expert(lm, folder)
     expert_lm = replace(lm, model=peft_model)
     out = {}

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import ProbeError
 
 FORMAT_VERSION = 1
+KINDS = ("paper", "query", "response")
 WEIGHTS = "probe.safetensors"
 META = "probe.json"
 

@@ -6,32 +6,25 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data import load_answer_pairs, load_dataset
-from ..data.split import edgy_half, split_of
+from ..data import load_answer_pairs
+from ..data.split import held_out, split_of
 from .features import query_features, response_features, self_answers
 from .fit import auroc, rate
 from .train import BENIGN_SETS, EDGY, HARMFUL_SETS
-
-
-def _held_out(name, limit):
-    exs = [e for e in load_dataset(name) if split_of(e.prompt) == "test"]
-    return exs[:limit] if limit else exs
 
 
 def evaluate_probe(lm, probe, limit: int | None = None) -> dict:
     kind = probe.meta.get("kind", "query")
     t = probe.threshold
     report = {"kind": kind, "layer": probe.layer, "threshold": t, "model_id": probe.model_id}
-    edgy = [e for e in load_dataset(EDGY) if edgy_half(e.prompt) == "eval"]
-    if limit:
-        edgy = edgy[:limit]
+    edgy = held_out(EDGY, limit)
 
     def score(feats):
         return probe.score(feats[:, 0]).numpy()
 
     if kind in ("paper", "query"):
-        harm = {n: _held_out(n, limit) for n in HARMFUL_SETS}
-        ben = [e for n in BENIGN_SETS for e in _held_out(n, limit)]
+        harm = {n: held_out(n, limit) for n in HARMFUL_SETS}
+        ben = [e for n in BENIGN_SETS for e in held_out(n, limit)]
         hs = {n: score(query_features(lm, [e.prompt for e in exs], [probe.layer])) for n, exs in harm.items()}
         bs = score(query_features(lm, [e.prompt for e in ben], [probe.layer]))
         es = score(query_features(lm, [e.prompt for e in edgy], [probe.layer]))

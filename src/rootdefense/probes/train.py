@@ -25,11 +25,10 @@ import torch
 from ..data import load_answer_pairs, load_dataset, refusal_for
 from ..data.split import edgy_half, split_of
 from ..errors import InputError
-from .base import LinearProbe
+from .base import KINDS, LinearProbe
 from .features import query_features, response_features, self_answers
 from .fit import auroc, fit_affine, rate, scores, threshold_at_fpr
 
-KINDS = ("paper", "query", "response")
 # manyshot is HarmBench with answers (same prompts): used only as answer pairs
 HARMFUL_SETS = ("advbench", "harmbench", "donotanswer", "uncensorbench")
 BENIGN_SETS = ("sharegpt", "mtbench", "gsm8k", "imperative")
@@ -103,21 +102,18 @@ def train_probe(lm, spec: TrainSpec, log=print) -> tuple[LinearProbe, dict]:
     standardize = spec.kind != "paper"
     fit_mask, val_mask, test_mask = split == "fit", split == "val", split == "test"
 
-    def evaluate(li):
-        X = feats[:, li]
-        return _evaluate(X, y, source, fit_mask, val_mask, test_mask, edgy_feats[:, li], spec, pca, standardize)
-
-    sweep = []
+    sweep, fits = [], []
     for li, layer in enumerate(layers):
-        res = evaluate(li)
+        fit, _, res = _evaluate(feats[:, li], y, source, fit_mask, val_mask, test_mask, edgy_feats[:, li], spec,
+                                pca, standardize)
+        fits.append(fit)
         res["layer"] = layer
         sweep.append(res)
         log(f"  layer {layer:>2}: held-out AUROC {res['test_auroc']:.3f}  cross-dataset TPR "
             f"{res['cross_tpr_mean']:.3f}  edgy FPR {res['edgy_fpr']:.3f}")
     best = max(range(len(layers)), key=lambda i: (sweep[i]["cross_tpr_mean"], sweep[i]["test_auroc"]))
     chosen = sweep[best]
-    train_mask = fit_mask
-    w, b = fit_affine(feats[train_mask, best], y[train_mask], standardize, pca, spec.C, spec.seed)
+    w, b = fits[best]
     meta = _meta(lm, spec, "last_prompt_token", layers[best], chosen, sweep, rows=len(prompts),
                  counts={**{k: len(v) for k, v in harm.items()}, **{k: len(v) for k, v in benign.items()}},
                  seconds=time.time() - t0)
@@ -137,6 +133,8 @@ def _calibrate(s, benign_val, groups, fpr):
 
 
 def _evaluate(X, y, source, fit_mask, val_mask, test_mask, edgy_X, spec, pca, standardize, groups=None):
+    """Fit on the fit split, calibrate on validation, measure. Returns ((w, b), edgy
+    scores, metrics); the fit is reused for the final probe rather than refitted."""
     w, b = fit_affine(X[fit_mask], y[fit_mask], standardize, pca, spec.C, spec.seed)
     s = scores(X, w, b)
     t = _calibrate(s, val_mask & (y == 0), groups, spec.target_fpr)
@@ -148,7 +146,7 @@ def _evaluate(X, y, source, fit_mask, val_mask, test_mask, edgy_X, spec, pca, st
         t2 = _calibrate(s2, val_mask & (y == 0), groups, spec.target_fpr)
         cross[name] = rate(s2[source == name], t2)
     edgy_s = scores(edgy_X, w, b)
-    return {
+    return (w, b), edgy_s, {
         "test_auroc": auroc(y[test_mask], s[test_mask]),
         "test_tpr": rate(s[test_mask & (y == 1)], t),
         "test_fpr": rate(s[test_mask & (y == 0)], t),
@@ -220,13 +218,12 @@ def _train_response(lm, spec, harm, benign, edgy, t0, log):
     source = np.array([pairs[i][3] if pairs[i][2] == 1 else "benign:" + pairs[i][3] for i in owner])
     split = np.array([split_of(pairs[i][0]) for i in owner])
     fit_mask, val_mask, test_mask = split == "fit", split == "val", split == "test"
-    sweep = []
+    sweep, fits = [], []
     for li, layer in enumerate(layers):
-        res = _evaluate(feats[:, li], y, source, fit_mask, val_mask, test_mask, edgy_feats[:, li], spec, None, True,
-                        groups=owner)
+        fit, es, res = _evaluate(feats[:, li], y, source, fit_mask, val_mask, test_mask, edgy_feats[:, li], spec,
+                                 None, True, groups=owner)
+        fits.append(fit)
         # answer-level view: share of edgy answers with any token flagged
-        w, b = fit_affine(feats[fit_mask, li], y[fit_mask], True, None, spec.C, spec.seed)
-        es = scores(edgy_feats[:, li], w, b)
         flagged = {int(o) for o, s in zip(edgy_owner.numpy(), es) if s >= res["threshold"]}
         res["edgy_answer_flag_rate"] = len(flagged) / max(len(edgy_pairs), 1)
         res["layer"] = layer
@@ -237,7 +234,7 @@ def _train_response(lm, spec, harm, benign, edgy, t0, log):
     # chosen by transfer alone: the edgy eval half and the test split only report
     best = max(range(len(layers)), key=lambda i: (sweep[i]["cross_tpr_mean"], sweep[i]["test_auroc"]))
     chosen = sweep[best]
-    w, b = fit_affine(feats[fit_mask, best], y[fit_mask], True, None, spec.C, spec.seed)
+    w, b = fits[best]
     counts: dict[str, int] = {}
     for p in pairs:
         counts[p[3]] = counts.get(p[3], 0) + 1
