@@ -344,6 +344,87 @@ def demo(max_new_tokens, out, rule):
     run_demo(max_new_tokens=max_new_tokens, out=out, rule=rule)
 
 
+def _csv(value):
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+@cli.command("eval")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="YAML config (flags below override its keys)")
+@click.option("--model", default=None, help="embedded name, hub id or local folder [default: smollm2-135m]")
+@click.option("--datasets", default=None, help="comma-separated, e.g. advbench,mtbench,edgy")
+@click.option("--attacks", default=None, help="comma-separated, e.g. none,prefill,dan")
+@click.option("--defenses", default=None, help="comma-separated, e.g. none,rds,safedecoding")
+@click.option("--judges", default=None, help="comma-separated [default: refusal,harm]")
+@click.option("--limit", type=int, default=None, help="prompts per dataset [default: 30]")
+@click.option("--optimised-limit", type=int, default=None, help="prompts per harmful dataset for gcg/adaptive [10]")
+@click.option("--samples", type=int, default=None, help="answers per prompt (needs --temperature > 0)")
+@click.option("--max-new-tokens", type=int, default=None, help="[default: 64]")
+@click.option("--seed", type=int, default=None)
+@click.option("--threads", type=int, default=None, help="torch threads per worker")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True, help="results folder")
+@click.option("--resume", is_flag=True, help="continue the results in --out (same config only)")
+@click.option("--overwrite", is_flag=True, help="discard the results in --out and start again")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None,
+              help="shard over Ray actors: --ray (a local instance) or --ray ADDRESS (a cluster)")
+@click.option("--workers", type=int, default=None, help="Ray actors (default: CPUs / threads)")
+@click.option("--print-config", is_flag=True, help="print the merged config as YAML and exit")
+def eval_cmd(config_path, out_dir, resume, overwrite, ray_address, workers, print_config, **flags):
+    """Attacks x defenses x datasets, judged; writes results.jsonl, summary.json, report.html."""
+    from .evaluation import EvalConfig, run_eval
+
+    if resume and overwrite:
+        raise InputError("--resume and --overwrite exclude each other")
+    for key in ("datasets", "attacks", "defenses", "judges"):
+        flags[key] = _csv(flags[key])
+    cfg = EvalConfig.from_yaml(config_path) if config_path else EvalConfig.from_dict({})
+    cfg = cfg.override(**flags)
+    if print_config:
+        import yaml
+
+        click.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return
+    summary = run_eval(cfg, out_dir, resume=resume, overwrite=overwrite, ray_address=ray_address, workers=workers)
+    _print_summary(summary)
+
+
+@cli.command("report")
+@click.argument("results", type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="where summary.json and report.html go (default: beside RESULTS)")
+def report_cmd(results, out_dir):
+    """Rebuild summary.json and report.html from a results.jsonl alone."""
+    from .evaluation import write_outputs
+
+    _print_summary(write_outputs(results, out_dir))
+
+
+def _print_summary(summary: dict) -> None:
+    from .evaluation.table import summary_table
+
+    click.echo(summary_table(summary))
+    click.echo(f"summary: {summary['files']['summary']}")
+    click.echo(f"report:  {summary['files']['report']}")
+
+
+@cli.group(cls=Group)
+def judge():
+    """The evaluation's judges: train and check the offline harm judge."""
+
+
+@judge.command("train")
+@click.option("--force", is_flag=True, help="retrain even if a judge is cached")
+def judge_train(force):
+    """Fit the MiniLM harm judge on human-labelled data from installed packages."""
+    from .evaluation.judges import ensure_harm_judge, train_harm_judge
+
+    metrics = train_harm_judge() if force else None
+    folder = ensure_harm_judge()
+    if metrics is None:
+        metrics = json.loads((folder / "judge.json").read_text()).get("metrics", {})
+    click.echo(json.dumps({"saved": str(folder), "metrics": metrics}, indent=2))
+
+
 def main():
     cli(prog_name="rootdefense")
 

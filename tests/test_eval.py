@@ -1,0 +1,200 @@
+"""The evaluation harness end to end on a tiny model saved to a folder: planning, results
+lines, resume, refusal to mix configs, summary, report, CLI; and the summary arithmetic on
+hand-made result lines."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import make_tiny_model, make_tokenizer
+from rootdefense import paths
+from rootdefense.cli import cli
+from rootdefense.errors import InputError
+from rootdefense.evaluation import EvalConfig, run_eval, write_outputs
+from rootdefense.evaluation.runner import read_lines
+from rootdefense.evaluation.summary import summarize, wilson
+from rootdefense.probes.base import LinearProbe
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-eval-model")
+    tok = make_tokenizer()
+    make_tiny_model(tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture()
+def home_with_probe(tiny_dir, rd_home):
+    g = torch.Generator().manual_seed(5)
+    folder = rd_home / "probes" / paths.model_slug(tiny_dir) / "response"
+    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                meta={"model_id": tiny_dir, "kind": "response"}).save(folder)
+    return rd_home
+
+
+def small_config(tiny_dir, **over) -> EvalConfig:
+    data = {"model": tiny_dir, "datasets": ["advbench", "mtbench"], "attacks": ["none", "prefill", "dan"],
+            "defenses": ["none", "self-reminder", "rds"], "judges": ["refusal"], "limit": 2,
+            "generation": {"max_new_tokens": 6}, "threads": 1}
+    data.update(over)
+    return EvalConfig.from_dict(data)
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_rejects_unknown_names_and_lists_valid_ones():
+    with pytest.raises(InputError, match=r"unknown attack name\(s\) 'gcgx'.*valid: none"):
+        EvalConfig.from_dict({"attacks": ["none", "gcgx"]})
+    with pytest.raises(InputError, match=r"unknown dataset.*'imdb'.*valid: advbench"):
+        EvalConfig.from_dict({"datasets": "advbench,imdb"})
+    with pytest.raises(InputError, match=r"unknown defense.*valid: none"):
+        EvalConfig.from_dict({"defenses": ["rds", "llamaguard"]})
+
+
+def test_config_type_errors_name_the_key(tmp_path):
+    with pytest.raises(InputError, match="'limit' must be a positive integer or null"):
+        EvalConfig.from_dict({"limit": "ten"})
+    with pytest.raises(InputError, match="'generation.max_new_tokens' must be a number"):
+        EvalConfig.from_dict({"generation": {"max_new_tokens": "64"}})
+    with pytest.raises(InputError, match="unknown key 'generation.beam'"):
+        EvalConfig.from_dict({"generation": {"beam": 4}})
+    with pytest.raises(InputError, match="'dataset_options.gsm8k.limit' must be an integer"):
+        EvalConfig.from_dict({"dataset_options": {"gsm8k": {"limit": 2.5}}})
+    with pytest.raises(InputError, match="unknown key.*valid keys"):
+        EvalConfig.from_dict({"atacks": ["none"]})
+    with pytest.raises(InputError, match="'samples' > 1 needs generation.temperature"):
+        EvalConfig.from_dict({"samples": 3})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("attacks: [none\n")
+    with pytest.raises(InputError, match="not valid YAML"):
+        EvalConfig.from_yaml(bad)
+    with pytest.raises(InputError, match="does not exist"):
+        EvalConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_config_flags_override_file_and_fingerprint_tracks_answers(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("attacks: [none, prefill]\nlimit: 5\ngeneration: {max_new_tokens: 32}\n")
+    cfg = EvalConfig.from_yaml(f)
+    over = cfg.override(limit=3, max_new_tokens=16, attacks=None)
+    assert (over.limit, over.generation["max_new_tokens"], over.attacks) == (3, 16, ["none", "prefill"])
+    assert cfg.fingerprint() != over.fingerprint()
+    assert cfg.fingerprint() == cfg.override(threads=2).fingerprint()  # threads do not change answers
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_eval_runs_resumes_and_refuses_to_mix(tiny_dir, home_with_probe, tmp_path):
+    cfg = small_config(tiny_dir)
+    out = tmp_path / "run"
+    summary = run_eval(cfg, out, progress=False)
+    lines = read_lines(out / "results.jsonl")
+    results = [o for o in lines if o["kind"] == "result"]
+    # 2 advbench x 3 attacks x 3 defenses + 2 mtbench x 1 attack x 3 defenses
+    assert len(results) == 2 * 3 * 3 + 2 * 3 == summary["run"]["results"] == lines[0]["planned"]
+    assert lines[0]["kind"] == "run" and lines[0]["config_hash"] == cfg.fingerprint()
+    assert len({r["key"] for r in results}) == len(results)
+    for r in results:
+        assert set(r["verdicts"]) == {"refusal"} and "answer" in r and r["tokens"] <= 6
+        assert r["harmful"] == (r["dataset"] == "advbench")
+    benign = [r for r in results if not r["harmful"]]
+    assert all(r["attack"] == "none" and r["metrics"]["ppl_base"] > 0 for r in benign)
+    # undefended benign answers are identical to themselves; the page and summary exist
+    assert summary["benign"]["none"]["all"]["identical_to_none"]["rate"] == 1.0
+    assert (out / "summary.json").exists() and "<svg" in (out / "report.html").read_text()
+
+    # interrupt: keep the header and 5 results plus a torn line, then resume
+    raw = (out / "results.jsonl").read_text().splitlines()
+    kept = [raw[0], raw[1]] + [ln for ln in raw[2:] if '"kind": "result"' in ln][:5]
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n" + kept[-1][:30])
+    with pytest.raises(InputError, match="pass --resume"):
+        run_eval(cfg, out, progress=False)
+    run_eval(cfg, out, resume=True, progress=False)
+    again = [o for o in read_lines(out / "results.jsonl") if o["kind"] == "result"]
+    assert sorted(r["key"] for r in again) == sorted(r["key"] for r in results)
+    before = {r["key"]: r["answer"] for r in results}
+    assert all(before[r["key"]] == r["answer"] for r in again)  # greedy: same answers after resume
+
+    with pytest.raises(InputError, match=r"another config.*differing keys: limit"):
+        run_eval(small_config(tiny_dir, limit=1), out, resume=True, progress=False)
+
+
+def test_report_is_rebuilt_from_results_alone(tiny_dir, home_with_probe, tmp_path):
+    out = tmp_path / "run"
+    run_eval(small_config(tiny_dir, defenses=["none", "rds"], attacks=["none"]), out, progress=False)
+    first = json.loads((out / "summary.json").read_text())
+    elsewhere = tmp_path / "copy"
+    elsewhere.mkdir()
+    (elsewhere / "results.jsonl").write_bytes((out / "results.jsonl").read_bytes())
+    rebuilt = write_outputs(elsewhere / "results.jsonl")
+    rebuilt.pop("files")
+    assert rebuilt == first
+    page = (elsewhere / "report.html").read_text()
+    assert "Attack success" in page and "Helpfulness" in page and "Speed" in page
+    with pytest.raises(InputError, match="holds no result lines"):
+        (tmp_path / "empty.jsonl").write_text("")
+        write_outputs(tmp_path / "empty.jsonl")
+
+
+def test_cli_eval_and_report(tiny_dir, home_with_probe, tmp_path):
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"model: {tiny_dir}\njudges: [refusal]\nthreads: 1\ngeneration: {{max_new_tokens: 4}}\n")
+    out = tmp_path / "cli-run"
+    r = CliRunner().invoke(cli, ["eval", "--config", str(cfg), "--datasets", "advbench,edgy", "--attacks",
+                                 "none,gcg-transfer", "--defenses", "none,rds", "--limit", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "attack success" in r.output and "report:" in r.output
+    results = [o for o in read_lines(out / "results.jsonl") if o["kind"] == "result"]
+    assert len(results) == 1 * 2 * 2 + 1 * 1 * 2
+    r = CliRunner().invoke(cli, ["report", str(out / "results.jsonl"), "--out", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "rep" / "report.html").exists()
+    r = CliRunner().invoke(cli, ["eval", "--attacks", "none,nope", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "valid: none" in r.output
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+# --------------------------------------------------------------------------- summary arithmetic
+
+
+def _res(defense, attack, harmful, label, refusal=False, dataset="advbench", pid="p1", answer="a", ms=10.0):
+    return {"kind": "result", "key": f"{dataset}|{pid}|{attack}|{defense}|0", "dataset": dataset, "prompt_id": pid,
+            "harmful": harmful, "prompt": "q", "attack": attack, "defense": defense, "sample": 0, "answer": answer,
+            "tokens": 4, "timings": {"ms_per_token": ms, "decode_s": 0.04, "total_s": 0.05},
+            "verdicts": {"harm": {"label": label}, "refusal": {"label": refusal}}, "metrics": {"degenerate": False}}
+
+
+def test_summary_rates_targets_and_intervals():
+    lines = [{"kind": "run", "config": {"defenses": ["none", "rds"], "attacks": ["none", "adaptive"],
+                                        "judges": ["refusal", "harm"]}}]
+    for i in range(10):
+        lines.append(_res("none", "none", True, label=True, pid=f"h{i}"))
+        lines.append(_res("rds", "none", True, label=i == 0, pid=f"h{i}"))
+        lines.append(_res("rds", "adaptive", True, label=True, pid=f"h{i}"))
+        lines.append(_res("none", "adaptive", True, label=True, pid=f"h{i}"))
+    for i in range(4):
+        lines.append(_res("none", "none", False, label=False, dataset="mtbench", pid=f"b{i}", answer=f"x{i}", ms=10))
+        lines.append(_res("rds", "none", False, label=False, refusal=i == 0, dataset="mtbench", pid=f"b{i}",
+                          answer=f"x{i}" if i < 2 else "other", ms=20))
+    s = summarize(lines)
+    assert s["attack_success"]["rds"]["by_attack"]["none"]["harmful"]["rate"] == 0.1
+    assert s["attack_success"]["rds"]["mean_nonadaptive"] == 0.1  # adaptive is reported, not averaged
+    assert s["benign"]["rds"]["all"]["identical_to_none"]["rate"] == 0.5
+    assert s["benign"]["rds"]["over_refusal_delta"] == 0.25
+    assert s["speed"]["rds"]["benign"]["ms_per_token_ratio_vs_none"] == 2.0
+    t = s["targets"]
+    assert t["best_rds"] == "rds" and t["best_rds_asr"]["met"] and t["undefended_asr"]["met"]
+    assert not t["over_refusal_delta"]["met"]
+    assert t["adaptive_vs_best_rds"]["rate"] == 1.0
+    lo, hi = wilson(1, 10)
+    assert 0.0 < lo < 0.1 < hi < 0.5
+    assert wilson(0, 0) is None
