@@ -24,7 +24,9 @@ from rootdefense.probes.base import LinearProbe
 def tiny_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-eval-model")
     tok = make_tokenizer()
-    make_tiny_model(tok).save_pretrained(d)
+    model = make_tiny_model(tok)
+    model.config.max_position_embeddings = 8192  # jailbreak templates are long in a 300-token vocabulary
+    model.save_pretrained(d)
     tok.save_pretrained(d)
     return str(d)
 
@@ -102,6 +104,7 @@ def test_eval_runs_resumes_and_refuses_to_mix(tiny_dir, home_with_probe, tmp_pat
     assert len(results) == 2 * 3 * 3 + 2 * 3 == summary["run"]["results"] == lines[0]["planned"]
     assert lines[0]["kind"] == "run" and lines[0]["config_hash"] == cfg.fingerprint()
     assert len({r["key"] for r in results}) == len(results)
+    assert not [r["error"] for r in results if "error" in r]
     for r in results:
         assert set(r["verdicts"]) == {"refusal"} and "answer" in r and r["tokens"] <= 6
         assert r["harmful"] == (r["dataset"] == "advbench")

@@ -103,13 +103,17 @@ class Defender:
         return out
 
     def encode(self, prompt: str | None = None, messages: list | None = None,
-               config: GenerationConfig | None = None):
+               config: GenerationConfig | None = None, prefill: str = ""):
+        """Prompt ids (1, T); ``prefill`` is forced text at the start of the answer."""
         cfg = config or GenerationConfig()
         msgs = normalize_messages(prompt, messages)
-        return encode_chat(self.lm.tokenizer, msgs, self.lm.max_context, reserve=cfg.max_new_tokens)
+        return encode_chat(self.lm.tokenizer, msgs, self.lm.max_context, reserve=cfg.max_new_tokens,
+                           prefill=prefill)
 
     def generate(self, prompt: str | None = None, messages: list | None = None,
-                 config: GenerationConfig | None = None, on_token=None) -> Generation:
+                 config: GenerationConfig | None = None, on_token=None, prefill: str = "") -> Generation:
+        """Answer ``prompt`` (or ``messages``); with ``prefill`` the answer continues that
+        text and the returned text is the continuation only."""
         cfg = config or GenerationConfig()
-        ids = self.encode(prompt, messages, cfg)
+        ids = self.encode(prompt, messages, cfg, prefill=prefill)
         return self.decoder.generate(ids, cfg, on_token=on_token)
