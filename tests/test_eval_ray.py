@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from test_eval import home_with_probe, small_config, tiny_dir  # noqa: F401  (fixtures)
 
 from rootdefense.evaluation import run_eval
 from rootdefense.evaluation.runner import read_lines
-from test_eval import home_with_probe, small_config, tiny_dir  # noqa: F401  (fixtures)
 
 ray = pytest.importorskip("ray")
 

@@ -92,4 +92,31 @@ def test_cli_demo(smollm, tmp_path):
 
 def test_cli_prepare_is_cached(smollm):
     r = run("prepare")
-    assert r.exit_code == 0 and r.output.count("probe ready") == 2
+    assert r.exit_code == 0 and r.output.count("probe ready") == 2 and "harm judge ready" in r.output
+
+
+def test_cli_judge_train_reports_cached_metrics(smollm):
+    r = run("judge", "train")
+    assert r.exit_code == 0, r.output
+    metrics = json.loads(r.output)["metrics"]
+    assert metrics["held_out"]["pyrit_human"]["n"] > 100 and metrics["held_out"]["pyrit_human"]["accuracy"] > 0.7
+
+
+def test_cli_eval_on_the_embedded_model(smollm, tmp_path):
+    """Two harmful prompts under two attacks and two benign prompts, undefended vs RDS, judged
+    by both offline judges; then the report rebuilt from the results alone."""
+    out = tmp_path / "eval"
+    r = run("eval", "--datasets", "advbench,mtbench", "--attacks", "none,prefill", "--defenses", "none,rds",
+            "--limit", 2, "--max-new-tokens", 24, "--out", out)
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    results = [x for x in lines if x["kind"] == "result"]
+    assert len(results) == 2 * 2 * 2 + 2 * 2 and not [x for x in results if "error" in x]
+    for x in results:
+        assert {"refusal", "harm"} <= set(x["verdicts"]) and 0 <= x["verdicts"]["harm"]["score"] <= 1
+    rds = [x for x in results if x["defense"] == "rds"]
+    assert all(x["trace"]["max_harm"] is not None for x in rds)
+    parts = next(x for x in lines if x["kind"] == "parts")
+    assert parts["judges"]["harm"]["metrics"]["held_out"]["pyrit_human"]["n"] > 100
+    r = run("report", out / "results.jsonl")
+    assert r.exit_code == 0 and "attack success" in r.output

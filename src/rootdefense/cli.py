@@ -112,6 +112,9 @@ def prepare(model, probes):
         probe, metrics = train_probe(lm, TrainSpec(kind=kind), log=click.echo)
         probe.save(folder)
         click.echo(f"probe saved: {folder} (layer {probe.layer}, held-out AUROC {metrics['test_auroc']:.3f})")
+    from .evaluation.judges import ensure_harm_judge
+
+    click.echo(f"harm judge ready: {ensure_harm_judge()}")
 
 
 @cli.command()

@@ -26,3 +26,7 @@ class DataError(RootDefenseError):
 
 class ExpertError(RootDefenseError):
     """A safety-expert adapter is missing, corrupt, or made for another model."""
+
+
+class JudgeError(RootDefenseError):
+    """A judge's files are missing, corrupt or inconsistent, or its back end failed."""

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from .errors import InputError
 
@@ -29,21 +29,26 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield n, obj
 
 
-def done_lines(path: str | Path) -> set[int]:
-    """Input line numbers already present in an output file (for --resume). A torn last
-    line from an interrupted run is ignored and will be redone."""
-    done: set[int] = set()
+def read_objects(path: str | Path) -> list[dict]:
+    """Every complete JSON object line of an output file we wrote; a torn last line from an
+    interrupted run is ignored (and will be redone)."""
+    out: list[dict] = []
     p = Path(path)
     if not p.exists():
-        return done
+        return out
     for raw in p.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError:
             continue
-        if isinstance(obj, dict) and isinstance(obj.get("line"), int):
-            done.add(obj["line"])
-    return done
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def done_lines(path: str | Path) -> set[int]:
+    """Input line numbers already present in an output file (for --resume)."""
+    return {o["line"] for o in read_objects(path) if isinstance(o.get("line"), int)}
 
 
 class JsonlWriter:

@@ -35,7 +35,7 @@ class Generation:
         return out
 
 
-class _Detokenizer:
+class Detokenizer:
     """Incremental text of the generated ids; token pieces that split a multi-byte
     character are attributed to the token that completes it."""
 
@@ -57,7 +57,7 @@ class _Detokenizer:
         return piece
 
 
-def _own_choice(logprobs: torch.Tensor, cfg: GenerationConfig, rng) -> int:
+def own_choice(logprobs: torch.Tensor, cfg: GenerationConfig, rng) -> int:
     """The token the undefended model emits: argmax, or a sample with top-p."""
     if cfg.greedy:
         return int(torch.argmax(logprobs).item())
@@ -116,7 +116,7 @@ class Decoder:
         t_prefill = time.perf_counter() - t0
         logits = out.logits[0]
         prefix_len = int(input_ids.shape[1])
-        detok = _Detokenizer(self.tokenizer)
+        detok = Detokenizer(self.tokenizer)
         trace = Trace()
         generated: list[int] = []
         t1 = time.perf_counter()
@@ -124,7 +124,7 @@ class Decoder:
             # propose
             temp = cfg.temperature if not cfg.greedy else 1.0
             logprobs = torch.log_softmax(logits / temp, dim=-1).cpu()
-            own = _own_choice(logprobs, cfg, rng)
+            own = own_choice(logprobs, cfg, rng)
             pool = _candidate_pool(logprobs, own, cfg) if self.rule is not None else torch.tensor([own])
             own_idx = int((pool == own).nonzero()[0, 0])
             # score

@@ -4,10 +4,19 @@
     summary = run_eval(EvalConfig.from_dict({"attacks": ["none", "prefill"]}), "out/eval")
 """
 
-from .base import AttackedPrompt, Attack, Defense, EvalContext, Judge, Verdict
+from .base import Attack, AttackedPrompt, Defense, EvalContext, Judge, Verdict
 from .config import EvalConfig
 from .report import write_outputs
 from .runner import run_eval
 
-__all__ = ["AttackedPrompt", "Attack", "Defense", "EvalContext", "Judge", "Verdict", "EvalConfig",
-           "run_eval", "write_outputs"]
+__all__ = [
+           "Attack",
+           "AttackedPrompt",
+           "Defense",
+           "EvalConfig",
+           "EvalContext",
+           "Judge",
+           "Verdict",
+           "run_eval",
+           "write_outputs",
+]

@@ -39,7 +39,7 @@ class AttackedPrompt:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AttackedPrompt":
+    def from_dict(cls, d: dict) -> AttackedPrompt:
         return cls(messages=list(d["messages"]), prefill=d.get("prefill", ""), meta=dict(d.get("meta", {})))
 
 

@@ -85,7 +85,7 @@ class EvalConfig:
     # ------------------------------------------------------------------ building
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> "EvalConfig":
+    def from_dict(cls, data: dict, source: str = "config") -> EvalConfig:
         if not isinstance(data, dict):
             raise InputError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
@@ -97,7 +97,7 @@ class EvalConfig:
         return cfg
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> "EvalConfig":
+    def from_yaml(cls, path: str | Path) -> EvalConfig:
         p = Path(path)
         if not p.exists():
             raise InputError(f"config file '{path}' does not exist")
@@ -107,7 +107,7 @@ class EvalConfig:
             raise InputError(f"config file '{path}' is not valid YAML: {exc}") from exc
         return cls.from_dict(data, source=str(path))
 
-    def override(self, **flags) -> "EvalConfig":
+    def override(self, **flags) -> EvalConfig:
         """Command-line flags win over the file; ``None`` means 'not given'."""
         data = asdict(self)
         for key, value in flags.items():

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings
 from ..decoding import Generation, GenerationConfig, TokenStep, Trace
-from ..decoding.loop import _Detokenizer, _own_choice
+from ..decoding.loop import Detokenizer, own_choice
 from ..errors import ExpertError, InputError, ProbeError
 from ..expert.adapter import EXPERT_ADAPTER, ExpertInfo, expert_dir, load_expert
 from ..models import encode_chat, normalize_messages
@@ -313,7 +313,7 @@ def safedecoding_choice(p_base: torch.Tensor, p_expert: torch.Tensor, alpha: flo
     probs = safedecoding_probs(p_base, p_expert, pool, alpha)
     if probs is None:
         return int(torch.argmax(p_expert)), len(pool)
-    return int(pool[_own_choice(probs.log(), cfg, rng)]), len(pool)
+    return int(pool[own_choice(probs.log(), cfg, rng)]), len(pool)
 
 
 @dataclass
@@ -332,7 +332,7 @@ class SafeDecodingGeneration(Generation):
 class _StepState:
     """Running state of one SafeDecoding generation."""
 
-    detok: _Detokenizer
+    detok: Detokenizer
     trace: Trace = field(default_factory=Trace)
     generated: list[int] = field(default_factory=list)
 
@@ -370,7 +370,7 @@ class SafeDecoder:
         """Choose and record one token from the current logits."""
         temp = cfg.temperature if not cfg.greedy else 1.0
         base_lp = torch.log_softmax(logits[0] / temp, dim=-1).cpu()
-        own = _own_choice(base_lp, cfg, rng)
+        own = own_choice(base_lp, cfg, rng)
         token, pool = own, 1
         if step < self.m:
             p_expert = torch.softmax(logits[1] / temp, dim=-1).cpu()
@@ -405,7 +405,7 @@ class SafeDecoder:
         t0 = time.perf_counter()
         logits = self._forward(input_ids, cache, mixed=self.m > 0)
         t_prefill = time.perf_counter() - t0
-        state = _StepState(detok=_Detokenizer(self.tokenizer))
+        state = _StepState(detok=Detokenizer(self.tokenizer))
         t1 = time.perf_counter()
         for step in range(cfg.max_new_tokens):
             token = self._step(step, logits, cfg, rng, state)

@@ -13,7 +13,6 @@ model once: the same code path, so a laptop run and a cluster run give the same 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -22,10 +21,11 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from ..data import DATASETS
-from ..data.split import held_out
 from ..data.records import Example
+from ..data.split import held_out
 from ..errors import InputError, RootDefenseError
 from ..jsonl import JsonlWriter
+from ..jsonl import read_objects as read_lines
 from .base import AttackedPrompt, EvalContext
 from .config import EvalConfig
 
@@ -183,21 +183,6 @@ def _build(factory, name: str, options: dict):
 
 
 # --------------------------------------------------------------------------- files
-
-
-def read_lines(path: Path) -> list[dict]:
-    """Every complete JSON object line of ``path`` (a torn last line is ignored)."""
-    out = []
-    if not path.exists():
-        return out
-    for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
 
 
 def _check_header(path: Path, cfg: EvalConfig) -> None:
