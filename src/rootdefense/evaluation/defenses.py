@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -31,7 +30,7 @@ from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings
 from ..decoding import Generation, GenerationConfig, TokenStep, Trace
 from ..decoding.loop import Detokenizer, own_choice
 from ..errors import ExpertError, InputError, ProbeError
-from ..expert.adapter import EXPERT_ADAPTER, ExpertInfo, expert_dir, load_expert
+from ..expert.adapter import EXPERT_ADAPTER, SharedExpert, attach_expert, expert_dir
 from ..models import encode_chat, normalize_messages
 from ..probes.base import LinearProbe
 from .base import AttackedPrompt, Defense, EvalContext
@@ -225,25 +224,6 @@ MIXED_ADAPTERS = ["__base__", EXPERT_ADAPTER]  # row 0: base model, row 1: exper
 EXPERT_CACHE_KEY = "expert"
 
 
-@dataclass
-class SharedExpert:
-    """The expert adapter injected into the shared model, switched OFF by default so that the
-    model (``ctx.lm.model``) computes exactly the base model; :meth:`active` switches it on
-    for mixed base/expert forwards."""
-
-    peft_model: Any
-    info: ExpertInfo
-
-    @contextmanager
-    def active(self) -> Iterator[Any]:
-        """The PeftModel with the expert enabled; disabled again on exit."""
-        self.peft_model.base_model.enable_adapter_layers()
-        try:
-            yield self.peft_model
-        finally:
-            self.peft_model.base_model.disable_adapter_layers()
-
-
 def shared_expert(ctx: EvalContext, folder: str | Path | None = None) -> SharedExpert:
     """Load the model's expert once per worker (cached in ``ctx.cache``), switched off."""
     folder = Path(folder) if folder else expert_dir(ctx.lm.model_id)
@@ -257,12 +237,7 @@ def shared_expert(ctx: EvalContext, folder: str | Path | None = None) -> SharedE
         raise ExpertError(f"the safedecoding defense needs a safety expert for model '{ctx.lm.model_id}', "
                           f"none at {folder}; train one with "
                           f"`rootdefense expert train --model {ctx.lm.model_id}`")
-    grads = [(p, p.requires_grad) for p in ctx.lm.model.parameters()]
-    peft_model, info = load_expert(ctx.lm, folder)
-    peft_model.base_model.disable_adapter_layers()  # the shared model stays the base model
-    for param, flag in grads:  # peft froze the base weights; leave them as they were
-        param.requires_grad_(flag)
-    expert = SharedExpert(peft_model, info)
+    expert = attach_expert(ctx.lm, folder)
     ctx.cache[EXPERT_CACHE_KEY] = expert
     return expert
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import paths
 from ..errors import ExpertError
@@ -56,3 +59,33 @@ def load_expert(lm, folder: str | Path | None = None):
         raise ExpertError(f"cannot load expert adapter from {folder}: {str(exc).splitlines()[0]}") from exc
     model.eval()
     return model, ExpertInfo(path=folder, meta=meta)
+
+
+@dataclass
+class SharedExpert:
+    """The expert adapter injected into a loaded model, switched OFF by default so that the
+    model (``lm.model``) keeps computing exactly the base model; :meth:`active` switches it
+    on for mixed base/expert forwards (``adapter_names=["__base__", "expert"]``)."""
+
+    peft_model: Any
+    info: ExpertInfo
+
+    @contextmanager
+    def active(self) -> Iterator[Any]:
+        """The PeftModel with the expert enabled; disabled again on exit."""
+        self.peft_model.base_model.enable_adapter_layers()
+        try:
+            yield self.peft_model
+        finally:
+            self.peft_model.base_model.disable_adapter_layers()
+
+
+def attach_expert(lm, folder: str | Path | None = None) -> SharedExpert:
+    """Load the expert into ``lm.model`` (checked against it), switched off, leaving the
+    base weights' ``requires_grad`` flags as they were."""
+    grads = [(p, p.requires_grad) for p in lm.model.parameters()]
+    peft_model, info = load_expert(lm, folder)
+    peft_model.base_model.disable_adapter_layers()  # the shared model stays the base model
+    for param, flag in grads:  # peft froze the base weights; leave them as they were
+        param.requires_grad_(flag)
+    return SharedExpert(peft_model, info)
