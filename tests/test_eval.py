@@ -87,8 +87,10 @@ def test_config_flags_override_file_and_fingerprint_tracks_answers(tmp_path):
     cfg = EvalConfig.from_yaml(f)
     over = cfg.override(limit=3, max_new_tokens=16, attacks=None)
     assert (over.limit, over.generation["max_new_tokens"], over.attacks) == (3, 16, ["none", "prefill"])
+    assert cfg.fingerprint() != cfg.override(max_new_tokens=16).fingerprint()
     assert cfg.fingerprint() != over.fingerprint()
     assert cfg.fingerprint() == cfg.override(threads=2).fingerprint()  # threads do not change answers
+    assert cfg.fingerprint() == cfg.override(limit=9, attacks="none,dan").fingerprint()  # nor does the selection
 
 
 # --------------------------------------------------------------------------- runs
@@ -103,6 +105,7 @@ def test_eval_runs_resumes_and_refuses_to_mix(tiny_dir, home_with_probe, tmp_pat
     # 2 advbench x 3 attacks x 3 defenses + 2 mtbench x 1 attack x 3 defenses
     assert len(results) == 2 * 3 * 3 + 2 * 3 == summary["run"]["results"] == lines[0]["planned"]
     assert lines[0]["kind"] == "run" and lines[0]["config_hash"] == cfg.fingerprint()
+    assert lines[0]["answer_settings"]["generation"]["max_new_tokens"] == 6
     assert len({r["key"] for r in results}) == len(results)
     assert not [r["error"] for r in results if "error" in r]
     for r in results:
@@ -126,8 +129,25 @@ def test_eval_runs_resumes_and_refuses_to_mix(tiny_dir, home_with_probe, tmp_pat
     before = {r["key"]: r["answer"] for r in results}
     assert all(before[r["key"]] == r["answer"] for r in again)  # greedy: same answers after resume
 
-    with pytest.raises(InputError, match=r"another config.*differing keys: limit"):
-        run_eval(small_config(tiny_dir, limit=1), out, resume=True, progress=False)
+    with pytest.raises(InputError, match=r"other answer settings.*differing keys: generation"):
+        run_eval(small_config(tiny_dir, generation={"max_new_tokens": 5}), out, resume=True, progress=False)
+
+
+def test_a_run_is_extended_without_redoing_finished_items(tiny_dir, home_with_probe, tmp_path):
+    out = tmp_path / "run"
+    small = small_config(tiny_dir, limit=1, attacks=["none"], defenses=["none"])
+    first = run_eval(small, out, progress=False)
+    assert first["run"]["results"] == 2
+    before = {o["key"]: o["answer"] for o in read_lines(out / "results.jsonl") if o["kind"] == "result"}
+    bigger = small_config(tiny_dir, limit=2, attacks=["none", "prefill"], defenses=["none", "self-reminder"])
+    summary = run_eval(bigger, out, resume=True, progress=False)
+    assert summary["run"]["results"] == 2 * 2 * 2 + 2 * 2
+    session = [o for o in read_lines(out / "results.jsonl") if o["kind"] == "session"][-1]
+    assert session["items"] == summary["run"]["results"] - 2  # the two finished items were kept
+    after = {o["key"]: o["answer"] for o in read_lines(out / "results.jsonl") if o["kind"] == "result"}
+    assert all(after[k] == v for k, v in before.items())
+    # narrowing again reports only what the latest session asked for
+    assert run_eval(small, out, resume=True, progress=False)["run"]["results"] == 2
 
 
 def test_report_is_rebuilt_from_results_alone(tiny_dir, home_with_probe, tmp_path):

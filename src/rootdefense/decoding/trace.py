@@ -25,6 +25,7 @@ class TokenStep:
     original_harm: float | None
     replaced: bool
     candidates: int = 1
+    source: str = "base"  # which model proposed the emitted token: "base" or "expert"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -33,7 +34,8 @@ class TokenStep:
 @dataclass
 class Trace:
     steps: list[TokenStep] = field(default_factory=list)
-    finish_reason: str = "length"  # "eos" | "stop" | "length"
+    finish_reason: str = "length"  # "eos" | "stop" | "length" | "degenerate"
+    events: list[dict] = field(default_factory=list)  # rollbacks, corrections, degeneration stops
 
     @property
     def replaced(self) -> int:
@@ -47,12 +49,15 @@ class Trace:
             "max_harm": max(harms) if harms else None,
             "mean_harm": sum(harms) / len(harms) if harms else None,
             "finish_reason": self.finish_reason,
+            "rollbacks": sum(e.get("reason") == "harm" for e in self.events),
+            "degeneration_stops": sum(e.get("reason") == "degeneration" for e in self.events),
         }
 
     def to_dict(self) -> dict:
-        return {"summary": self.summary(), "steps": [s.to_dict() for s in self.steps]}
+        return {"summary": self.summary(), "steps": [s.to_dict() for s in self.steps], "events": self.events}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Trace":
         steps = [TokenStep(**s) for s in data.get("steps", [])]
-        return cls(steps=steps, finish_reason=data.get("summary", {}).get("finish_reason", "length"))
+        return cls(steps=steps, finish_reason=data.get("summary", {}).get("finish_reason", "length"),
+                   events=list(data.get("events", [])))

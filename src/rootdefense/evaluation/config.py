@@ -18,8 +18,10 @@ Example (every key optional; these are the defaults unless noted)::
     options: {gcg: {steps: 20}, safedecoding: {alpha: 3}, llm: {endpoint: ...}}
     threads: null          # torch threads per worker (default: torch's choice)
 
-A config's fingerprint (``config_hash``) covers everything that changes answers, so a
-results file is never continued under another config.
+A config's fingerprint (``config_hash``) covers everything that changes answers (model,
+dtype, seed, generation settings, part options, judges), so a results file is never
+continued under settings that would make its lines disagree; choosing more or other
+prompts, attacks or defenses extends a run instead.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from ..errors import InputError
 HARMFUL_DATASETS = ("advbench", "harmbench", "donotanswer")
 BENIGN_DATASETS = ("mtbench", "edgy", "gsm8k", "sharegpt")
 EVAL_DATASETS = HARMFUL_DATASETS + BENIGN_DATASETS
+ANSWER_KEYS = ("model", "dtype", "seed", "generation", "options", "judges")
 PER_DATASET_KEYS = {"limit": (int, type(None)), "max_new_tokens": (int,)}
 GENERATION_KEYS = {"max_new_tokens": (int,), "temperature": (int, float), "top_p": (int, float)}
 
@@ -191,8 +194,17 @@ class EvalConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def answer_settings(self) -> dict:
+        """The settings that change an item's answer or verdicts. Which items are asked
+        (datasets, attacks, defenses, limits, samples) is not among them, so a run can be
+        extended with more prompts, attacks or defenses and keep every finished line."""
+        data = asdict(self)
+        out = {k: data[k] for k in ANSWER_KEYS}
+        out["max_new_tokens_by_dataset"] = {name: opts["max_new_tokens"] for name, opts
+                                            in sorted(self.dataset_options.items()) if "max_new_tokens" in opts}
+        return out
+
     def fingerprint(self) -> str:
-        """Hash of every setting that changes answers (not threads, not device)."""
-        data = {k: v for k, v in asdict(self).items() if k not in ("threads", "device")}
-        blob = json.dumps(data, sort_keys=True, ensure_ascii=True)
+        """Hash of :meth:`answer_settings`: lines with equal keys and fingerprints are equal work."""
+        blob = json.dumps(self.answer_settings(), sort_keys=True, ensure_ascii=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -187,18 +187,19 @@ def _build(factory, name: str, options: dict):
 
 def _check_header(path: Path, cfg: EvalConfig) -> None:
     lines = read_lines(path)
-    header = next((o for o in lines if o.get("kind") == "run"), None)
-    if header is None:
+    headers = [o for o in lines if o.get("kind") == "run"]
+    if not headers:
         if any(o.get("kind") == "result" for o in lines):
             raise InputError(f"{path} has results but no run header; it was not written by `rootdefense eval`")
         return
+    header = headers[-1]
     if header.get("config_hash") != cfg.fingerprint():
-        old = header.get("config", {})
-        new = cfg.to_dict()
-        diff = sorted(k for k in set(old) | set(new) if k not in ("threads", "device") and old.get(k) != new.get(k))
+        old = header.get("answer_settings", {})
+        new = cfg.answer_settings()
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise InputError(
-            f"{path} was made with another config (fingerprint {header.get('config_hash')}, yours "
-            f"{cfg.fingerprint()}; differing keys: {', '.join(diff) or 'unknown'}); results of two configs "
+            f"{path} was made with other answer settings (fingerprint {header.get('config_hash')}, yours "
+            f"{cfg.fingerprint()}; differing keys: {', '.join(diff) or 'unknown'}); results of two settings "
             f"are never mixed: use another --out folder, or --overwrite to start again")
 
 
@@ -247,10 +248,10 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, resume: bool = False, overwri
     pool = _RayPool(cfg.to_dict(), home, ray_address, workers) if ray_address else _LocalPool(cfg.to_dict(), home)
     try:
         with JsonlWriter(results, append=True) as res:
-            if not any(o.get("kind") == "run" for o in read_lines(results)):
-                res.write({"kind": "run", "config": cfg.to_dict(), "config_hash": cfg.fingerprint(),
-                           "rootdefense": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           "planned": len(items)})
+            res.write({"kind": "run", "config": cfg.to_dict(), "config_hash": cfg.fingerprint(),
+                       "answer_settings": cfg.answer_settings(), "rootdefense": __version__,
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "planned": len(items),
+                       "keys": [it["key"] for it in items]})
             res.write({"kind": "parts", "config_hash": cfg.fingerprint(), **pool.describe()})
             if todo_jobs:
                 with JsonlWriter(attacks_file, append=True) as af, \

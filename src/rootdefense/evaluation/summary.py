@@ -46,13 +46,15 @@ def _ordered(values, preferred: list[str]) -> list[str]:
 
 
 def summarize(lines: list[dict]) -> dict:
-    header = next((o for o in lines if o.get("kind") == "run"), {})
+    headers = [o for o in lines if o.get("kind") == "run"]
+    header = headers[-1] if headers else {}  # the latest session's selection of items
     parts = [o for o in lines if o.get("kind") == "parts"]
     parts = parts[-1] if parts else {}
     sessions = [o for o in lines if o.get("kind") == "session"]
+    wanted = set(header.get("keys") or [])
     by_key = {}
     for o in lines:
-        if o.get("kind") == "result":
+        if o.get("kind") == "result" and (not wanted or o["key"] in wanted):
             by_key[o["key"]] = o  # a repeated key (should not happen) keeps the last
     results = list(by_key.values())
     cfg = header.get("config", {})

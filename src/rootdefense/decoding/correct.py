@@ -1,0 +1,382 @@
+"""Correction that works on models without a refusal reflex: RDS with a safety expert,
+recovery by rollback, and a degeneration guard.
+
+The decoder has two modes.
+
+- **watch**: the base model decodes exactly as it would undefended; the probe reads the
+  hidden state of every emitted token from the same forward (no extra cost), and a
+  :class:`RecoveryMonitor` keeps a running harm statistic over the answer so far.
+- **steer**: once the monitor flags the answer, it is rolled back (to the answer start, or
+  to the start of the current sentence) and decoding goes on with two rows in one forward:
+  the base model and the safety expert (peft mixed adapters on the same weights). The
+  candidates are the union of both models' top tokens, each scored by the same probe on the
+  base model's hidden state; the choice is the expert's most probable candidate that the
+  probe passes and that the base model does not find implausible. A
+  :class:`DegenerationGuard` stops steering that has turned into loops.
+
+A token-wise rule cannot undo a sentence already emitted; rollback can. Streaming callers
+are never silently rewritten: tokens are held back ``hold_back`` tokens before they reach
+``on_token``, and a rollback that reaches tokens already sent emits an explicit
+``correction`` event through ``on_event`` (also recorded in the trace).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import InputError
+from .candidates import candidate_mask, keep_candidate
+from .config import GenerationConfig
+from .loop import Detokenizer, Generation, own_choice
+from .trace import TokenStep, Trace
+
+BASE, EXPERT = "__base__", "expert"
+SENTENCE_END = (".", "!", "?", "\n")
+
+
+@dataclass
+class CorrectionSettings:
+    """Knobs of the correcting decoder (defaults are per-model tuned later and saved with
+    the probe; these are the fallbacks).
+
+    ``tau``: token harm threshold (default: the probe's calibrated one). The monitor flags
+    when at least ``k`` of the last ``window`` emitted tokens score at or above ``tau``.
+    ``rollback``: ``answer`` (restart the answer) or ``sentence`` (restart the sentence).
+    ``expert_top`` / ``base_top``: candidates taken from each model when steering.
+    ``min_base_logprob``: the degeneration guard's floor: a steered token the base model
+    gives a lower log-probability than this is only taken when nothing else passes.
+    ``loop_ngram`` / ``loop_repeats``: a steered tail repeating an n-gram this often stops.
+    """
+
+    tau: float | None = None
+    window: int = 8
+    k: int = 3
+    rollback: str = "answer"
+    max_rollbacks: int = 1
+    expert_top: int = 10
+    base_top: int = 10
+    min_base_logprob: float = -12.0
+    loop_ngram: int = 4
+    loop_repeats: int = 3
+    hold_back: int = 0
+
+    def validate(self) -> None:
+        if self.tau is not None and not 0 < self.tau < 1:
+            raise InputError(f"tau must lie strictly between 0 and 1, got {self.tau}")
+        if not 1 <= self.k <= self.window:
+            raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
+        if self.rollback not in ("answer", "sentence"):
+            raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
+        for name in ("expert_top", "base_top", "loop_ngram", "loop_repeats"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rollbacks < 0 or self.hold_back < 0:
+            raise InputError("max_rollbacks and hold_back must be >= 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RecoveryMonitor:
+    """Flags an answer when ``k`` of its last ``window`` tokens score at or above ``tau``."""
+
+    def __init__(self, tau: float, window: int, k: int):
+        self.tau, self.window, self.k = tau, window, k
+        self.harms: list[float] = []
+
+    def reset(self, keep: int = 0) -> None:
+        self.harms = self.harms[:keep]
+
+    def update(self, harm: float) -> bool:
+        self.harms.append(harm)
+        recent = self.harms[-self.window:]
+        return sum(h >= self.tau for h in recent) >= self.k
+
+
+class DegenerationGuard:
+    """Loops in the steered tail: the last ``ngram`` tokens already occurred ``repeats``
+    times before within the tail."""
+
+    def __init__(self, ngram: int, repeats: int):
+        self.ngram, self.repeats = ngram, repeats
+
+    def looping(self, tail: list[int]) -> bool:
+        n = self.ngram
+        if len(tail) < n * self.repeats:
+            return False
+        grams = Counter(tuple(tail[i:i + n]) for i in range(len(tail) - n + 1))
+        return grams[tuple(tail[-n:])] >= self.repeats
+
+
+class _Stream:
+    """Holds tokens back ``hold_back`` steps before handing them to ``on_token``; a rollback
+    that reaches tokens already handed out becomes an explicit correction event."""
+
+    def __init__(self, on_token, on_event, hold_back: int):
+        self.on_token, self.on_event, self.hold_back = on_token, on_event, hold_back
+        self.pending: list[tuple[TokenStep, str]] = []
+        self.sent: list[str] = []
+
+    def push(self, step: TokenStep, piece: str) -> None:
+        self.pending.append((step, piece))
+        while len(self.pending) > self.hold_back:
+            self._send(*self.pending.pop(0))
+
+    def _send(self, step: TokenStep, piece: str) -> None:
+        self.sent.append(piece)
+        if self.on_token is not None:
+            self.on_token(step, piece)
+
+    def rollback(self, keep_tokens: int, **info) -> dict:
+        """Drop every token after the first ``keep_tokens`` of the answer; ``info`` (reason,
+        positions) goes into the event."""
+        total = len(self.sent) + len(self.pending)
+        drop = total - keep_tokens
+        from_pending = min(drop, len(self.pending))
+        self.pending = self.pending[:len(self.pending) - from_pending]
+        retract = drop - from_pending
+        event = {"type": "rollback", "keep_tokens": keep_tokens, "dropped_tokens": drop,
+                 "retracted_tokens": retract, **info}
+        if retract:
+            retracted_text = "".join(self.sent[len(self.sent) - retract:])
+            self.sent = self.sent[:len(self.sent) - retract]
+            event.update(type="correction", retracted_chars=len(retracted_text))
+        if self.on_event is not None:
+            self.on_event(event)
+        return event
+
+    def flush(self) -> None:
+        while self.pending:
+            self._send(*self.pending.pop(0))
+
+
+@dataclass
+class _State:
+    """The answer so far: ids, per-step trace records, and the text pieces."""
+
+    tokens: list[int] = field(default_factory=list)
+    steps: list[TokenStep] = field(default_factory=list)
+    mode: str = "watch"
+    steer_from: int = 0  # answer index where steering began
+
+
+class CorrectingDecoder:
+    """Watch, and when the answer turns harmful roll back and steer with the expert.
+
+    ``expert`` is a :class:`rootdefense.expert.SharedExpert` on the same model (switched
+    off except inside this decoder's steered forwards); ``probe`` a response-position probe.
+    """
+
+    def __init__(self, model, tokenizer, probe, expert, settings: CorrectionSettings | None = None,
+                 eos_token_ids: list[int] | None = None):
+        self.model, self.tokenizer, self.probe, self.expert = model, tokenizer, probe, expert
+        self.settings = settings or CorrectionSettings()
+        self.settings.validate()
+        self.tau = self.settings.tau if self.settings.tau is not None else probe.threshold
+        self.eos = set(eos_token_ids or [])
+        self.guard = DegenerationGuard(self.settings.loop_ngram, self.settings.loop_repeats)
+
+    def describe(self) -> dict:
+        return {"rule": "correct", **self.settings.to_dict(), "tau": self.tau}
+
+    # ------------------------------------------------------------------ forwards
+
+    def _forward(self, input_ids, cache, position_ids=None, attention_mask=None, rows=1, last_only=False):
+        """One forward of the base row (watch) or of base + expert rows (steer)."""
+        kwargs = {"input_ids": input_ids, "cache": cache, "use_cache": True,
+                  "output_hidden_states": True}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if last_only:
+            kwargs["logits_to_keep"] = 1
+        if rows == 1:
+            return self.model(**kwargs)
+        with self.expert.active() as peft_model:
+            return peft_model(adapter_names=[BASE, EXPERT], **kwargs)
+
+    def _candidates(self, cache, token_ids: torch.Tensor, prefix_len: int, rows: int):
+        """Score ``token_ids`` (m,) as alternative next tokens in every row; returns logits
+        (rows, m, vocab) and the base row's probe harms (m,)."""
+        m = int(token_ids.shape[0])
+        device = token_ids.device
+        mask = candidate_mask(prefix_len, m, self.model.dtype, device).expand(rows, 1, m, prefix_len + m) \
+            if m > 1 or rows > 1 else None
+        out = self._forward(token_ids[None].expand(rows, m),
+                            cache, torch.full((rows, m), prefix_len, dtype=torch.long, device=device), mask, rows)
+        hidden = out.hidden_states[self.probe.layer][0].float()
+        return out.logits.float(), self.probe.score(hidden).cpu()
+
+    def _prefill(self, ids: torch.Tensor, rows: int):
+        """A fresh cache over ``ids`` (1, T) in ``rows`` rows; last-position logits (rows, vocab)."""
+        cache = DynamicCache(config=self.model.config)
+        out = self._forward(ids.expand(rows, -1), cache, rows=rows, last_only=True)
+        return cache, out.logits[:, -1].float()
+
+    # ------------------------------------------------------------------ decoding
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, cfg: GenerationConfig, on_token=None, on_event=None) -> Generation:
+        s = self.settings
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        rng = None
+        if not cfg.greedy:
+            rng = torch.Generator(device="cpu")
+            rng.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        prompt_len = int(input_ids.shape[1])
+        t0 = time.perf_counter()
+        cache, logits = self._prefill(input_ids, rows=1)
+        t_prefill = time.perf_counter() - t0
+        st = _State()
+        monitor = RecoveryMonitor(self.tau, s.window, s.k)
+        stream = _Stream(on_token, on_event, s.hold_back)
+        trace = Trace()
+        detok = Detokenizer(self.tokenizer)
+        events: list[dict] = []
+        rollbacks = 0
+        t1 = time.perf_counter()
+        while len(st.tokens) < cfg.max_new_tokens:
+            prefix_len = prompt_len + len(st.tokens)
+            temp = cfg.temperature if not cfg.greedy else 1.0
+            if st.mode == "watch":
+                lp = torch.log_softmax(logits[0] / temp, dim=-1).cpu()
+                own = own_choice(lp, cfg, rng)
+                step_logits, harms = self._candidates(cache, torch.tensor([own], device=device), prefix_len, rows=1)
+                keep_candidate(cache, prefix_len, 1, 0)
+                token, harm = own, float(harms[0])
+                piece = detok.push(token)
+                step = TokenStep(token_id=token, token=piece, prob=float(lp[token].exp()), harm=harm, original_id=own,
+                                 original=piece, original_prob=float(lp[own].exp()), original_harm=harm,
+                                 replaced=False, candidates=1, source="base")
+                logits = step_logits[:, 0]
+                flagged = monitor.update(harm)
+            else:
+                lp_b = torch.log_softmax(logits[0] / temp, dim=-1).cpu()
+                lp_e = torch.log_softmax(logits[1] / temp, dim=-1).cpu()
+                own = own_choice(lp_b, cfg, rng)
+                pool = _union_pool(lp_e, lp_b, own, s.expert_top, s.base_top)
+                step_logits, harms = self._candidates(cache, pool.to(device), prefix_len, rows=2)
+                j = _steer_choice(pool, lp_e, lp_b, harms, self.tau, s.min_base_logprob, rng)
+                keep_candidate(cache, prefix_len, len(pool), j)
+                token = int(pool[j])
+                own_j = (pool == own).nonzero()
+                own_harm = float(harms[int(own_j[0, 0])]) if len(own_j) else None
+                original = detok.piece(own) if token != own else None
+                piece = detok.push(token)
+                step = TokenStep(token_id=token, token=piece, prob=float(lp_b[token].exp()), harm=float(harms[j]),
+                                 original_id=own, original=piece if original is None else original,
+                                 original_prob=float(lp_b[own].exp()),
+                                 original_harm=own_harm, replaced=token != own, candidates=len(pool),
+                                 source="expert")
+                logits = step_logits[:, j]
+                flagged = False
+            st.tokens.append(token)
+            st.steps.append(step)
+            if flagged and rollbacks < s.max_rollbacks:
+                keep = self._rollback_point(st.tokens)
+                event = stream.rollback(
+                    keep, reason="harm", at_token=len(st.tokens), harms=[round(h, 4) for h in monitor.harms[-s.window:]],
+                    dropped_text=self.tokenizer.decode(st.tokens[keep:], skip_special_tokens=True))
+                event["dropped_tokens"] = len(st.tokens) - keep  # the flagged token was never streamed
+                events.append(event)
+                rollbacks += 1
+                st.tokens, st.steps = st.tokens[:keep], st.steps[:keep]
+                st.mode, st.steer_from = "steer", keep
+                detok = _detok_of(self.tokenizer, st.tokens)
+                ids = torch.cat([input_ids, torch.tensor([st.tokens], dtype=input_ids.dtype, device=device)], 1) \
+                    if st.tokens else input_ids
+                cache, logits = self._prefill(ids, rows=2)
+                continue
+            stream.push(step, piece)
+            if token in self.eos:
+                trace.finish_reason = "eos"
+                break
+            if st.mode == "steer" and self.guard.looping(st.tokens[st.steer_from:]):
+                cut = self._loop_start(st.tokens, st.steer_from)
+                events.append(stream.rollback(cut, reason="degeneration", at_token=len(st.tokens)))
+                st.tokens, st.steps = st.tokens[:cut], st.steps[:cut]
+                detok = _detok_of(self.tokenizer, st.tokens)
+                trace.finish_reason = "degenerate"
+                break
+            if cfg.stop and any(x in detok.text for x in cfg.stop):
+                trace.finish_reason = "stop"
+                break
+        elapsed = time.perf_counter() - t1
+        text = detok.text
+        if trace.finish_reason == "stop":
+            text = text[:min(text.find(x) for x in cfg.stop if x in text)]
+        trace.steps = st.steps
+        stream.flush()
+        trace.events = events
+        n = len(st.tokens)
+        return Generation(
+            text=text, token_ids=list(st.tokens), trace=trace, prompt_tokens=prompt_len,
+            timings={"prefill_s": round(t_prefill, 4), "decode_s": round(elapsed, 4),
+                     "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 and n else None,
+                     "ms_per_token": round(1000 * elapsed / n, 2) if n else None},
+        )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _rollback_point(self, tokens: list[int]) -> int:
+        """Answer index to restart from: 0, or just after the last sentence end before the
+        flagged window."""
+        if self.settings.rollback == "answer":
+            return 0
+        limit = max(0, len(tokens) - self.settings.window)
+        for i in range(limit, 0, -1):
+            piece = self.tokenizer.decode(tokens[i - 1:i], skip_special_tokens=True)
+            if piece.rstrip(" ").endswith(SENTENCE_END):
+                return i
+        return 0
+
+    def _loop_start(self, tokens: list[int], start: int) -> int:
+        """Cut the loop: keep the tail up to the first occurrence of the repeated n-gram."""
+        n = self.settings.loop_ngram
+        gram = tokens[-n:]
+        for i in range(start, len(tokens) - n + 1):
+            if tokens[i:i + n] == gram:
+                return i + n
+        return len(tokens)
+
+
+def _detok_of(tokenizer, tokens: list[int]) -> Detokenizer:
+    """A detokenizer positioned after ``tokens`` (after a rollback or a trim)."""
+    detok = Detokenizer(tokenizer)
+    for t in tokens:
+        detok.push(t)
+    return detok
+
+
+def _union_pool(lp_e: torch.Tensor, lp_b: torch.Tensor, own: int, expert_top: int, base_top: int) -> torch.Tensor:
+    """The expert's top tokens, then the base model's (and its own choice) not yet in,
+    most expert-probable first."""
+    ids = torch.cat([torch.topk(lp_e, expert_top).indices, torch.topk(lp_b, base_top).indices,
+                     torch.tensor([own])])
+    uniq = list(dict.fromkeys(ids.tolist()))
+    uniq.sort(key=lambda t: -float(lp_e[t]))
+    return torch.tensor(uniq, dtype=torch.long)
+
+
+def _steer_choice(pool, lp_e, lp_b, harms, tau: float, min_base_logprob: float, rng) -> int:
+    """The expert's most probable candidate that the probe passes (harm < tau) and the base
+    model finds plausible (log p >= floor); else any candidate the probe passes; else the
+    least harmful. Sampling draws from the expert's distribution over the allowed set."""
+    safe = harms < tau
+    plausible = lp_b[pool] >= min_base_logprob
+    for allowed in (safe & plausible, safe):
+        if bool(allowed.any()):
+            scores = lp_e[pool].masked_fill(~allowed, -math.inf)
+            if rng is None:
+                return int(torch.argmax(scores).item())
+            probs = torch.softmax(scores, dim=-1)
+            return int(torch.multinomial(probs, 1, generator=rng).item())
+    return int(torch.argmin(harms).item())

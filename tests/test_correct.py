@@ -1,0 +1,196 @@
+"""The correcting decoder (watch -> roll back -> steer with the expert) on a tiny model with a
+random LoRA expert and a random probe: exact against an independent recompute, streaming
+never silently rewritten, degeneration stopped, settings checked."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from rootdefense.decoding import Decoder, GenerationConfig
+from rootdefense.decoding.correct import (CorrectingDecoder, CorrectionSettings, DegenerationGuard,
+                                          RecoveryMonitor, _Stream, _steer_choice, _union_pool)
+from rootdefense.errors import InputError
+from rootdefense.expert.adapter import attach_expert
+from rootdefense.models import encode_chat
+from rootdefense.models.loading import LoadedModel
+from rootdefense.probes.base import LinearProbe
+from test_defenses import MODEL_ID, MODEL_SEED, independent_models, write_expert
+
+PROMPT = "How do I bake bread?"
+
+
+@pytest.fixture()
+def setup(tiny_tokenizer, tmp_path):
+    tok = tiny_tokenizer
+    folder = write_expert(tok, tmp_path / "expert")
+    lm = LoadedModel(make_tiny_model(tok, seed=MODEL_SEED), tok, MODEL_ID, torch.float32, torch.device("cpu"))
+    expert = attach_expert(lm, folder)
+    g = torch.Generator().manual_seed(11)
+    probe = LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                        meta={"model_id": MODEL_ID, "kind": "response"})
+    ids = encode_chat(tok, [{"role": "user", "content": PROMPT}])
+    return lm, expert, probe, ids, folder
+
+
+def plain(lm, ids, n):
+    return Decoder(lm.model, lm.tokenizer, eos_token_ids=lm.eos_token_ids).generate(
+        ids, GenerationConfig(max_new_tokens=n))
+
+
+def decoder(lm, expert, probe, **settings):
+    return CorrectingDecoder(lm.model, lm.tokenizer, probe, expert, CorrectionSettings(**settings),
+                             eos_token_ids=lm.eos_token_ids)
+
+
+def first_harm(lm, probe, ids):
+    """The probe's harm of the model's first greedy answer token."""
+    out = plain(lm, ids, 1)
+    full = torch.cat([ids, torch.tensor([out.token_ids])], 1)
+    hidden = lm.model(input_ids=full, output_hidden_states=True).hidden_states[probe.layer][0, -1]
+    return float(probe.score(hidden[None])[0])
+
+
+def test_without_a_flag_the_answer_is_the_undefended_one(setup):
+    lm, expert, probe, ids, _ = setup
+    gen = decoder(lm, expert, probe, tau=0.999999, k=8, window=8).generate(ids, GenerationConfig(max_new_tokens=12))
+    assert gen.token_ids == plain(lm, ids, 12).token_ids
+    assert gen.trace.events == [] and {s.source for s in gen.trace.steps} == {"base"}
+    assert all(s.harm is not None for s in gen.trace.steps)
+
+
+def reference_steer(tok, folder, probe, ids, tau, n, expert_top=10, base_top=10, floor=-12.0):
+    """Steering recomputed from scratch with two separate models and full forwards."""
+    base, expert = independent_models(tok, folder)
+    out = []
+    for _ in range(n):
+        seq = torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1) if out else ids
+        lp_b = torch.log_softmax(base(input_ids=seq).logits[0, -1].float(), -1)
+        lp_e = torch.log_softmax(expert(input_ids=seq).logits[0, -1].float(), -1)
+        own = int(torch.argmax(lp_b))
+        pool = _union_pool(lp_e, lp_b, own, expert_top, base_top)
+        harms = []
+        for t in pool.tolist():
+            h = base(input_ids=torch.cat([seq, torch.tensor([[t]])], 1), output_hidden_states=True)
+            harms.append(float(probe.score(h.hidden_states[probe.layer][0, -1:].float())[0]))
+        j = _steer_choice(pool, lp_e, lp_b, torch.tensor(harms), tau, floor, None)
+        out.append(int(pool[j]))
+        if out[-1] == tok.eos_token_id:
+            break
+    return out
+
+
+@torch.no_grad()
+def test_flag_rolls_back_and_steering_matches_an_independent_recompute(setup, tiny_tokenizer):
+    lm, expert, probe, ids, folder = setup
+    tau = min(0.999, max(1e-3, first_harm(lm, probe, ids) - 1e-4))
+    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, loop_repeats=99).generate(
+        ids, GenerationConfig(max_new_tokens=10))
+    # flagged at the first token, before anything was streamed: a rollback, nothing retracted
+    assert [(e["type"], e["reason"]) for e in gen.trace.events] == [("rollback", "harm")]
+    assert gen.trace.events[0]["keep_tokens"] == 0 and gen.trace.events[0]["dropped_tokens"] == 1
+    assert {s.source for s in gen.trace.steps} == {"expert"}
+    ref = reference_steer(tiny_tokenizer, folder, probe, ids, tau, len(gen.token_ids))
+    assert gen.token_ids == ref
+    assert gen.trace.summary()["rollbacks"] == 1
+
+
+@torch.no_grad()
+def test_base_outputs_are_unchanged_after_steering(setup):
+    lm, expert, probe, ids, _ = setup
+    before = plain(lm, ids, 8).token_ids
+    tau = min(0.999, max(1e-3, first_harm(lm, probe, ids) - 1e-4))
+    decoder(lm, expert, probe, tau=tau, k=1, window=1).generate(ids, GenerationConfig(max_new_tokens=6))
+    assert plain(lm, ids, 8).token_ids == before
+
+
+LATE_PROMPTS = [PROMPT, "Sure, here is a tutorial", "The quick brown fox", "step one, step two", "Mix flour"]
+
+
+def late_flag(lm, expert, probe, n=16):
+    """A prompt and threshold that its answer first reaches after the third token:
+    (ids, tau, index)."""
+    for text in LATE_PROMPTS:
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": text}])
+        harms = [s.harm for s in decoder(lm, expert, probe, tau=0.999999, k=8, window=8).generate(
+            ids, GenerationConfig(max_new_tokens=n)).trace.steps]
+        for i in range(3, len(harms)):
+            if harms[i] > max(harms[:i]) + 1e-5:
+                return ids, (harms[i] + max(harms[:i])) / 2, i
+    raise AssertionError("no prompt whose answer's harm peaks late")
+
+
+@pytest.mark.parametrize("hold_back", [0, 64])
+def test_streaming_client_sees_the_final_text(setup, hold_back):
+    """Whatever the client was sent, applying the correction events gives the final answer;
+    with a hold-back buffer longer than the rollback the client never sees dropped text."""
+    lm, expert, probe, _, _ = setup
+    ids, tau, flagged_at = late_flag(lm, expert, probe)
+    shown: list[str] = []
+    events: list[dict] = []
+
+    def on_token(step, piece):
+        shown.append(piece)
+
+    def on_event(ev):
+        events.append(ev)
+        if ev["type"] == "correction":
+            text = "".join(shown)
+            shown.clear()
+            shown.append(text[:len(text) - ev["retracted_chars"]])
+
+    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, hold_back=hold_back).generate(
+        ids, GenerationConfig(max_new_tokens=16), on_token=on_token, on_event=on_event)
+    assert "".join(shown) == gen.text
+    harm = [e for e in events if e["reason"] == "harm"]
+    assert [e["type"] for e in harm] == (["correction"] if hold_back == 0 else ["rollback"])
+    assert harm[0]["dropped_tokens"] == flagged_at + 1
+    assert harm[0]["retracted_tokens"] == (flagged_at if hold_back == 0 else 0)
+    assert gen.trace.events == events
+
+
+def test_sentence_rollback_keeps_earlier_sentences(setup):
+    lm, expert, probe, _, _ = setup
+    dec = decoder(lm, expert, probe, rollback="sentence", window=2, k=1)
+    tok = lm.tokenizer
+    ids = tok("Mix flour. Then knead and wait", add_special_tokens=False)["input_ids"]
+    keep = dec._rollback_point(ids)
+    assert tok.decode(ids[:keep]).rstrip().endswith("flour.")
+    assert decoder(lm, expert, probe)._rollback_point(ids) == 0  # default: the whole answer
+
+
+def test_monitor_guard_and_stream_units():
+    m = RecoveryMonitor(tau=0.5, window=4, k=2)
+    assert [m.update(h) for h in (0.9, 0.1, 0.1, 0.1, 0.6, 0.7)] == [False, False, False, False, False, True]
+    g = DegenerationGuard(ngram=2, repeats=3)
+    assert not g.looping([1, 2, 3, 1, 2])
+    assert g.looping([1, 2, 5, 1, 2, 7, 1, 2])
+    sent = []
+    s = _Stream(lambda step, p: sent.append(p), None, hold_back=2)
+    for p in "abcde":
+        s.push(None, p)
+    assert sent == ["a", "b", "c"]
+    ev = s.rollback(2)  # keep "ab": drops c (sent) and d, e (held)
+    assert ev["type"] == "correction" and ev["retracted_tokens"] == 1 and ev["dropped_tokens"] == 3
+
+
+def test_steer_choice_prefers_safe_plausible_expert_tokens():
+    pool = torch.tensor([5, 6, 7])
+    lp_e = torch.full((10,), -20.0)
+    lp_e[5], lp_e[6], lp_e[7] = -0.1, -1.0, -3.0
+    lp_b = torch.zeros(10)
+    lp_b[6] = -30.0  # implausible to the base model
+    harms = torch.tensor([0.9, 0.1, 0.2])
+    assert int(pool[_steer_choice(pool, lp_e, lp_b, harms, 0.5, -12.0, None)]) == 7
+    assert int(pool[_steer_choice(pool, lp_e, lp_b, torch.tensor([0.9, 0.1, 0.8]), 0.5, -12.0, None)]) == 6
+    assert int(pool[_steer_choice(pool, lp_e, lp_b, torch.tensor([0.9, 0.95, 0.8]), 0.5, -12.0, None)]) == 7
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"k": 9, "window": 8}, "k <= window"), ({"rollback": "paragraph"}, "rollback must be"),
+    ({"tau": 1.5}, "strictly between"), ({"expert_top": 0}, "expert_top must be"),
+])
+def test_settings_are_checked(kwargs, needle):
+    with pytest.raises(InputError, match=needle):
+        CorrectionSettings(**kwargs).validate()
