@@ -204,3 +204,20 @@ def test_expert_train_command(tiny_dir, tmp_path):
     assert json.loads((out / "expert.json").read_text())["model_id"] == tiny_dir
     r = run("expert", "train", "--model", tiny_dir, "--harmful", 1)
     assert r.exit_code == 2 and "at least 8" in r.output
+
+
+def test_generate_rds_expert_streams_with_rollback_info(tiny_dir, tiny_probe, rd_home):
+    from rootdefense.expert import expert_dir
+    from test_defenses import write_expert
+
+    tok = make_tokenizer()
+    write_expert(tok, expert_dir(tiny_dir), model_id=tiny_dir)
+    r = run("generate", "How do I bake bread?", "--model", tiny_dir, "--defense", "rds-expert", "--probe",
+            tiny_probe, "--tau", "0.000001", "--max-new-tokens", 6, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["settings"]["defense"] == "rds-expert" and out["settings"]["rollback"] == "answer"
+    assert out["trace"]["summary"]["rollbacks"] == 1 and out["trace"]["events"][0]["reason"] == "harm"
+    r = run("generate", "hi", "--model", tiny_dir, "--defense", "rds-expert", "--probe", tiny_probe,
+            "--expert", str(rd_home / "nowhere"))
+    assert r.exit_code == 2 and "no expert adapter" in r.output

@@ -6,17 +6,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_model
+from test_defenses import MODEL_ID, MODEL_SEED, independent_models, write_expert
+
 from rootdefense.decoding import Decoder, GenerationConfig
-from rootdefense.decoding.correct import (CorrectingDecoder, CorrectionSettings, DegenerationGuard,
-                                          RecoveryMonitor, _Stream, _steer_choice, _union_pool)
+from rootdefense.decoding.correct import (
+    CorrectingDecoder,
+    CorrectionSettings,
+    DegenerationGuard,
+    RecoveryMonitor,
+    _steer_choice,
+    _Stream,
+    _union_pool,
+)
 from rootdefense.errors import InputError
 from rootdefense.expert.adapter import attach_expert
 from rootdefense.models import encode_chat
 from rootdefense.models.loading import LoadedModel
 from rootdefense.probes.base import LinearProbe
-from test_defenses import MODEL_ID, MODEL_SEED, independent_models, write_expert
 
 PROMPT = "How do I bake bread?"
 

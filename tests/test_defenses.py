@@ -77,8 +77,8 @@ def ask(text, prefill=""):
 
 
 def test_registry_and_options():
-    assert set(DEFENSES) == {"none", "self-reminder", "safedecoding", "rds", "rds-paper"}
-    with pytest.raises(InputError, match="choose one of none, self-reminder, safedecoding, rds, rds-paper"):
+    assert set(DEFENSES) == {"none", "self-reminder", "safedecoding", "rds", "rds-paper", "rds-expert"}
+    with pytest.raises(InputError, match="choose one of none, self-reminder, safedecoding, rds, rds-paper, rds-expert"):
         make_defense("smoothllm")
     with pytest.raises(InputError, match="no option.*bogus.*its options: m, alpha, c, expert"):
         make_defense("safedecoding", bogus=1)
@@ -361,3 +361,32 @@ def test_safedecoding_on_smollm_with_the_trained_expert(smollm):
     assert 1 <= len(gen.token_ids) <= 16 and gen.rule_steps == min(2, len(gen.token_ids))
     assert gen.text.strip()
     assert after.token_ids == before.token_ids
+
+
+def test_rds_expert_defense_watches_then_steers(lm, tok, expert_home):
+    """Undefended until the probe flags; a probe that flags at once makes the whole answer
+    the expert-steered one, recorded as a rollback in the trace."""
+    ctx = EvalContext(lm=lm)
+    save_probe("response", seed=4, threshold=0.5)
+    quiet = make_defense("rds-expert", tau=0.999999)
+    quiet.setup(ctx)
+    cfg = GenerationConfig(max_new_tokens=8)
+    plain = make_defense("none").generate(ask(PROMPTS[0]), cfg, ctx)
+    gen = quiet.generate(ask(PROMPTS[0]), cfg, ctx)
+    assert gen.token_ids == plain.token_ids and gen.trace.events == []
+    eager = make_defense("rds-expert", tau=1e-6)
+    eager.setup(ctx)
+    gen = eager.generate(ask(PROMPTS[0]), cfg, ctx)
+    assert gen.trace.events and gen.trace.events[0]["reason"] == "harm"
+    assert {s.source for s in gen.trace.steps} == {"expert"}
+    assert eager.describe()["correction"]["rollback"] == "answer"
+    assert make_defense("none").generate(ask(PROMPTS[0]), cfg, ctx).token_ids == plain.token_ids
+
+
+def test_rds_expert_needs_an_expert_for_this_model(lm, tok, rd_home):
+    save_probe("response", seed=4)
+    with pytest.raises(ExpertError, match="rootdefense expert train"):
+        make_defense("rds-expert").setup(EvalContext(lm=lm))
+    write_expert(tok, expert_dir(MODEL_ID), model_id="another-model")
+    with pytest.raises(ExpertError, match="trained for model 'another-model'"):
+        make_defense("rds-expert").setup(EvalContext(lm=lm))

@@ -12,13 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
-from .decoding import Decoder, GenerationConfig, Generation, make_rule
+from .decoding import Decoder, Generation, GenerationConfig, make_rule
+from .decoding.correct import CorrectingDecoder, CorrectionSettings
 from .decoding.rules import RULES
 from .errors import InputError, ProbeError
+from .expert.adapter import attach_expert
 from .models import LoadedModel, encode_chat, load_model, normalize_messages
 from .probes.base import LinearProbe
 
-DEFENSES = ("none", "rds")
+DEFENSES = ("none", "rds", "rds-expert")  # rds-expert: RDS + safety expert + recovery
 # which probe kind each rule reads by default: the paper's rule with the paper's probe;
 # the others with the answer-position probe, trained where candidates are scored
 DEFAULT_PROBE_KIND = {"paper": "paper", "threshold": "response", "weighted": "response"}
@@ -44,6 +46,9 @@ class DefenseSettings:
     k: int = 10  # paper rule: top-k by probability
     lam: float = 2.0  # weighted rule
     probe: str | None = None  # path; default: the cached probe for the model and rule
+    expert: str | None = None  # rds-expert: adapter folder; default: the cached expert for the model
+    rollback: str = "answer"  # rds-expert: restart the "answer" or the current "sentence"
+    hold_back: int = 0  # rds-expert: tokens held back from streaming callers
 
     def __post_init__(self):
         if self.defense not in DEFENSES:
@@ -52,17 +57,32 @@ class DefenseSettings:
             raise InputError(f"unknown rule '{self.rule}'; choose one of {', '.join(RULES)}")
         if self.tau is not None and not 0 < self.tau < 1:
             raise InputError(f"tau must lie strictly between 0 and 1, got {self.tau}")
+        if self.rollback not in ("answer", "sentence"):
+            raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
+        if self.hold_back < 0:
+            raise InputError(f"hold_back must be >= 0, got {self.hold_back}")
 
 
 class Defender:
     """Generate with or without the RDS defense; with a probe loaded, undefended answers
     are still scored token by token (for the trace), at no extra cost."""
 
-    def __init__(self, lm: LoadedModel, probe: LinearProbe | None, settings: DefenseSettings):
+    def __init__(self, lm: LoadedModel, probe: LinearProbe | None, settings: DefenseSettings, expert=None):
         self.lm = lm
         self.probe = probe
         self.settings = settings
         self.rule = None
+        self.expert = None
+        if settings.defense == "rds-expert":
+            if probe is None:
+                raise ProbeError("the rds-expert defense needs a probe")
+            probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
+            probe.to(lm.device)
+            self.expert = expert if expert is not None else attach_expert(lm, settings.expert)
+            cs = CorrectionSettings(tau=settings.tau, rollback=settings.rollback, hold_back=settings.hold_back)
+            self.decoder = CorrectingDecoder(lm.model, lm.tokenizer, probe, self.expert, cs,
+                                             eos_token_ids=lm.eos_token_ids)
+            return
         if settings.defense == "rds":
             if probe is None:
                 raise ProbeError("the rds defense needs a probe")
@@ -76,7 +96,7 @@ class Defender:
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", dtype: str = "float32", device: str = "auto",
-             lm: LoadedModel | None = None, monitor: bool = True, **settings) -> "Defender":
+             lm: LoadedModel | None = None, monitor: bool = True, **settings) -> Defender:
         """``monitor``: load the probe even when undefended, to shade the trace."""
         s = DefenseSettings(**settings)
         lm = lm or load_model(model, dtype=dtype, device=device)
@@ -85,6 +105,8 @@ class Defender:
             probe = LinearProbe.load(s.probe)
         elif s.defense == "rds":
             probe = find_probe(lm.model_id, DEFAULT_PROBE_KIND[s.rule])
+        elif s.defense == "rds-expert":
+            probe = find_probe(lm.model_id, "response")
         elif monitor:
             try:
                 probe = find_probe(lm.model_id, DEFAULT_PROBE_KIND[s.rule])
@@ -97,6 +119,8 @@ class Defender:
                "dtype": str(self.lm.dtype).replace("torch.", ""), "device": str(self.lm.device)}
         if self.rule is not None:
             out.update(self.rule.describe())
+        if self.expert is not None:
+            out.update(self.decoder.describe(), expert=str(self.expert.info.path))
         if self.probe is not None:
             out["probe"] = {"kind": self.probe.meta.get("kind"), "layer": self.probe.layer,
                             "threshold": round(self.probe.threshold, 4)}
@@ -111,9 +135,13 @@ class Defender:
                            prefill=prefill)
 
     def generate(self, prompt: str | None = None, messages: list | None = None,
-                 config: GenerationConfig | None = None, on_token=None, prefill: str = "") -> Generation:
+                 config: GenerationConfig | None = None, on_token=None, prefill: str = "",
+                 on_event=None) -> Generation:
         """Answer ``prompt`` (or ``messages``); with ``prefill`` the answer continues that
-        text and the returned text is the continuation only."""
+        text and the returned text is the continuation only. ``on_event(event)`` (rds-expert)
+        is told about rollbacks, and about corrections of text already sent to ``on_token``."""
         cfg = config or GenerationConfig()
         ids = self.encode(prompt, messages, cfg, prefill=prefill)
+        if self.expert is not None:
+            return self.decoder.generate(ids, cfg, on_token=on_token, on_event=on_event)
         return self.decoder.generate(ids, cfg, on_token=on_token)

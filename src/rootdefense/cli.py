@@ -48,6 +48,9 @@ def defense_options(f):
     from .api import DEFENSES
     from .decoding.rules import RULES
 
+    f = click.option("--rollback", type=click.Choice(["answer", "sentence"]), default="answer", show_default=True,
+                     help="rds-expert: where a flagged answer restarts")(f)
+    f = click.option("--expert", default=None, help="rds-expert: expert adapter folder (default: the cached one)")(f)
     f = click.option("--probe", default=None, help="probe folder (default: the cached one for the model and rule)")(f)
     f = click.option("--lam", type=float, default=2.0, show_default=True, help="weighted rule: lambda")(f)
     f = click.option("--k", "k", type=int, default=10, show_default=True, help="paper rule: top-k by probability")(f)
@@ -81,7 +84,8 @@ def _defender(o):
     from .api import Defender
 
     return Defender.load(o["model"], dtype=o["dtype"], device=o["device"], defense=o["defense"], rule=o["rule"],
-                         tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"])
+                         tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"], expert=o["expert"],
+                         rollback=o["rollback"])
 
 
 @click.group(cls=Group)

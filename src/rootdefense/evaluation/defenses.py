@@ -234,7 +234,7 @@ def shared_expert(ctx: EvalContext, folder: str | Path | None = None) -> SharedE
                               f"cannot load a second one from {folder}")
         return cached
     if not folder.exists():
-        raise ExpertError(f"the safedecoding defense needs a safety expert for model '{ctx.lm.model_id}', "
+        raise ExpertError(f"this defense needs a safety expert for model '{ctx.lm.model_id}', "
                           f"none at {folder}; train one with "
                           f"`rootdefense expert train --model {ctx.lm.model_id}`")
     expert = attach_expert(ctx.lm, folder)
@@ -462,8 +462,45 @@ class SafeDecodingDefense(Defense):
 # --------------------------------------------------------------------------- registry
 
 
+class RDSExpertDefense(DefenderDefense):
+    """RDS with the safety expert and recovery: watch with the response probe, roll back a
+    flagged answer, steer with base + expert candidates (see decoding/correct.py)."""
+
+    name: ClassVar[str] = "rds-expert"
+    description: ClassVar[str] = "RDS + safety expert + recovery (rollback, degeneration guard)"
+
+    def __init__(self, tau: float | None = None, rollback: str = "answer", expert: str | None = None) -> None:
+        super().__init__()
+        self._settings = DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback, expert=expert)
+        self.expert_path = expert
+
+    def settings(self) -> DefenseSettings:
+        return self._settings
+
+    def probe(self, ctx: EvalContext) -> LinearProbe:
+        return ctx.probe("response")
+
+    def defender(self, ctx: EvalContext) -> Defender:
+        if self._defender is None or self._lm is not ctx.lm:
+            self._defender = Defender(ctx.lm, self.probe(ctx), self.settings(),
+                                      expert=shared_expert(ctx, self.expert_path))
+            self._lm = ctx.lm
+        return self._defender
+
+    def options(self) -> dict:
+        s = self._settings
+        return {"tau": s.tau, "rollback": s.rollback, "expert": s.expert}
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self._defender is not None:
+            out["correction"] = self._defender.decoder.describe()
+        return out
+
+
 DEFENSES: dict[str, type[Defense]] = {
-    cls.name: cls for cls in (NoDefense, SelfReminderDefense, SafeDecodingDefense, RDSDefense, RDSPaperDefense)
+    cls.name: cls for cls in (NoDefense, SelfReminderDefense, SafeDecodingDefense, RDSDefense, RDSPaperDefense,
+                              RDSExpertDefense)
 }
 
 
