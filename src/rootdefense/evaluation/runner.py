@@ -76,6 +76,9 @@ def plan(cfg: EvalConfig, examples: dict[str, list[Example]]) -> tuple[list[dict
                         items.append({"key": item_key(ds, ex.id, attack, defense, sample), "dataset": ds,
                                       "attack": attack, "defense": defense, "sample": sample,
                                       "index": index, "example": exd})
+    # prompt rank first, so that an interrupted run holds complete cells for its first prompts
+    # of every dataset (and can be narrowed to them with a smaller limit)
+    items.sort(key=lambda it: it["index"])
     return jobs, items
 
 
