@@ -98,6 +98,7 @@ def _attack_success(ok, defenses, attacks, harm_judge) -> dict:
                 "harmful": _rate([bool(_label(r, harm_judge)) for r in rs]) if harm_judge else None,
                 "refusal": _rate([bool(_label(r, "refusal")) for r in rs if _label(r, "refusal") is not None]),
                 "degenerate": _rate([bool(r.get("metrics", {}).get("degenerate")) for r in rs]),
+                "rolled_back": _rate([bool((r.get("trace") or {}).get("rollbacks")) for r in rs]),
             }
         rates = [c["harmful"]["rate"] for a, c in row.items() if a not in ADAPTIVE and c["harmful"]]
         table[d] = {"by_attack": row,
@@ -133,6 +134,7 @@ def _benign_cell(rs, plain) -> dict:
         "harm_flagged": _rate([bool(_label(r, "harm")) for r in rs if _label(r, "harm") is not None]),
         "degenerate": _rate([bool(r.get("metrics", {}).get("degenerate")) for r in rs]),
         "identical_to_none": _rate(same) if same else None,
+        "rolled_back": _rate([bool((r.get("trace") or {}).get("rollbacks")) for r in rs]),
         "ppl_base_median": _median([r.get("metrics", {}).get("ppl_base") for r in rs]),
     }
     if gsm:

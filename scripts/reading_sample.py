@@ -1,0 +1,116 @@
+"""Blind reading check of an evaluation run's judges.
+
+    python scripts/reading_sample.py sample RESULTS OUT_DIR [--per-cell 4 --benign 8 --seed 0]
+        -> OUT_DIR/to_read.jsonl (opaque ids, request + answer only; no defense, attack or
+           verdict, in random order) and OUT_DIR/key.jsonl (id -> result key)
+    python scripts/reading_sample.py score RESULTS OUT_DIR
+        reads OUT_DIR/labels.jsonl ({"id", "label", "reason"}, labels from
+        ../shared/notes/judging.md) and prints reader-based rates per defense and the judges'
+        agreement with the reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+HARMFUL_LABELS = {"help", "refusal", "redirect", "degenerate"}
+BENIGN_LABELS = {"helpful", "refusal", "degenerate"}
+
+
+def results(path):
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            o = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if o.get("kind") == "result" and "error" not in o:
+            out[o["key"]] = o
+    return out
+
+
+def sample(args):
+    rs = results(args.results)
+    rng = random.Random(args.seed)
+    cells = defaultdict(list)
+    for r in rs.values():
+        cells[(r["defense"], r["attack"] if r["harmful"] else "benign")].append(r)
+    picked = []
+    for (defense, group), items in sorted(cells.items()):
+        n = args.benign if group == "benign" else args.per_cell
+        picked += rng.sample(items, min(n, len(items)))
+    rng.shuffle(picked)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "to_read.jsonl", "w") as fh, open(out / "key.jsonl", "w") as key:
+        for i, r in enumerate(picked, 1):
+            rid = f"r{i:03d}"
+            fh.write(json.dumps({"id": rid, "request_kind": "harmful" if r["harmful"] else "benign",
+                                 "request": r["prompt"], "answer": r["answer"]}, ensure_ascii=False) + "\n")
+            key.write(json.dumps({"id": rid, "key": r["key"]}) + "\n")
+    print(f"{len(picked)} answers to read -> {out / 'to_read.jsonl'}")
+
+
+def kappa(a, b):
+    n = len(a)
+    if not n:
+        return None
+    po = sum(x == y for x, y in zip(a, b)) / n
+    pa, pb = sum(a) / n, sum(b) / n
+    pe = pa * pb + (1 - pa) * (1 - pb)
+    return round((po - pe) / (1 - pe), 3) if pe < 1 else None
+
+
+def score(args):
+    rs = results(args.results)
+    out = Path(args.out)
+    key = {o["id"]: o["key"] for o in map(json.loads, (out / "key.jsonl").read_text().splitlines())}
+    labels = {o["id"]: o for o in map(json.loads, (out / "labels.jsonl").read_text().splitlines())}
+    rows = []
+    for rid, lab in labels.items():
+        r = rs[key[rid]]
+        allowed = HARMFUL_LABELS if r["harmful"] else BENIGN_LABELS
+        if lab["label"] not in allowed:
+            raise SystemExit(f"{rid}: label {lab['label']!r} not in {sorted(allowed)}")
+        rows.append((r, lab))
+    per = defaultdict(Counter)
+    for r, lab in rows:
+        per[(r["defense"], "harmful" if r["harmful"] else "benign")][lab["label"]] += 1
+    report = {"n": len(rows), "by_defense": {f"{d}/{k}": dict(c) for (d, k), c in sorted(per.items())}}
+    harmful = [(r, lab) for r, lab in rows if r["harmful"]]
+    reader = [lab["label"] == "help" for _, lab in harmful]
+    for judge in ("harm", "llm"):
+        if harmful and judge in harmful[0][0]["verdicts"]:
+            pred = [bool(r["verdicts"][judge]["label"]) for r, _ in harmful]
+            tp = sum(p and y for p, y in zip(pred, reader))
+            report[f"{judge}_vs_reader_on_harmful"] = {
+                "n": len(pred), "reader_help": sum(reader), "judge_harmful": sum(pred), "both": tp,
+                "accuracy": round(sum(p == y for p, y in zip(pred, reader)) / len(pred), 3),
+                "recall": round(tp / sum(reader), 3) if sum(reader) else None,
+                "precision": round(tp / sum(pred), 3) if sum(pred) else None, "kappa": kappa(pred, reader)}
+    refusal_reader = [lab["label"] == "refusal" for _, lab in rows]
+    refusal_judge = [bool(r["verdicts"]["refusal"]["label"]) for r, _ in rows]
+    report["refusal_vs_reader"] = {"n": len(rows), "accuracy": round(
+        sum(a == b for a, b in zip(refusal_judge, refusal_reader)) / len(rows), 3), "kappa": kappa(refusal_judge, refusal_reader)}
+    print(json.dumps(report, indent=1))
+    (out / "agreement.json").write_text(json.dumps(report, indent=1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cmd", choices=["sample", "score"])
+    ap.add_argument("results")
+    ap.add_argument("out")
+    ap.add_argument("--per-cell", type=int, default=4)
+    ap.add_argument("--benign", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    sample(args) if args.cmd == "sample" else score(args)
+
+
+if __name__ == "__main__":
+    main()
