@@ -5,5 +5,16 @@ from .loop import Decoder, Generation
 from .rules import RULES, PaperRule, Rule, ThresholdRule, WeightedRule, make_rule
 from .trace import TokenStep, Trace
 
-__all__ = ["GenerationConfig", "Decoder", "Generation", "RULES", "Rule", "PaperRule",
-           "ThresholdRule", "WeightedRule", "make_rule", "TokenStep", "Trace"]
+__all__ = [
+           "RULES",
+           "Decoder",
+           "Generation",
+           "GenerationConfig",
+           "PaperRule",
+           "Rule",
+           "ThresholdRule",
+           "TokenStep",
+           "Trace",
+           "WeightedRule",
+           "make_rule",
+]

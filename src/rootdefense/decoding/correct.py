@@ -33,7 +33,7 @@ from transformers import DynamicCache
 from ..errors import InputError
 from .candidates import candidate_mask, keep_candidate
 from .config import GenerationConfig
-from .loop import Detokenizer, Generation, own_choice
+from .loop import Detokenizer, Generation, decode_timings, final_text, own_choice
 from .trace import TokenStep, Trace
 
 BASE, EXPERT = "__base__", "expert"
@@ -310,19 +310,10 @@ class CorrectingDecoder:
                 trace.finish_reason = "stop"
                 break
         elapsed = time.perf_counter() - t1
-        text = detok.text
-        if trace.finish_reason == "stop":
-            text = text[:min(text.find(x) for x in cfg.stop if x in text)]
-        trace.steps = st.steps
+        trace.steps, trace.events = st.steps, events
         stream.flush()
-        trace.events = events
-        n = len(st.tokens)
-        return Generation(
-            text=text, token_ids=list(st.tokens), trace=trace, prompt_tokens=prompt_len,
-            timings={"prefill_s": round(t_prefill, 4), "decode_s": round(elapsed, 4),
-                     "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 and n else None,
-                     "ms_per_token": round(1000 * elapsed / n, 2) if n else None},
-        )
+        return Generation(text=final_text(detok.text, trace, cfg), token_ids=list(st.tokens), trace=trace,
+                          prompt_tokens=prompt_len, timings=decode_timings(t_prefill, elapsed, len(st.tokens)))
 
     # ------------------------------------------------------------------ helpers
 

@@ -46,7 +46,7 @@ class Detokenizer:
 
     def piece(self, token_id: int) -> str:
         text = self.tok.decode(self.ids + [token_id], skip_special_tokens=True)
-        return text[len(self.text):] if text.startswith(self.text) else text
+        return text.removeprefix(self.text)
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
@@ -55,6 +55,20 @@ class Detokenizer:
             return ""
         piece, self.text = new[len(self.text):], new
         return piece
+
+
+def final_text(text: str, trace: Trace, cfg: GenerationConfig) -> str:
+    """The answer text, cut before the stop string when one ended it."""
+    if trace.finish_reason == "stop":
+        return text[:min(text.find(s) for s in cfg.stop if s in text)]
+    return text
+
+
+def decode_timings(prefill_s: float, decode_s: float, n: int) -> dict:
+    """The timings every decoder reports."""
+    return {"prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4),
+            "tokens_per_s": round(n / decode_s, 2) if decode_s > 0 and n else None,
+            "ms_per_token": round(1000 * decode_s / n, 2) if n else None}
 
 
 def own_choice(logprobs: torch.Tensor, cfg: GenerationConfig, rng) -> int:
@@ -160,14 +174,7 @@ class Decoder:
                 trace.finish_reason = "stop"
                 break
         elapsed = time.perf_counter() - t1
-        text = detok.text
-        if trace.finish_reason == "stop":
-            cut = min(text.find(s) for s in cfg.stop if s in text)
-            text = text[:cut]
-        n = len(generated)
         return Generation(
-            text=text, token_ids=generated, trace=trace, prompt_tokens=int(input_ids.shape[1]),
-            timings={"prefill_s": round(t_prefill, 4), "decode_s": round(elapsed, 4),
-                     "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 else None,
-                     "ms_per_token": round(1000 * elapsed / n, 2) if n else None},
+            text=final_text(detok.text, trace, cfg), token_ids=generated, trace=trace,
+            prompt_tokens=int(input_ids.shape[1]), timings=decode_timings(t_prefill, elapsed, len(generated)),
         )

@@ -57,7 +57,7 @@ class Trace:
         return {"summary": self.summary(), "steps": [s.to_dict() for s in self.steps], "events": self.events}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Trace":
+    def from_dict(cls, data: dict) -> Trace:
         steps = [TokenStep(**s) for s in data.get("steps", [])]
         return cls(steps=steps, finish_reason=data.get("summary", {}).get("finish_reason", "length"),
                    events=list(data.get("events", [])))

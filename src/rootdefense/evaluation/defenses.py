@@ -28,7 +28,7 @@ from transformers import DynamicCache
 
 from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings
 from ..decoding import Generation, GenerationConfig, TokenStep, Trace
-from ..decoding.loop import Detokenizer, own_choice
+from ..decoding.loop import Detokenizer, decode_timings, final_text, own_choice
 from ..errors import ExpertError, InputError, ProbeError
 from ..expert.adapter import EXPERT_ADAPTER, SharedExpert, attach_expert, expert_dir
 from ..models import encode_chat, normalize_messages
@@ -397,15 +397,10 @@ class SafeDecoder:
 
     def _result(self, state: _StepState, cfg: GenerationConfig, prompt_tokens: int,
                 t_prefill: float, elapsed: float) -> SafeDecodingGeneration:
-        text = state.detok.text
-        if state.trace.finish_reason == "stop":
-            text = text[:min(text.find(s) for s in cfg.stop if s in text)]
         n = len(state.generated)
         return SafeDecodingGeneration(
-            text=text, token_ids=state.generated, trace=state.trace, prompt_tokens=prompt_tokens,
-            timings={"prefill_s": round(t_prefill, 4), "decode_s": round(elapsed, 4),
-                     "tokens_per_s": round(n / elapsed, 2) if elapsed > 0 else None,
-                     "ms_per_token": round(1000 * elapsed / n, 2) if n else None},
+            text=final_text(state.detok.text, state.trace, cfg), token_ids=state.generated, trace=state.trace,
+            prompt_tokens=prompt_tokens, timings=decode_timings(t_prefill, elapsed, n),
             rule_steps=min(self.m, n),
         )
 
