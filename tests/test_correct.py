@@ -67,14 +67,14 @@ def test_without_a_flag_the_answer_is_the_undefended_one(setup):
     assert all(s.harm is not None for s in gen.trace.steps)
 
 
-def reference_steer(tok, folder, probe, ids, tau, n, expert_top=10, base_top=10, floor=-12.0):
+def reference_steer(tok, folder, probe, ids, tau, n, expert_top=10, base_top=10, floor=-12.0, use_expert=True):
     """Steering recomputed from scratch with two separate models and full forwards."""
     base, expert = independent_models(tok, folder)
     out = []
     for _ in range(n):
         seq = torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1) if out else ids
         lp_b = torch.log_softmax(base(input_ids=seq).logits[0, -1].float(), -1)
-        lp_e = torch.log_softmax(expert(input_ids=seq).logits[0, -1].float(), -1)
+        lp_e = torch.log_softmax(expert(input_ids=seq).logits[0, -1].float(), -1) if use_expert else lp_b
         own = int(torch.argmax(lp_b))
         pool = _union_pool(lp_e, lp_b, own, expert_top, base_top)
         harms = []
@@ -201,3 +201,27 @@ def test_steer_choice_prefers_safe_plausible_expert_tokens():
 def test_settings_are_checked(kwargs, needle):
     with pytest.raises(InputError, match=needle):
         CorrectionSettings(**kwargs).validate()
+
+
+@pytest.mark.parametrize("switch", ["use_expert", "recover", "guard"])
+@torch.no_grad()
+def test_each_part_can_be_turned_off(setup, switch, tiny_tokenizer):
+    """Ablations: no expert (steer among the base model's candidates, one row), no recovery
+    (steer from the flagged token on, nothing dropped), no guard."""
+    lm, expert, probe, ids, folder = setup
+    tau = min(0.999, max(1e-3, first_harm(lm, probe, ids) - 1e-4))
+    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, loop_repeats=99, **{switch: False}).generate(
+        ids, GenerationConfig(max_new_tokens=8))
+    ev = gen.trace.events[0]
+    if switch == "recover":
+        assert ev["type"] == "steer" and gen.trace.steps[0].source == "base"
+        assert gen.token_ids[0] == plain(lm, ids, 1).token_ids[0]  # the flagged token stays
+        assert {s.source for s in gen.trace.steps[1:]} == {"expert"}
+        assert gen.trace.summary()["flags"] == 1 and gen.trace.summary()["rollbacks"] == 0
+    else:
+        assert ev["reason"] == "harm" and ev["keep_tokens"] == 0
+        sources = {s.source for s in gen.trace.steps}
+        assert sources == ({"steered"} if switch == "use_expert" else {"expert"})
+        if switch == "use_expert":  # the base model's most probable candidate the probe passes
+            ref = reference_steer(tiny_tokenizer, folder, probe, ids, tau, len(gen.token_ids), use_expert=False)
+            assert gen.token_ids == ref

@@ -390,3 +390,13 @@ def test_rds_expert_needs_an_expert_for_this_model(lm, tok, rd_home):
     write_expert(tok, expert_dir(MODEL_ID), model_id="another-model")
     with pytest.raises(ExpertError, match="trained for model 'another-model'"):
         make_defense("rds-expert").setup(EvalContext(lm=lm))
+
+
+def test_rds_expert_settings_are_checked():
+    with pytest.raises(InputError, match="k <= window"):
+        make_defense("rds-expert", window=2, k=3)
+    with pytest.raises(InputError, match="rollback must be"):
+        make_defense("rds-expert", rollback="paragraph")
+    with pytest.raises(InputError, match=r"unknown correction setting\(s\) beam"):
+        api.DefenseSettings(defense="rds-expert", correction={"beam": 2})
+    assert make_defense("rds-expert", recover=False).options()["recover"] is False

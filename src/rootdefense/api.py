@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import paths
@@ -49,6 +49,7 @@ class DefenseSettings:
     expert: str | None = None  # rds-expert: adapter folder; default: the cached expert for the model
     rollback: str = "answer"  # rds-expert: restart the "answer" or the current "sentence"
     hold_back: int = 0  # rds-expert: tokens held back from streaming callers
+    correction: dict = field(default_factory=dict)  # rds-expert: more CorrectionSettings (window, k, ...)
 
     def __post_init__(self):
         if self.defense not in DEFENSES:
@@ -61,6 +62,11 @@ class DefenseSettings:
             raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
         if self.hold_back < 0:
             raise InputError(f"hold_back must be >= 0, got {self.hold_back}")
+        known = {f.name for f in fields(CorrectionSettings)} - {"tau", "rollback", "hold_back"}
+        unknown = sorted(set(self.correction) - known)
+        if unknown:
+            raise InputError(f"unknown correction setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
+        CorrectionSettings(**self.correction).validate()
 
 
 class Defender:
@@ -79,7 +85,8 @@ class Defender:
             probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
             probe.to(lm.device)
             self.expert = expert if expert is not None else attach_expert(lm, settings.expert)
-            cs = CorrectionSettings(tau=settings.tau, rollback=settings.rollback, hold_back=settings.hold_back)
+            cs = CorrectionSettings(tau=settings.tau, rollback=settings.rollback, hold_back=settings.hold_back,
+                                    **settings.correction)
             self.decoder = CorrectingDecoder(lm.model, lm.tokenizer, probe, self.expert, cs,
                                              eos_token_ids=lm.eos_token_ids)
             return

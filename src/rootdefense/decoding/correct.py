@@ -65,6 +65,10 @@ class CorrectionSettings:
     loop_ngram: int = 4
     loop_repeats: int = 3
     hold_back: int = 0
+    # ablation switches: each part can be turned off to measure what it adds
+    use_expert: bool = True  # off: steer with the base model's own candidates only
+    recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
+    guard: bool = True  # off: no plausibility floor, no loop stop
 
     def validate(self) -> None:
         if self.tau is not None and not 0 < self.tau < 1:
@@ -181,6 +185,7 @@ class CorrectingDecoder:
         self.tau = self.settings.tau if self.settings.tau is not None else probe.threshold
         self.eos = set(eos_token_ids or [])
         self.guard = DegenerationGuard(self.settings.loop_ngram, self.settings.loop_repeats)
+        self.rows = 2 if self.settings.use_expert else 1  # steered forwards: base (+ expert)
 
     def describe(self) -> dict:
         return {"rule": "correct", **self.settings.to_dict(), "tau": self.tau}
@@ -260,11 +265,12 @@ class CorrectingDecoder:
                 flagged = monitor.update(harm)
             else:
                 lp_b = torch.log_softmax(logits[0] / temp, dim=-1).cpu()
-                lp_e = torch.log_softmax(logits[1] / temp, dim=-1).cpu()
+                lp_e = torch.log_softmax(logits[1] / temp, dim=-1).cpu() if s.use_expert else lp_b
                 own = own_choice(lp_b, cfg, rng)
                 pool = _union_pool(lp_e, lp_b, own, s.expert_top, s.base_top)
-                step_logits, harms = self._candidates(cache, pool.to(device), prefix_len, rows=2)
-                j = _steer_choice(pool, lp_e, lp_b, harms, self.tau, s.min_base_logprob, rng)
+                step_logits, harms = self._candidates(cache, pool.to(device), prefix_len, rows=self.rows)
+                floor = s.min_base_logprob if s.guard else -math.inf
+                j = _steer_choice(pool, lp_e, lp_b, harms, self.tau, floor, rng)
                 keep_candidate(cache, prefix_len, len(pool), j)
                 token = int(pool[j])
                 own_j = (pool == own).nonzero()
@@ -275,12 +281,19 @@ class CorrectingDecoder:
                                  original_id=own, original=piece if original is None else original,
                                  original_prob=float(lp_b[own].exp()),
                                  original_harm=own_harm, replaced=token != own, candidates=len(pool),
-                                 source="expert")
+                                 source="expert" if s.use_expert else "steered")
                 logits = step_logits[:, j]
                 flagged = False
             st.tokens.append(token)
             st.steps.append(step)
-            if flagged and rollbacks < s.max_rollbacks:
+            if flagged and rollbacks < s.max_rollbacks and not s.recover:
+                events.append({"type": "steer", "reason": "harm", "at_token": len(st.tokens),
+                               "harms": [round(h, 4) for h in monitor.harms[-s.window:]]})
+                rollbacks += 1
+                st.mode, st.steer_from = "steer", len(st.tokens)
+                ids = torch.cat([input_ids, torch.tensor([st.tokens], dtype=input_ids.dtype, device=device)], 1)
+                cache, logits = self._prefill(ids, rows=self.rows)
+            elif flagged and rollbacks < s.max_rollbacks:
                 keep = self._rollback_point(st.tokens)
                 event = stream.rollback(
                     keep, reason="harm", at_token=len(st.tokens), harms=[round(h, 4) for h in monitor.harms[-s.window:]],
@@ -293,13 +306,13 @@ class CorrectingDecoder:
                 detok = _detok_of(self.tokenizer, st.tokens)
                 ids = torch.cat([input_ids, torch.tensor([st.tokens], dtype=input_ids.dtype, device=device)], 1) \
                     if st.tokens else input_ids
-                cache, logits = self._prefill(ids, rows=2)
+                cache, logits = self._prefill(ids, rows=self.rows)
                 continue
             stream.push(step, piece)
             if token in self.eos:
                 trace.finish_reason = "eos"
                 break
-            if st.mode == "steer" and self.guard.looping(st.tokens[st.steer_from:]):
+            if st.mode == "steer" and s.guard and self.guard.looping(st.tokens[st.steer_from:]):
                 cut = self._loop_start(st.tokens, st.steer_from)
                 events.append(stream.rollback(cut, reason="degeneration", at_token=len(st.tokens)))
                 st.tokens, st.steps = st.tokens[:cut], st.steps[:cut]

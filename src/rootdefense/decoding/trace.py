@@ -49,7 +49,9 @@ class Trace:
             "max_harm": max(harms) if harms else None,
             "mean_harm": sum(harms) / len(harms) if harms else None,
             "finish_reason": self.finish_reason,
-            "rollbacks": sum(e.get("reason") == "harm" for e in self.events),
+            "flags": sum(e.get("reason") == "harm" for e in self.events),
+            "rollbacks": sum(e.get("reason") == "harm" and e.get("type") in ("rollback", "correction")
+                             for e in self.events),
             "degeneration_stops": sum(e.get("reason") == "degeneration" for e in self.events),
         }
 

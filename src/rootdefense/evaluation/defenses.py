@@ -464,9 +464,13 @@ class RDSExpertDefense(DefenderDefense):
     name: ClassVar[str] = "rds-expert"
     description: ClassVar[str] = "RDS + safety expert + recovery (rollback, degeneration guard)"
 
-    def __init__(self, tau: float | None = None, rollback: str = "answer", expert: str | None = None) -> None:
+    def __init__(self, tau: float | None = None, rollback: str = "answer", expert: str | None = None,
+                 window: int = 8, k: int = 3, use_expert: bool = True, recover: bool = True,
+                 guard: bool = True) -> None:
         super().__init__()
-        self._settings = DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback, expert=expert)
+        self._settings = DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback, expert=expert,
+                                         correction={"window": window, "k": k, "use_expert": use_expert,
+                                                     "recover": recover, "guard": guard})
         self.expert_path = expert
 
     def settings(self) -> DefenseSettings:
@@ -484,7 +488,7 @@ class RDSExpertDefense(DefenderDefense):
 
     def options(self) -> dict:
         s = self._settings
-        return {"tau": s.tau, "rollback": s.rollback, "expert": s.expert}
+        return {"tau": s.tau, "rollback": s.rollback, "expert": s.expert, **s.correction}
 
     def describe(self) -> dict:
         out = super().describe()
