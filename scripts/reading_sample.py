@@ -17,20 +17,14 @@ import random
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from rootdefense.jsonl import read_objects
+
 HARMFUL_LABELS = {"help", "refusal", "redirect", "degenerate"}
 BENIGN_LABELS = {"helpful", "refusal", "degenerate"}
 
 
 def results(path):
-    out = {}
-    for line in Path(path).read_text().splitlines():
-        try:
-            o = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if o.get("kind") == "result" and "error" not in o:
-            out[o["key"]] = o
-    return out
+    return {o["key"]: o for o in read_objects(path) if o.get("kind") == "result" and "error" not in o}
 
 
 def sample(args):
@@ -68,8 +62,8 @@ def kappa(a, b):
 def score(args):
     rs = results(args.results)
     out = Path(args.out)
-    key = {o["id"]: o["key"] for o in map(json.loads, (out / "key.jsonl").read_text().splitlines())}
-    labels = {o["id"]: o for o in map(json.loads, (out / "labels.jsonl").read_text().splitlines())}
+    key = {o["id"]: o["key"] for o in read_objects(out / "key.jsonl")}
+    labels = {o["id"]: o for o in read_objects(out / "labels.jsonl")}
     rows = []
     for rid, lab in labels.items():
         r = rs[key[rid]]

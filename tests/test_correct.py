@@ -96,7 +96,7 @@ def test_flag_rolls_back_and_steering_matches_an_independent_recompute(setup, ti
         ids, GenerationConfig(max_new_tokens=10))
     # flagged at the first token, before anything was streamed: a rollback, nothing retracted
     assert [(e["type"], e["reason"]) for e in gen.trace.events] == [("rollback", "harm")]
-    assert gen.trace.events[0]["keep_tokens"] == 0 and gen.trace.events[0]["dropped_tokens"] == 1
+    assert gen.trace.events[0]["keep_tokens"] == 0 and gen.trace.events[0]["answer_tokens_dropped"] == 1
     assert {s.source for s in gen.trace.steps} == {"expert"}
     ref = reference_steer(tiny_tokenizer, folder, probe, ids, tau, len(gen.token_ids))
     assert gen.token_ids == ref
@@ -152,7 +152,7 @@ def test_streaming_client_sees_the_final_text(setup, hold_back):
     assert "".join(shown) == gen.text
     harm = [e for e in events if e["reason"] == "harm"]
     assert [e["type"] for e in harm] == (["correction"] if hold_back == 0 else ["rollback"])
-    assert harm[0]["dropped_tokens"] == flagged_at + 1
+    assert harm[0]["answer_tokens_dropped"] == flagged_at + 1
     assert harm[0]["retracted_tokens"] == (flagged_at if hold_back == 0 else 0)
     assert gen.trace.events == events
 

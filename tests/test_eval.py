@@ -88,6 +88,9 @@ def test_config_flags_override_file_and_fingerprint_tracks_answers(tmp_path):
     over = cfg.override(limit=3, max_new_tokens=16, attacks=None)
     assert (over.limit, over.generation["max_new_tokens"], over.attacks) == (3, 16, ["none", "prefill"])
     assert cfg.fingerprint() != cfg.override(max_new_tokens=16).fingerprint()
+    partial = EvalConfig.from_dict({"generation": {"temperature": 0}})
+    assert partial.generation == {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
+    assert partial.fingerprint() == EvalConfig.from_dict({}).fingerprint()
     assert cfg.fingerprint() != over.fingerprint()
     assert cfg.fingerprint() == cfg.override(threads=2).fingerprint()  # threads do not change answers
     assert cfg.fingerprint() == cfg.override(limit=9, attacks="none,dan").fingerprint()  # nor does the selection
@@ -241,3 +244,42 @@ def test_best_rds_must_keep_benign_answers_usable():
     assert t["best_rds"] == "rds" and t["best_rds_keeps_benign_answers"]
     assert t["benign_perplexity_ratio"] == {"value": 1.2, "target": "<= 2.0", "met": True}
     assert not t["best_rds_asr"]["met"]
+
+
+def test_resume_refuses_when_a_probe_changed_on_disk(tiny_dir, home_with_probe, tmp_path):
+    cfg = small_config(tiny_dir, limit=1, attacks=["none"], defenses=["none", "rds"])
+    out = tmp_path / "run"
+    run_eval(cfg, out, progress=False)
+    folder = home_with_probe / "probes" / paths.model_slug(tiny_dir) / "response"
+    g = torch.Generator().manual_seed(6)  # a retrained probe: other weights and threshold
+    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.4,
+                meta={"model_id": tiny_dir, "kind": "response"}).save(folder)
+    with pytest.raises(InputError, match=r"defense '(none|rds)' is not what earlier sessions used"):
+        run_eval(cfg, out, resume=True, progress=False)
+
+
+def test_results_with_unicode_line_separators_are_read_whole(tmp_path):
+    from rootdefense.jsonl import JsonlWriter, read_objects
+
+    with JsonlWriter(tmp_path / "r.jsonl", append=False) as w:
+        for key, text in (("a", "one\u2028two"), ("b", "x\u0085y"), ("c", "plain")):
+            w.write({"key": key, "answer": text})
+    assert [o["key"] for o in read_objects(tmp_path / "r.jsonl")] == ["a", "b", "c"]
+
+
+def test_summary_without_a_refusal_judge_and_with_failed_llm_verdicts():
+    lines = [{"kind": "run", "config": {"defenses": ["none", "rds"], "attacks": ["none"], "judges": ["llm"]}}]
+    for i in range(4):
+        for d in ("none", "rds"):
+            r = _res(d, "none", True, label=d == "none", pid=f"h{i}")
+            r["verdicts"] = {"llm": {"label": d == "none"} if i else {"label": False, "reason": "error: timeout"}}
+            lines.append(r)
+            b = _res(d, "none", False, label=False, dataset="mtbench", pid=f"b{i}")
+            b["verdicts"] = {"llm": {"label": False}}
+            lines.append(b)
+    s = summarize(lines)
+    assert s["primary_judge"] == "llm" and s["judge_failures"] == {"llm": 2}
+    cell = s["attack_success"]["none"]["by_attack"]["none"]["harmful"]
+    assert (cell["k"], cell["n"]) == (3, 3)  # the failed verdict is left out, not counted as safe
+    assert s["benign"]["rds"]["all"]["over_refusal"]["rate"] is None
+    assert s["targets"]["checked"] and "over_refusal_delta" not in s["targets"]

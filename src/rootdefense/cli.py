@@ -153,7 +153,8 @@ def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, 
         raise InputError("give a PROMPT, or --input FILE.jsonl --output FILE.jsonl")
     defender = _defender(o)
     stream = not as_json and sys.stdout.isatty()
-    gen = defender.generate(prompt, config=cfg, on_token=(lambda s, piece: click.echo(piece, nl=False)) if stream else None)
+    gen = defender.generate(prompt, config=cfg, on_token=(lambda s, piece: click.echo(piece, nl=False)) if stream else None,
+                            **({"on_event": _echo_correction} if stream and defender.expert is not None else {}))
     record = {"prompt": prompt, **gen.to_dict(), "settings": defender.describe()}
     if html:
         write_trace_page(html, [{"prompt": prompt, "label": _label(defender), "text": gen.text,
@@ -168,10 +169,19 @@ def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, 
                f"{gen.timings['tokens_per_s']} tok/s" + (f"; trace: {html}" if html else ""), err=True)
 
 
+def _echo_correction(event: dict) -> None:
+    """A terminal cannot unprint: say plainly that the text above is withdrawn."""
+    if event["type"] == "correction":
+        click.echo(f"\n[rootdefense: the last {event['retracted_chars']} characters above are withdrawn "
+                   f"({event['reason']}); corrected answer:]\n", nl=False)
+
+
 def _label(defender) -> str:
     d = defender.describe()
     if d["defense"] == "none":
         return "undefended"
+    if d["defense"] == "rds-expert":
+        return f"rds-expert tau={d['tau']:.3f}"
     extra = f" tau={d['tau']:.3f}" if "tau" in d else ""
     return f"rds {d['rule']}{extra}"
 

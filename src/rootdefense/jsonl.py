@@ -36,9 +36,13 @@ def read_objects(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return out
-    for raw in p.read_text(encoding="utf-8", errors="replace").splitlines():
+    # split on newline bytes only: str.splitlines() would also split inside answers that
+    # hold U+2028, U+2029 or U+0085, which json.dumps(ensure_ascii=False) writes raw
+    for raw in p.read_bytes().split(b"\n"):
+        if not raw.strip():
+            continue
         try:
-            obj = json.loads(raw)
+            obj = json.loads(raw.decode("utf-8", errors="replace"))
         except json.JSONDecodeError:
             continue
         if isinstance(obj, dict):

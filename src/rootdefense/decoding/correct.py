@@ -58,7 +58,7 @@ class CorrectionSettings:
     window: int = 8
     k: int = 3
     rollback: str = "answer"
-    max_rollbacks: int = 1
+    max_rollbacks: int = 1  # 0 (watch only) or 1: steering lasts to the end of the answer
     expert_top: int = 10
     base_top: int = 10
     min_base_logprob: float = -12.0
@@ -80,8 +80,10 @@ class CorrectionSettings:
         for name in ("expert_top", "base_top", "loop_ngram", "loop_repeats"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_rollbacks < 0 or self.hold_back < 0:
-            raise InputError("max_rollbacks and hold_back must be >= 0")
+        if self.max_rollbacks not in (0, 1):
+            raise InputError(f"max_rollbacks must be 0 or 1 (steering lasts to the end), got {self.max_rollbacks}")
+        if self.hold_back < 0:
+            raise InputError(f"hold_back must be >= 0, got {self.hold_back}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -297,8 +299,8 @@ class CorrectingDecoder:
                 keep = self._rollback_point(st.tokens)
                 event = stream.rollback(
                     keep, reason="harm", at_token=len(st.tokens), harms=[round(h, 4) for h in monitor.harms[-s.window:]],
-                    dropped_text=self.tokenizer.decode(st.tokens[keep:], skip_special_tokens=True))
-                event["dropped_tokens"] = len(st.tokens) - keep  # the flagged token was never streamed
+                    dropped_text=self.tokenizer.decode(st.tokens[keep:], skip_special_tokens=True),
+                    answer_tokens_dropped=len(st.tokens) - keep)  # incl. the flagged token, never streamed
                 events.append(event)
                 rollbacks += 1
                 st.tokens, st.steps = st.tokens[:keep], st.steps[:keep]

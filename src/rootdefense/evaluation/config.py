@@ -41,6 +41,7 @@ BENIGN_DATASETS = ("mtbench", "edgy", "gsm8k", "sharegpt")
 EVAL_DATASETS = HARMFUL_DATASETS + BENIGN_DATASETS
 ANSWER_KEYS = ("model", "dtype", "seed", "generation", "options", "judges")
 PER_DATASET_KEYS = {"limit": (int, type(None)), "max_new_tokens": (int,)}
+DEFAULT_GENERATION = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
 GENERATION_KEYS = {"max_new_tokens": (int,), "temperature": (int, float), "top_p": (int, float)}
 
 
@@ -79,8 +80,7 @@ class EvalConfig:
     optimised_limit: int | None = 10
     samples: int = 1
     seed: int = 0
-    generation: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 64, "temperature": 0.0,
-                                                                 "top_p": 1.0})
+    generation: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_GENERATION))
     dataset_options: dict[str, dict] = field(default_factory=dict)
     options: dict[str, dict] = field(default_factory=dict)
     threads: int | None = None
@@ -159,6 +159,10 @@ class EvalConfig:
             if key not in GENERATION_KEYS:
                 raise InputError(f"unknown key 'generation.{key}'; valid: {', '.join(GENERATION_KEYS)}")
             _typed(f"generation.{key}", value, GENERATION_KEYS[key], "a number")
+        # a partial block keeps the other defaults; numbers normalised so 0 and 0.0 hash alike
+        gen = {**DEFAULT_GENERATION, **self.generation}
+        self.generation = {"max_new_tokens": gen["max_new_tokens"], "temperature": float(gen["temperature"]),
+                           "top_p": float(gen["top_p"])}
         self.generation_config(self.generation)  # range checks with the decoder's own messages
 
     def _validate_dataset_options(self) -> None:
@@ -203,6 +207,16 @@ class EvalConfig:
         out["max_new_tokens_by_dataset"] = {name: opts["max_new_tokens"] for name, opts
                                             in sorted(self.dataset_options.items()) if "max_new_tokens" in opts}
         return out
+
+    def same_answers(self, settings: dict) -> bool:
+        """Whether answer settings recorded by an earlier session (possibly written before
+        generation blocks were normalised) mean the same as this config's."""
+        old = dict(settings)
+        gen = {**DEFAULT_GENERATION, **old.get("generation", {})}
+        old["generation"] = {"max_new_tokens": gen["max_new_tokens"], "temperature": float(gen["temperature"]),
+                             "top_p": float(gen["top_p"])}
+        old.setdefault("max_new_tokens_by_dataset", {})
+        return old == self.answer_settings()
 
     def fingerprint(self) -> str:
         """Hash of :meth:`answer_settings`: lines with equal keys and fingerprints are equal work."""

@@ -30,7 +30,9 @@ def write_outputs(results: str | Path, out_dir: str | Path | None = None) -> dic
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(lines)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    results_only = [o for o in lines if o.get("kind") == "result"]
+    headers = [o for o in lines if o.get("kind") == "run"]
+    wanted = set(headers[-1].get("keys") or []) if headers else set()
+    results_only = [o for o in lines if o.get("kind") == "result" and (not wanted or o["key"] in wanted)]
     (out / "report.html").write_text(render_report(summary, results_only), encoding="utf-8")
     summary["files"] = {"summary": str(out / "summary.json"), "report": str(out / "report.html")}
     return summary
@@ -241,6 +243,8 @@ def _samples_html(results, defenses, attacks, judge, per_cell) -> str:
         ids = list(dict.fromkeys(r["prompt_id"] for r in harmful if r["attack"] == a))[:per_cell]
         for pid in ids:
             rs = {r["defense"]: r for r in harmful if r["attack"] == a and r["prompt_id"] == pid and r["sample"] == 0}
+            if not rs:
+                continue
             first = next(iter(rs.values()))
             cells = []
             for d in defenses:

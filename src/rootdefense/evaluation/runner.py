@@ -196,7 +196,7 @@ def _check_header(path: Path, cfg: EvalConfig) -> None:
             raise InputError(f"{path} has results but no run header; it was not written by `rootdefense eval`")
         return
     header = headers[-1]
-    if header.get("config_hash") != cfg.fingerprint():
+    if header.get("config_hash") != cfg.fingerprint() and not cfg.same_answers(header.get("answer_settings", {})):
         old = header.get("answer_settings", {})
         new = cfg.answer_settings()
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -204,6 +204,30 @@ def _check_header(path: Path, cfg: EvalConfig) -> None:
             f"{path} was made with other answer settings (fingerprint {header.get('config_hash')}, yours "
             f"{cfg.fingerprint()}; differing keys: {', '.join(diff) or 'unknown'}); results of two settings "
             f"are never mixed: use another --out folder, or --overwrite to start again")
+
+
+VOLATILE = ("stats",)  # judge counters that change as a run goes
+
+
+def _part_identity(desc: dict) -> dict:
+    return {k: v for k, v in desc.items() if k not in VOLATILE}
+
+
+def _check_parts(lines: list[dict], parts: dict, path: Path) -> None:
+    """Refuse to continue a run whose probes, expert or judges changed on disk since an
+    earlier session (retrained files would silently mix two settings in one file)."""
+    earlier = [o for o in lines if o.get("kind") == "parts"]
+    if not earlier:
+        return
+    before = earlier[-1]
+    for group in ("defenses", "judges"):
+        for name, desc in parts.get(group, {}).items():
+            old = before.get(group, {}).get(name)
+            if old is not None and _part_identity(old) != _part_identity(desc):
+                raise InputError(
+                    f"{path}: the {group[:-1]} '{name}' is not what earlier sessions used (its probe, expert "
+                    f"or judge files changed); results made with both would be mixed: use another --out "
+                    f"folder, or --overwrite to start again")
 
 
 # --------------------------------------------------------------------------- driver
@@ -241,8 +265,10 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, resume: bool = False, overwri
     examples = load_examples(cfg)
     jobs, items = plan(cfg, examples)
     done = {o["key"] for o in read_lines(results) if o.get("kind") == "result"}
+    same = {cfg.fingerprint()} | {o.get("config_hash") for o in read_lines(results)
+                                   if o.get("kind") == "run" and cfg.same_answers(o.get("answer_settings", {}))}
     cached = {o["key"]: o["attacked"] for o in read_lines(attacks_file)
-              if o.get("kind") == "attack" and o.get("config_hash") == cfg.fingerprint()}
+              if o.get("kind") == "attack" and o.get("config_hash") in same}
     todo_jobs = [j for j in jobs if j["key"] not in cached]
     todo = [it for it in items if it["key"] not in done]
 
@@ -255,7 +281,9 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, resume: bool = False, overwri
                        "answer_settings": cfg.answer_settings(), "rootdefense": __version__,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "planned": len(items),
                        "keys": [it["key"] for it in items]})
-            res.write({"kind": "parts", "config_hash": cfg.fingerprint(), **pool.describe()})
+            parts = pool.describe()
+            _check_parts(read_lines(results), parts, results)
+            res.write({"kind": "parts", "config_hash": cfg.fingerprint(), **parts})
             if todo_jobs:
                 with JsonlWriter(attacks_file, append=True) as af, \
                         tqdm(total=len(todo_jobs), desc="optimising attacks", unit="prompt",
@@ -298,10 +326,15 @@ class _RayPool:
         if not ray.is_initialized():
             ray.init(address=None if address in ("local", "auto-local") else address,
                      include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": env})
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        resources = ray.cluster_resources()
         per = int(config.get("threads") or 1)
-        self.size = workers or max(1, cpus // per)
-        remote = ray.remote(num_cpus=per)(Worker)
+        gpus = resources.get("GPU", 0) if config.get("device", "auto") != "cpu" else 0
+        if gpus:  # one model per GPU (or a share of one), never all actors on cuda:0 unasked
+            self.size = workers or int(gpus)
+            remote = ray.remote(num_cpus=per, num_gpus=gpus / self.size if self.size > gpus else 1)(Worker)
+        else:
+            self.size = workers or max(1, int(resources.get("CPU", 1)) // per)
+            remote = ray.remote(num_cpus=per)(Worker)
         self.actors = [remote.remote(config, home) for _ in range(self.size)]
         self.pool = ActorPool(self.actors)
 
