@@ -242,6 +242,13 @@ def shared_expert(ctx: EvalContext, folder: str | Path | None = None) -> SharedE
     return expert
 
 
+def expert_identity(expert: SharedExpert) -> dict:
+    """What names an expert's files in a run's records (retraining changes ``train``)."""
+    meta = expert.info.meta
+    return {"path": str(expert.info.path), "model_id": meta.get("model_id"), "spec": meta.get("spec"),
+            "train": meta.get("train")}
+
+
 def release_expert(ctx: EvalContext) -> None:
     """Take the expert's layers out of the shared model again (the plain model is back)."""
     expert = ctx.cache.pop(EXPERT_CACHE_KEY, None)
@@ -448,9 +455,7 @@ class SafeDecodingDefense(Defense):
     def describe(self) -> dict:
         out: dict[str, Any] = {"name": self.name, "settings": {"m": self.m, "alpha": self.alpha, "c": self.c}}
         if self._expert is not None:
-            meta = self._expert.info.meta
-            out["expert"] = {"path": str(self._expert.info.path), "model_id": meta.get("model_id"),
-                             "spec": meta.get("spec")}
+            out["expert"] = expert_identity(self._expert)
         return out
 
 
@@ -494,6 +499,7 @@ class RDSExpertDefense(DefenderDefense):
         out = super().describe()
         if self._defender is not None:
             out["correction"] = self._defender.decoder.describe()
+            out["expert"] = expert_identity(self._defender.expert)
         return out
 
 

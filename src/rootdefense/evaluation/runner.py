@@ -206,28 +206,38 @@ def _check_header(path: Path, cfg: EvalConfig) -> None:
             f"are never mixed: use another --out folder, or --overwrite to start again")
 
 
-VOLATILE = ("stats",)  # judge counters that change as a run goes
+IDENTITY = ("probe", "expert")  # what names a defense's files (settings are covered by the fingerprint)
 
 
-def _part_identity(desc: dict) -> dict:
-    return {k: v for k, v in desc.items() if k not in VOLATILE}
+def _differs(old, new) -> bool:
+    """Compare on the keys both sides have (older sessions may record fewer)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return any(_differs(old[k], new[k]) for k in set(old) & set(new))
+    return old != new
 
 
 def _check_parts(lines: list[dict], parts: dict, path: Path) -> None:
-    """Refuse to continue a run whose probes, expert or judges changed on disk since an
-    earlier session (retrained files would silently mix two settings in one file)."""
+    """Refuse to continue a run whose probes, expert or judge files changed since an earlier
+    session (retrained files would silently mix two settings in one results file)."""
     earlier = [o for o in lines if o.get("kind") == "parts"]
     if not earlier:
         return
     before = earlier[-1]
-    for group in ("defenses", "judges"):
-        for name, desc in parts.get(group, {}).items():
-            old = before.get(group, {}).get(name)
-            if old is not None and _part_identity(old) != _part_identity(desc):
-                raise InputError(
-                    f"{path}: the {group[:-1]} '{name}' is not what earlier sessions used (its probe, expert "
-                    f"or judge files changed); results made with both would be mixed: use another --out "
-                    f"folder, or --overwrite to start again")
+    changed = []
+    for name, desc in parts.get("defenses", {}).items():
+        old = before.get("defenses", {}).get(name, {})
+        if _differs({k: old.get(k) for k in IDENTITY if k in old}, {k: desc.get(k) for k in IDENTITY if k in old}):
+            changed.append(f"defense '{name}'")
+    for name, desc in parts.get("judges", {}).items():
+        old = before.get("judges", {}).get(name)
+        if old is not None and _differs({k: v for k, v in old.items() if k != "stats"},
+                                        {k: v for k, v in desc.items() if k != "stats"}):
+            changed.append(f"judge '{name}'")
+    if changed:
+        raise InputError(
+            f"{path}: the {', '.join(changed)} is not what earlier sessions used (its probe, expert or judge "
+            f"files changed); results made with both would be mixed: use another --out folder, or "
+            f"--overwrite to start again")
 
 
 # --------------------------------------------------------------------------- driver
