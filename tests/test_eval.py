@@ -283,3 +283,27 @@ def test_summary_without_a_refusal_judge_and_with_failed_llm_verdicts():
     assert (cell["k"], cell["n"]) == (3, 3)  # the failed verdict is left out, not counted as safe
     assert s["benign"]["rds"]["all"]["over_refusal"]["rate"] is None
     assert s["targets"]["checked"] and "over_refusal_delta" not in s["targets"]
+
+
+def test_judge_apply_rejudges_stored_answers(tiny_dir, home_with_probe, tmp_path):
+    cfg = small_config(tiny_dir, limit=1, attacks=["none"], defenses=["none"], judges=["refusal"])
+    run_eval(cfg, tmp_path / "a", progress=False)
+    lines = read_lines(tmp_path / "a" / "results.jsonl")
+    for o in lines:  # drop the stored verdicts, so that apply must recompute them
+        if o["kind"] == "result":
+            o["verdicts"] = {}
+    (tmp_path / "a" / "results.jsonl").write_text("".join(json.dumps(o) + "\n" for o in lines))
+    (tmp_path / "b").mkdir()
+    r = CliRunner().invoke(cli, ["judge", "apply", str(tmp_path / "a" / "results.jsonl"), "--judges", "refusal",
+                                 "--out", str(tmp_path / "b" / "results.jsonl")])
+    assert r.exit_code == 0, r.output
+    again = read_lines(tmp_path / "b" / "results.jsonl")
+    assert all("refusal" in o["verdicts"] for o in again if o["kind"] == "result")
+    assert (tmp_path / "b" / "report.html").exists()
+    # the re-judged file continues as a run with the same settings: nothing left to do
+    summary = run_eval(cfg, tmp_path / "b", resume=True, progress=False)
+    session = [o for o in read_lines(tmp_path / "b" / "results.jsonl") if o["kind"] == "session"][-1]
+    assert session["items"] == 0 and summary["run"]["results"] == 2
+    r = CliRunner().invoke(cli, ["judge", "apply", str(tmp_path / "a" / "results.jsonl"), "--judges", "nope",
+                                 "--out", str(tmp_path / "c.jsonl")])
+    assert r.exit_code == 2 and "valid: refusal" in r.output

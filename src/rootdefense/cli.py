@@ -442,6 +442,26 @@ def judge_train(force):
     click.echo(json.dumps({"saved": str(folder), "metrics": metrics}, indent=2))
 
 
+@judge.command("apply")
+@click.argument("results", type=click.Path(dir_okay=False))
+@click.option("--judges", "names", default="harm", show_default=True, help="comma-separated judges to (re)run")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True,
+              help="the re-judged results file (its folder gets summary.json and report.html)")
+def judge_apply(results, names, out_path):
+    """Judge a finished run's answers again (new or retrained judges); nothing is regenerated."""
+    from .evaluation import write_outputs
+    from .evaluation.judges import JUDGES
+    from .evaluation.rejudge import rejudge
+
+    chosen = _csv(names) or []
+    unknown = [n for n in chosen if n not in JUDGES]
+    if unknown or not chosen:
+        raise InputError(f"unknown judge name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"valid: {', '.join(JUDGES)}")
+    path = rejudge(results, chosen, out_path)
+    _print_summary(write_outputs(path))
+
+
 def main():
     cli(prog_name="rootdefense")
 
