@@ -33,7 +33,14 @@ from transformers import DynamicCache
 from ..errors import InputError
 from .candidates import candidate_mask, keep_candidate
 from .config import GenerationConfig
-from .loop import Detokenizer, Generation, decode_timings, final_text, own_choice
+from .loop import (
+    Detokenizer,
+    Generation,
+    decode_timings,
+    final_text,
+    own_choice,
+    sampling_rng,
+)
 from .trace import TokenStep, Trace
 
 BASE, EXPERT = "__base__", "expert"
@@ -234,10 +241,7 @@ class CorrectingDecoder:
         s = self.settings
         device = next(self.model.parameters()).device
         input_ids = input_ids.to(device)
-        rng = None
-        if not cfg.greedy:
-            rng = torch.Generator(device="cpu")
-            rng.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        rng = sampling_rng(cfg)
         prompt_len = int(input_ids.shape[1])
         t0 = time.perf_counter()
         cache, logits = self._prefill(input_ids, rows=1)

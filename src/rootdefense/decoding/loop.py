@@ -71,6 +71,15 @@ def decode_timings(prefill_s: float, decode_s: float, n: int) -> dict:
             "ms_per_token": round(1000 * decode_s / n, 2) if n else None}
 
 
+def sampling_rng(cfg: GenerationConfig) -> torch.Generator | None:
+    """The generator every decoder samples with (seeded by the config); None when greedy."""
+    if cfg.greedy:
+        return None
+    rng = torch.Generator(device="cpu")
+    rng.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    return rng
+
+
 def own_choice(logprobs: torch.Tensor, cfg: GenerationConfig, rng) -> int:
     """The token the undefended model emits: argmax, or a sample with top-p."""
     if cfg.greedy:
@@ -119,10 +128,7 @@ class Decoder:
         """``input_ids``: (1, T) prompt. ``on_token(step, piece)`` is called per token."""
         device = next(self.model.parameters()).device
         input_ids = input_ids.to(device)
-        rng = None
-        if not cfg.greedy:
-            rng = torch.Generator(device="cpu")
-            rng.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        rng = sampling_rng(cfg)
         layer = self.probe.layer if self.probe is not None else None
         cache = DynamicCache(config=self.model.config)
         t0 = time.perf_counter()

@@ -28,7 +28,13 @@ from transformers import DynamicCache
 
 from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings
 from ..decoding import Generation, GenerationConfig, TokenStep, Trace
-from ..decoding.loop import Detokenizer, decode_timings, final_text, own_choice
+from ..decoding.loop import (
+    Detokenizer,
+    decode_timings,
+    final_text,
+    own_choice,
+    sampling_rng,
+)
 from ..errors import ExpertError, InputError, ProbeError
 from ..expert.adapter import EXPERT_ADAPTER, SharedExpert, attach_expert, expert_dir
 from ..models import encode_chat, normalize_messages
@@ -44,15 +50,6 @@ def _with_total(run: Callable[[], Generation]) -> Generation:
     gen = run()
     gen.timings["total_s"] = round(time.perf_counter() - t0, 4)
     return gen
-
-
-def _rng(cfg: GenerationConfig) -> torch.Generator | None:
-    """The sampling generator, seeded as the Decoder seeds it; None when greedy."""
-    if cfg.greedy:
-        return None
-    rng = torch.Generator(device="cpu")
-    rng.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    return rng
 
 
 def _probe_info(probe: LinearProbe | None) -> dict | None:
@@ -382,7 +379,7 @@ class SafeDecoder:
         """``input_ids``: (1, T) prompt. ``on_token(step, piece)`` is called per token."""
         device = next(self.base.parameters()).device
         input_ids = input_ids.to(device)
-        rng = _rng(cfg)
+        rng = sampling_rng(cfg)
         cache = DynamicCache(config=self.base.config)
         t0 = time.perf_counter()
         logits = self._forward(input_ids, cache, mixed=self.m > 0)
