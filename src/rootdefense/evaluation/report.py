@@ -72,7 +72,9 @@ def _bars(title: str, groups: list[str], series: dict[str, list], unit: str = "%
     h, pad, n_s = 220, 40, max(1, len(series))
     gw = (width - pad - 10) / max(1, len(groups))
     bw = max(3.0, (gw - 8) / n_s)
-    parts = [f'<svg width="{width}" height="{h + 70}" role="img" aria-label="{_e(title)}">',
+    per_row = max(1, (width - pad) // 120)
+    legend_rows = (len(series) + per_row - 1) // per_row
+    parts = [f'<svg width="{width}" height="{h + 60 + 16 * legend_rows}" role="img" aria-label="{_e(title)}">',
              f'<text x="{pad}" y="14" class="t">{_e(title)}</text>']
     for frac in (0, 0.25, 0.5, 0.75, 1.0):
         y = 20 + h - frac * h
@@ -92,14 +94,14 @@ def _bars(title: str, groups: list[str], series: dict[str, list], unit: str = "%
                          f'{text}</title></rect>')
         parts.append(f'<text x="{x0 + gw / 2 - 4:.1f}" y="{h + 36}" class="ax" text-anchor="middle">{_e(g)}</text>')
     for si, name in enumerate(series):
-        parts.append(f'<rect x="{pad + si * 120}" y="{h + 50}" width="10" height="10" '
-                     f'fill="{PALETTE[si % len(PALETTE)]}"/><text x="{pad + si * 120 + 14}" y="{h + 59}" '
-                     f'class="ax">{_e(name)}</text>')
+        lx, ly = pad + (si % per_row) * 120, h + 50 + 16 * (si // per_row)
+        parts.append(f'<rect x="{lx}" y="{ly}" width="10" height="10" fill="{PALETTE[si % len(PALETTE)]}"/>'
+                     f'<text x="{lx + 14}" y="{ly + 9}" class="ax">{_e(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
 
-def _scatter(points: dict[str, tuple], width: int = 420, height: int = 320) -> str:
+def _scatter(points: dict[str, tuple], width: int = 560, height: int = 340) -> str:
     """Attack success (y) against over-refusal (x), one dot per defense: lower-left is better."""
     pts = {k: v for k, v in points.items() if None not in v}
     if not pts:
@@ -118,11 +120,16 @@ def _scatter(points: dict[str, tuple], width: int = 420, height: int = 320) -> s
         parts.append(f'<text x="{pad - 4}" y="{20 + h - frac * h + 4}" class="ax" text-anchor="end">{100 * frac:.0f}%</text>'
                      f'<text x="{pad + frac * w}" y="{20 + h + 14}" class="ax" text-anchor="middle">'
                      f'{100 * frac * xmax:.0f}%</text>')
+    placed: list[tuple[float, float]] = []
     for i, (name, (x, y)) in enumerate(pts.items()):
         cx, cy = pad + w * x / xmax, 20 + h - h * y
+        lx, ly = cx + 8, cy - 6
+        while any(abs(ly - py) < 12 and abs(lx - px) < 90 for px, py in placed):
+            ly -= 12  # stack labels of points that sit together
+        placed.append((lx, ly))
         parts.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{PALETTE[i % len(PALETTE)]}">'
                      f'<title>{_e(name)}: attack success {_pct(y)}, over-refusal {_pct(x)}</title></circle>'
-                     f'<text x="{cx + 8:.1f}" y="{cy - 6:.1f}" class="ax">{_e(name)}</text>')
+                     f'<text x="{lx:.1f}" y="{ly:.1f}" class="ax" fill="{PALETTE[i % len(PALETTE)]}">{_e(name)}</text>')
     parts.append("</svg>")
     return "".join(parts)
 
