@@ -165,6 +165,7 @@ def test_report_is_rebuilt_from_results_alone(tiny_dir, home_with_probe, tmp_pat
     assert rebuilt == first
     page = (elsewhere / "report.html").read_text()
     assert "Attack success" in page and "Helpfulness" in page and "Speed" in page
+    assert "Data sources" in page and "pyrit==1.1.0" in page and "MIT" in page  # AdvBench, named with its licence
     with pytest.raises(InputError, match="holds no result lines"):
         (tmp_path / "empty.jsonl").write_text("")
         write_outputs(tmp_path / "empty.jsonl")

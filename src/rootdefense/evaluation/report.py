@@ -211,6 +211,7 @@ def render_report(s: dict, results: list[dict], samples_per_cell: int = 2) -> st
                           {d: [s["speed"][d].get(k, {}).get("ms_per_token_median") for k in ("harmful", "benign")]
                            for d in s["speed"]}, unit="ms"))
 
+    sections.append(_sources_html(cfg.get("datasets", []), s.get("attack_settings", {})))
     sections.append(_judges_html(s.get("judges", {})))
     sections.append(_samples_html(results, defenses, attacks, judge, samples_per_cell))
     if s.get("errors"):
@@ -231,6 +232,21 @@ def _targets_html(t: dict) -> str:
     extra = f"<p>adaptive attack against {_e(t['best_rds'])}: {_pct(adaptive['rate'])} ({adaptive['k']}/{adaptive['n']})</p>" \
         if adaptive else ""
     return f"<h2>Targets (best RDS defense: {_e(t['best_rds'])})</h2>" + _table(["check", "value", "target", ""], rows) + extra
+
+
+def _sources_html(datasets: list[str], attacks: dict) -> str:
+    """Where every prompt and template came from, with its licence."""
+    from ..data import DATASETS
+
+    rows = [[_e(n), _e(DATASETS[n].package or "rootdefense"), _e(DATASETS[n].path), _e(DATASETS[n].licence)]
+            for n in datasets if n in DATASETS]
+    for name, d in attacks.items():
+        src = d.get("source") or {}
+        if isinstance(src, dict) and src.get("package"):
+            rows.append([f"attack {_e(name)}", _e(src["package"]), _e(src.get("file", "")), _e(d.get("licence", ""))])
+    if not rows:
+        return ""
+    return "<h2>Data sources (read from installed packages)</h2>" + _table(["data", "package", "file", "licence"], rows)
 
 
 def _judges_html(judges: dict) -> str:
