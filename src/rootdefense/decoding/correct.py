@@ -37,6 +37,7 @@ from .loop import (
     Detokenizer,
     Generation,
     decode_timings,
+    end_reason,
     final_text,
     own_choice,
     sampling_rng,
@@ -315,8 +316,9 @@ class CorrectingDecoder:
                 cache, logits = self._prefill(ids, rows=self.rows)
                 continue
             stream.push(step, piece)
-            if token in self.eos:
-                trace.finish_reason = "eos"
+            reason = end_reason(token, self.eos, detok.text, cfg)
+            if reason == "eos":
+                trace.finish_reason = reason
                 break
             if st.mode == "steer" and s.guard and self.guard.looping(st.tokens[st.steer_from:]):
                 cut = self._loop_start(st.tokens, st.steer_from)
@@ -325,8 +327,8 @@ class CorrectingDecoder:
                 detok = _detok_of(self.tokenizer, st.tokens)
                 trace.finish_reason = "degenerate"
                 break
-            if cfg.stop and any(x in detok.text for x in cfg.stop):
-                trace.finish_reason = "stop"
+            if reason == "stop":
+                trace.finish_reason = reason
                 break
         elapsed = time.perf_counter() - t1
         trace.steps, trace.events = st.steps, events

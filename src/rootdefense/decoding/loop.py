@@ -57,6 +57,16 @@ class Detokenizer:
         return piece
 
 
+def end_reason(token: int, eos: set[int], text: str, cfg: GenerationConfig) -> str | None:
+    """Why decoding ends after ``token``: ``"eos"``, ``"stop"`` (a stop string appeared in
+    ``text``), or None to go on. Every decoder asks this after each committed token."""
+    if token in eos:
+        return "eos"
+    if cfg.stop and any(s in text for s in cfg.stop):
+        return "stop"
+    return None
+
+
 def final_text(text: str, trace: Trace, cfg: GenerationConfig) -> str:
     """The answer text, cut before the stop string when one ended it."""
     if trace.finish_reason == "stop":
@@ -173,11 +183,9 @@ class Decoder:
             generated.append(token)
             if on_token is not None:
                 on_token(trace.steps[-1], piece)
-            if token in self.eos:
-                trace.finish_reason = "eos"
-                break
-            if cfg.stop and any(s in detok.text for s in cfg.stop):
-                trace.finish_reason = "stop"
+            reason = end_reason(token, self.eos, detok.text, cfg)
+            if reason:
+                trace.finish_reason = reason
                 break
         elapsed = time.perf_counter() - t1
         return Generation(

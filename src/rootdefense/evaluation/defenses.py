@@ -31,6 +31,7 @@ from ..decoding import Generation, GenerationConfig, TokenStep, Trace
 from ..decoding.loop import (
     Detokenizer,
     decode_timings,
+    end_reason,
     final_text,
     own_choice,
     sampling_rng,
@@ -366,13 +367,10 @@ class SafeDecoder:
         return token
 
     def _finished(self, token: int, cfg: GenerationConfig, state: _StepState) -> bool:
-        if token in self.eos:
-            state.trace.finish_reason = "eos"
-        elif cfg.stop and any(s in state.detok.text for s in cfg.stop):
-            state.trace.finish_reason = "stop"
-        else:
-            return False
-        return True
+        reason = end_reason(token, self.eos, state.detok.text, cfg)
+        if reason:
+            state.trace.finish_reason = reason
+        return reason is not None
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, cfg: GenerationConfig, on_token=None) -> SafeDecodingGeneration:
