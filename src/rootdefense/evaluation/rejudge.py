@@ -54,8 +54,6 @@ def rejudge(results: str | Path, judges: list[str], out: str | Path, options: di
             o.update(config=new.to_dict(), config_hash=new.fingerprint(), answer_settings=new.answer_settings())
         elif o.get("kind") == "parts":
             o["judges"] = {**o.get("judges", {}), **described}
-        elif o.get("kind") in ("result", "attack"):
-            pass
     tmp = dst.with_suffix(dst.suffix + ".tmp")
     with JsonlWriter(tmp, append=False) as w:
         for o in lines:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from .runner import read_lines
-from .summary import summarize
+from .summary import current_results, summarize
 
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 
@@ -30,10 +30,7 @@ def write_outputs(results: str | Path, out_dir: str | Path | None = None) -> dic
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(lines)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    headers = [o for o in lines if o.get("kind") == "run"]
-    wanted = set(headers[-1].get("keys") or []) if headers else set()
-    results_only = [o for o in lines if o.get("kind") == "result" and (not wanted or o["key"] in wanted)]
-    (out / "report.html").write_text(render_report(summary, results_only), encoding="utf-8")
+    (out / "report.html").write_text(render_report(summary, current_results(lines)), encoding="utf-8")
     summary["files"] = {"summary": str(out / "summary.json"), "report": str(out / "report.html")}
     return summary
 

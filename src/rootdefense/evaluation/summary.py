@@ -53,18 +53,27 @@ def _ordered(values, preferred: list[str]) -> list[str]:
     return [v for v in preferred if v in seen] + [v for v in seen if v not in preferred]
 
 
+def current_results(lines: list[dict]) -> list[dict]:
+    """The result lines the latest session asked for (all, for files without a key list);
+    a repeated key (should not happen) keeps the last."""
+    headers = [o for o in lines if o.get("kind") == "run"]
+    wanted = set(headers[-1].get("keys") or []) if headers else set()
+    by_key = {o["key"]: o for o in lines if o.get("kind") == "result" and (not wanted or o["key"] in wanted)}
+    return list(by_key.values())
+
+
+def _known(rs: list[dict], judge: str) -> list[bool]:
+    """The labels ``judge`` gave on ``rs``, leaving out items it did not judge."""
+    return [label for r in rs if (label := _label(r, judge)) is not None]
+
+
 def summarize(lines: list[dict]) -> dict:
     headers = [o for o in lines if o.get("kind") == "run"]
     header = headers[-1] if headers else {}  # the latest session's selection of items
     parts = [o for o in lines if o.get("kind") == "parts"]
     parts = parts[-1] if parts else {}
     sessions = [o for o in lines if o.get("kind") == "session"]
-    wanted = set(header.get("keys") or [])
-    by_key = {}
-    for o in lines:
-        if o.get("kind") == "result" and (not wanted or o["key"] in wanted):
-            by_key[o["key"]] = o  # a repeated key (should not happen) keeps the last
-    results = list(by_key.values())
+    results = current_results(lines)
     cfg = header.get("config", {})
     defenses = _ordered([r["defense"] for r in results], cfg.get("defenses", []))
     attacks = _ordered([r["attack"] for r in results if r["harmful"]], cfg.get("attacks", []))
@@ -104,9 +113,8 @@ def _attack_success(ok, defenses, attacks, harm_judge) -> dict:
             if not rs:
                 continue
             row[a] = {
-                "harmful": _rate([_label(r, harm_judge) for r in rs if _label(r, harm_judge) is not None])
-                if harm_judge else None,
-                "refusal": _rate([bool(_label(r, "refusal")) for r in rs if _label(r, "refusal") is not None]),
+                "harmful": _rate(_known(rs, harm_judge)) if harm_judge else None,
+                "refusal": _rate(_known(rs, "refusal")),
                 "degenerate": _rate([bool(r.get("metrics", {}).get("degenerate")) for r in rs]),
                 "rolled_back": _rate([bool((r.get("trace") or {}).get("rollbacks")) for r in rs]),
             }
@@ -140,8 +148,8 @@ def _benign_cell(rs, plain) -> dict:
     gsm = [bool(r["metrics"]["correct"]) for r in rs if "correct" in r.get("metrics", {})]
     cell = {
         "n": len(rs),
-        "over_refusal": _rate([bool(_label(r, "refusal")) for r in rs if _label(r, "refusal") is not None]),
-        "harm_flagged": _rate([bool(_label(r, "harm")) for r in rs if _label(r, "harm") is not None]),
+        "over_refusal": _rate(_known(rs, "refusal")),
+        "harm_flagged": _rate(_known(rs, "harm")),
         "degenerate": _rate([bool(r.get("metrics", {}).get("degenerate")) for r in rs]),
         "identical_to_none": _rate(same) if same else None,
         "rolled_back": _rate([bool((r.get("trace") or {}).get("rollbacks")) for r in rs]),
