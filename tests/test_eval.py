@@ -255,8 +255,10 @@ def test_resume_refuses_when_a_probe_changed_on_disk(tiny_dir, home_with_probe, 
     g = torch.Generator().manual_seed(6)  # a retrained probe: other weights and threshold
     LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.4,
                 meta={"model_id": tiny_dir, "kind": "response"}).save(folder)
+    before = (out / "results.jsonl").read_bytes()
     with pytest.raises(InputError, match=r"defense '(none|rds)' is not what earlier sessions used"):
         run_eval(cfg, out, resume=True, progress=False)
+    assert (out / "results.jsonl").read_bytes() == before  # the refused session wrote nothing
 
 
 def test_results_with_unicode_line_separators_are_read_whole(tmp_path):

@@ -188,8 +188,7 @@ def _build(factory, name: str, options: dict):
 # --------------------------------------------------------------------------- files
 
 
-def _check_header(path: Path, cfg: EvalConfig) -> None:
-    lines = read_lines(path)
+def _check_header(lines: list[dict], path: Path, cfg: EvalConfig) -> None:
     headers = [o for o in lines if o.get("kind") == "run"]
     if not headers:
         if any(o.get("kind") == "result" for o in lines):
@@ -270,12 +269,13 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, resume: bool = False, overwri
     if overwrite:
         for f in (results, attacks_file, out / SUMMARY, out / REPORT):
             f.unlink(missing_ok=True)
+    earlier = read_lines(results)  # the file as this session found it (empty unless resuming)
     if resume:
-        _check_header(results, cfg)
+        _check_header(earlier, results, cfg)
     examples = load_examples(cfg)
     jobs, items = plan(cfg, examples)
-    done = {o["key"] for o in read_lines(results) if o.get("kind") == "result"}
-    same = {cfg.fingerprint()} | {o.get("config_hash") for o in read_lines(results)
+    done = {o["key"] for o in earlier if o.get("kind") == "result"}
+    same = {cfg.fingerprint()} | {o.get("config_hash") for o in earlier
                                    if o.get("kind") == "run" and cfg.same_answers(o.get("answer_settings", {}))}
     cached = {o["key"]: o["attacked"] for o in read_lines(attacks_file)
               if o.get("kind") == "attack" and o.get("config_hash") in same}
@@ -286,13 +286,13 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, resume: bool = False, overwri
     home = os.environ.get("ROOTDEFENSE_HOME")
     pool = _RayPool(cfg.to_dict(), home, ray_address, workers) if ray_address else _LocalPool(cfg.to_dict(), home)
     try:
+        parts = pool.describe()
+        _check_parts(earlier, parts, results)  # before anything is written: a refused run changes nothing
         with JsonlWriter(results, append=True) as res:
             res.write({"kind": "run", "config": cfg.to_dict(), "config_hash": cfg.fingerprint(),
                        "answer_settings": cfg.answer_settings(), "rootdefense": __version__,
                        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "planned": len(items),
                        "keys": [it["key"] for it in items]})
-            parts = pool.describe()
-            _check_parts(read_lines(results), parts, results)
             res.write({"kind": "parts", "config_hash": cfg.fingerprint(), **parts})
             if todo_jobs:
                 with JsonlWriter(attacks_file, append=True) as af, \
