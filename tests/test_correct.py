@@ -173,6 +173,11 @@ def test_monitor_guard_and_stream_units():
     g = DegenerationGuard(ngram=2, repeats=3)
     assert not g.looping([1, 2, 3, 1, 2])
     assert g.looping([1, 2, 5, 1, 2, 7, 1, 2])
+    p = DegenerationGuard(ngram=4, repeats=3, span=12)
+    assert p.periodic([9, 8] + [1, 2, 3, 4] * 3) == 6  # keep 9 8 and the first copy
+    assert p.periodic([9, 8] + [1, 2, 3, 4] * 2) is None  # two copies are not a loop
+    assert p.periodic([5] * 11) is None and p.periodic([5] * 12) == 1  # short spans repeat more
+    assert p.periodic([1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 7, 1, 2, 3, 4, 5, 6]) is None
     sent = []
     s = _Stream(lambda step, p: sent.append(p), None, hold_back=2)
     for p in "abcde":
@@ -225,3 +230,19 @@ def test_each_part_can_be_turned_off(setup, switch, tiny_tokenizer):
         if switch == "use_expert":  # the base model's most probable candidate the probe passes
             ref = reference_steer(tiny_tokenizer, folder, probe, ids, tau, len(gen.token_ids), use_expert=False)
             assert gen.token_ids == ref
+
+
+@torch.no_grad()
+def test_a_looping_answer_is_cut_even_unflagged(setup):
+    """The guard also watches undefended-looking answers: a tail of back-to-back copies is
+    cut to its first copy and the answer ends, with a degeneration event."""
+    lm, expert, probe, ids, _ = setup
+    ref = plain(lm, ids, 80).token_ids
+    cut = next((c for n in range(1, len(ref) + 1)
+                if (c := DegenerationGuard(4, 3, 12).periodic(ref[:n])) is not None), None)
+    assert cut is not None, "the tiny model was expected to loop within 80 tokens"
+    gen = decoder(lm, expert, probe, tau=0.999999).generate(ids, GenerationConfig(max_new_tokens=80))
+    assert gen.token_ids == ref[:cut] and gen.trace.finish_reason == "degenerate"
+    assert [e["reason"] for e in gen.trace.events] == ["degeneration"]
+    off = decoder(lm, expert, probe, tau=0.999999, guard=False).generate(ids, GenerationConfig(max_new_tokens=80))
+    assert off.token_ids == ref[:len(off.token_ids)] and off.trace.finish_reason != "degenerate"

@@ -60,6 +60,9 @@ class CorrectionSettings:
     ``min_base_logprob``: the degeneration guard's floor: a steered token the base model
     gives a lower log-probability than this is only taken when nothing else passes.
     ``loop_ngram`` / ``loop_repeats``: a steered tail repeating an n-gram this often stops.
+    ``loop_span``: in any mode, an answer whose tail is ``loop_repeats`` back-to-back copies
+    of one span, covering at least ``loop_span`` tokens, is looping: the copies after the
+    first are cut and the answer ends (an undefended model that loops is failing too).
     """
 
     tau: float | None = None
@@ -72,6 +75,7 @@ class CorrectionSettings:
     min_base_logprob: float = -12.0
     loop_ngram: int = 4
     loop_repeats: int = 3
+    loop_span: int = 12
     hold_back: int = 0
     # ablation switches: each part can be turned off to measure what it adds
     use_expert: bool = True  # off: steer with the base model's own candidates only
@@ -85,7 +89,7 @@ class CorrectionSettings:
             raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
         if self.rollback not in ("answer", "sentence"):
             raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
-        for name in ("expert_top", "base_top", "loop_ngram", "loop_repeats"):
+        for name in ("expert_top", "base_top", "loop_ngram", "loop_repeats", "loop_span"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_rollbacks not in (0, 1):
@@ -114,11 +118,32 @@ class RecoveryMonitor:
 
 
 class DegenerationGuard:
-    """Loops in the steered tail: the last ``ngram`` tokens already occurred ``repeats``
-    times before within the tail."""
+    """Two loop detectors.
 
-    def __init__(self, ngram: int, repeats: int):
-        self.ngram, self.repeats = ngram, repeats
+    :meth:`looping` (steered tail): the last ``ngram`` tokens already occurred ``repeats``
+    times within the tail. :meth:`periodic` (whole answer): the answer ends in ``repeats``
+    back-to-back copies of one span, together at least ``span`` tokens long (a short span
+    must repeat more often: "please, please, please, ..." needs ``span`` tokens of it).
+    Measured on the undefended embedded model's answers, the periodic test fired on 2 of
+    30 benign answers at 128 tokens, both real loops, and on most answers the cheap
+    repetition metric calls degenerate.
+    """
+
+    def __init__(self, ngram: int, repeats: int, span: int = 12, max_period: int = 64):
+        self.ngram, self.repeats, self.span, self.max_period = ngram, repeats, span, max_period
+
+    def periodic(self, tokens: list[int]) -> int | None:
+        """The answer length to keep (up to the end of the first copy) when the tail loops;
+        None otherwise."""
+        n = len(tokens)
+        for period in range(1, min(self.max_period, n // self.repeats) + 1):
+            copies = max(self.repeats, -(-self.span // period))
+            if period * copies > n:
+                continue
+            tail = tokens[n - period:]
+            if all(tokens[n - (i + 1) * period:n - i * period] == tail for i in range(1, copies)):
+                return n - (copies - 1) * period
+        return None
 
     def looping(self, tail: list[int]) -> bool:
         n = self.ngram
@@ -194,7 +219,7 @@ class CorrectingDecoder:
         self.settings.validate()
         self.tau = self.settings.tau if self.settings.tau is not None else probe.threshold
         self.eos = set(eos_token_ids or [])
-        self.guard = DegenerationGuard(self.settings.loop_ngram, self.settings.loop_repeats)
+        self.guard = DegenerationGuard(self.settings.loop_ngram, self.settings.loop_repeats, self.settings.loop_span)
         self.rows = 2 if self.settings.use_expert else 1  # steered forwards: base (+ expert)
 
     def describe(self) -> dict:
@@ -320,8 +345,8 @@ class CorrectingDecoder:
             if reason == "eos":
                 trace.finish_reason = reason
                 break
-            if st.mode == "steer" and s.guard and self.guard.looping(st.tokens[st.steer_from:]):
-                cut = self._loop_start(st.tokens, st.steer_from)
+            cut = self._loop_cut(st) if s.guard else None
+            if cut is not None:
                 events.append(stream.rollback(cut, reason="degeneration", at_token=len(st.tokens)))
                 st.tokens, st.steps = st.tokens[:cut], st.steps[:cut]
                 detok = _detok_of(self.tokenizer, st.tokens)
@@ -350,14 +375,19 @@ class CorrectingDecoder:
                 return i
         return 0
 
-    def _loop_start(self, tokens: list[int], start: int) -> int:
-        """Cut the loop: keep the tail up to the first occurrence of the repeated n-gram."""
+    def _loop_cut(self, st: _State) -> int | None:
+        """Where to cut a looping answer (None: not looping). Any answer ending in back-to-back
+        copies keeps the first copy; a steered tail repeating an n-gram keeps the tail up to
+        the n-gram's first occurrence."""
+        cut = self.guard.periodic(st.tokens)
+        if cut is not None or st.mode != "steer" or not self.guard.looping(st.tokens[st.steer_from:]):
+            return cut
         n = self.settings.loop_ngram
-        gram = tokens[-n:]
-        for i in range(start, len(tokens) - n + 1):
-            if tokens[i:i + n] == gram:
+        gram = st.tokens[-n:]
+        for i in range(st.steer_from, len(st.tokens) - n + 1):
+            if st.tokens[i:i + n] == gram:
                 return i + n
-        return len(tokens)
+        return len(st.tokens)
 
 
 def _detok_of(tokenizer, tokens: list[int]) -> Detokenizer:
