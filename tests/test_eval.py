@@ -58,6 +58,25 @@ def test_config_rejects_unknown_names_and_lists_valid_ones():
         EvalConfig.from_dict({"datasets": "advbench,imdb"})
     with pytest.raises(InputError, match=r"unknown defense.*valid: none"):
         EvalConfig.from_dict({"defenses": ["rds", "llamaguard"]})
+    with pytest.raises(InputError, match=r"unknown defense.*'llamaguard@x'"):
+        EvalConfig.from_dict({"defenses": ["rds", "llamaguard@x"]})
+    with pytest.raises(InputError, match=r"unknown defense.*'rds@'"):
+        EvalConfig.from_dict({"defenses": ["rds@"]})
+    with pytest.raises(InputError, match=r"unknown attack.*'none@x'"):  # only defenses have variants
+        EvalConfig.from_dict({"attacks": ["none@x"]})
+
+
+def test_defense_variants_take_base_options_overlaid_with_their_own():
+    """An ablation is the same defense under another name with its own options."""
+    from rootdefense.evaluation.runner import _build
+
+    cfg = EvalConfig.from_dict({"defenses": ["rds", "rds@strict"],
+                                "options": {"rds": {"k": 5}, "rds@strict": {"tau": 0.2}}})
+    assert cfg.defenses == ["rds", "rds@strict"]
+    calls = []
+    _build(lambda name, **o: calls.append((name, o)), "rds", cfg.options)
+    _build(lambda name, **o: calls.append((name, o)), "rds@strict", cfg.options)
+    assert calls == [("rds", {"k": 5}), ("rds", {"k": 5, "tau": 0.2})]
 
 
 def test_config_type_errors_name_the_key(tmp_path):

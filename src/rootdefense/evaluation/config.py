@@ -45,14 +45,17 @@ DEFAULT_GENERATION = {"max_new_tokens": 64, "temperature": 0.0, "top_p": 1.0}
 GENERATION_KEYS = {"max_new_tokens": (int,), "temperature": (int, float), "top_p": (int, float)}
 
 
-def _names(key: str, value, valid) -> list[str]:
+def _names(key: str, value, valid, variants: bool = False) -> list[str]:
+    """A list of part names, each one of ``valid``; with ``variants`` also ``name@label``
+    (the same part with its own options under ``options['name@label']``, e.g. an ablation)."""
     if isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InputError(f"config key '{key}' must be a list of names (or a comma-separated string)")
     if not value:
         raise InputError(f"config key '{key}' is empty; choose from: {', '.join(valid)}")
-    bad = [v for v in value if v not in valid]
+    bad = [v for v in value if (v.split("@", 1)[0] if variants else v) not in valid
+           or (variants and "@" in v and not v.split("@", 1)[1].strip())]
     if bad:
         raise InputError(f"unknown {key.rstrip('s')} name(s) {', '.join(map(repr, bad))} in '{key}'; "
                          f"valid: {', '.join(valid)}")
@@ -133,7 +136,7 @@ class EvalConfig:
             _typed(key, getattr(self, key), (str,), "a string")
         self.datasets = _names("datasets", self.datasets, EVAL_DATASETS)
         self.attacks = _names("attacks", self.attacks, tuple(ATTACKS))
-        self.defenses = _names("defenses", self.defenses, tuple(DEFENSES))
+        self.defenses = _names("defenses", self.defenses, tuple(DEFENSES), variants=True)
         self.judges = _names("judges", self.judges, tuple(JUDGES))
         for key in ("limit", "optimised_limit"):
             value = _typed(key, getattr(self, key), (int, type(None)), "a positive integer or null")

@@ -179,8 +179,12 @@ class Worker:
 
 
 def _build(factory, name: str, options: dict):
+    """The part ``name`` with its options; a variant ``base@label`` takes the base part's
+    options overlaid with its own."""
+    base = name.split("@", 1)[0]
+    opts = {**options.get(base, {}), **options.get(name, {})} if base != name else options.get(name, {})
     try:
-        return factory(name, **options.get(name, {}))
+        return factory(base, **opts)
     except TypeError as exc:
         raise InputError(f"config key 'options.{name}': {exc}") from exc
 
