@@ -1,0 +1,30 @@
+"""The drafter interface: anything that guesses how the answer goes on.
+
+A drafter only proposes; the target model verifies every proposed token, so a bad drafter
+costs speed, never correctness. The verify loop never asks which drafter it holds.
+"""
+
+from __future__ import annotations
+
+
+class Drafter:
+    """Proposes a chain of token ids continuing a context (prompt + answer so far).
+
+    Proposals must be deterministic given the context and the drafter's state: speculative
+    sampling treats the draft as a point mass, which is what makes it lossless.
+    """
+
+    name = "drafter"
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        """Up to ``k`` token ids that may follow ``context`` (an empty list is allowed)."""
+        raise NotImplementedError
+
+    def accepted(self, n_proposed: int, n_accepted: int) -> None:
+        """Feedback after verification: how many of the last proposal's tokens were kept."""
+
+    def reset(self) -> None:
+        """Forget everything about the previous generation."""
+
+    def describe(self) -> dict:
+        return {"drafter": self.name}

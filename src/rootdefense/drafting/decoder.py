@@ -1,0 +1,172 @@
+"""Speculative RDS: draft a chain, verify it in one forward, and let the probe judge every
+verified token from that same forward.
+
+Each round the model's own next token heads the chain and the drafter's guess follows. One
+forward over the chain gives, at every position, the hidden state of the token there (its
+harm) and the logits for the next one (whether the next drafted token is the model's own
+choice). Tokens are committed while they are the model's own choice and harmless. At the
+first harmful own token the round stops and that one position is decided exactly as the
+plain :class:`~rootdefense.decoding.loop.Decoder` decides it: top-m candidates scored in one
+forward, the rule chooses. So greedy output, defended or not, is the plain decoder's, and
+sampled output has the plain decoder's distribution.
+
+Only rules that keep the model's own token whenever it is harmless qualify (the threshold
+rule); the paper and weighted rules may replace a harmless token, so they need candidate
+scoring at every step and gain nothing from drafts.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+from ..decoding.candidates import forward_candidates, keep_candidate, prefill
+from ..decoding.config import GenerationConfig
+from ..decoding.loop import (
+    Detokenizer,
+    Generation,
+    _candidate_pool,
+    decode_timings,
+    end_reason,
+    final_text,
+    own_choice,
+    sampling_rng,
+)
+from ..decoding.rules import Candidates, Rule, ThresholdRule
+from ..decoding.trace import TokenStep, Trace
+from ..errors import InputError
+from .base import Drafter
+from .verify import forward_chain, step_logprobs, verified_choice
+
+
+class SpeculativeDecoder:
+    """Decode one prompt with a drafter, an optional harm probe and an optional threshold
+    rule; ``max_draft`` caps the drafted tokens verified per forward."""
+
+    def __init__(self, model, tokenizer, drafter: Drafter, probe=None, rule: Rule | None = None,
+                 eos_token_ids: list[int] | None = None, max_draft: int = 8):
+        if rule is not None and probe is None:
+            raise ValueError("a decision rule needs a probe to score candidates")
+        if rule is not None and not isinstance(rule, ThresholdRule):
+            raise InputError(
+                f"speculative decoding supports the threshold rule only (got '{rule.name}'): it keeps "
+                "every harmless token the model chooses, so verified drafts can be committed; other "
+                "rules may replace harmless tokens and need the plain decoder"
+            )
+        if max_draft < 0:
+            raise InputError(f"max_draft must be >= 0, got {max_draft}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.drafter = drafter
+        self.probe = probe
+        self.rule = rule
+        self.eos = set(eos_token_ids or [])
+        self.max_draft = max_draft
+
+    def _harmful(self, harm: float | None) -> bool:
+        return self.rule is not None and harm >= self.rule.tau
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, cfg: GenerationConfig, on_token=None) -> Generation:
+        """``input_ids``: (1, T) prompt. ``on_token(step, piece)`` is called per token."""
+        device = next(self.model.parameters()).device
+        input_ids = input_ids.to(device)
+        rng = sampling_rng(cfg)
+        layer = self.probe.layer if self.probe is not None else None
+        cache = DynamicCache(config=self.model.config)
+        self.drafter.reset()
+        t0 = time.perf_counter()
+        logits = prefill(self.model, input_ids, cache).logits[0]
+        t_prefill = time.perf_counter() - t0
+        prefix_len = int(input_ids.shape[1])
+        context = input_ids[0].tolist()
+        detok = Detokenizer(self.tokenizer)
+        trace = Trace()
+        generated: list[int] = []
+        stats = {"forwards": 0, "rounds": 0, "drafted": 0, "accepted": 0, "exact_steps": 0}
+
+        def commit(token, own, logprobs, harm, own_harm, candidates) -> bool:
+            """Record one emitted token; True when decoding ends after it."""
+            original_piece = detok.piece(own) if token != own else None
+            piece = detok.push(token)
+            trace.steps.append(TokenStep(
+                token_id=token, token=piece, prob=float(logprobs[token].exp()), harm=harm,
+                original_id=own, original=piece if original_piece is None else original_piece,
+                original_prob=float(logprobs[own].exp()), original_harm=own_harm,
+                replaced=token != own, candidates=candidates,
+            ))
+            generated.append(token)
+            context.append(token)
+            if on_token is not None:
+                on_token(trace.steps[-1], piece)
+            reason = end_reason(token, self.eos, detok.text, cfg)
+            if reason:
+                trace.finish_reason = reason
+            return reason is not None or len(generated) >= cfg.max_new_tokens
+
+        own = None  # the model's own next token, when a rejected draft already drew it
+        done = False
+        t1 = time.perf_counter()
+        while not done:
+            # draft: the model's own token heads the chain, the drafter's guess follows
+            logprobs = step_logprobs(logits, cfg)
+            if own is None:
+                own = own_choice(logprobs, cfg, rng)
+            room = min(self.max_draft, cfg.max_new_tokens - len(generated) - 1)
+            draft = self.drafter.propose(context + [own], room)[:room] if room > 0 else []
+            chain = [own] + draft
+            # verify: one forward gives every chain token's harm and the logits after it
+            out = forward_chain(self.model, cache, torch.tensor(chain, device=device), prefix_len, layer)
+            harms = self.probe.score(out.hidden).cpu().tolist() if self.probe is not None else [None] * len(chain)
+            stats["forwards"] += 1
+            stats["rounds"] += 1
+            stats["drafted"] += len(draft)
+            matched = 0
+            harmful = False
+            for i, token in enumerate(chain):
+                if i > 0:
+                    logprobs = step_logprobs(out.logits[i - 1], cfg)
+                    own = verified_choice(logprobs, token, cfg, rng)
+                    if own != token:
+                        break
+                    matched += 1
+                if self._harmful(harms[i]):
+                    harmful = True
+                    break
+                prefix_len += 1
+                done = commit(token, token, logprobs, harms[i], harms[i], 1)
+                own = None
+                if done:
+                    break
+            stats["accepted"] += matched
+            self.drafter.accepted(len(draft), matched)
+            if done:
+                break
+            cache.crop(prefix_len - cache.get_seq_length())  # keep the committed prefix only
+            if not harmful:
+                # the whole chain was kept, or the draft at i was rejected and ``own`` drawn
+                logits = out.logits[-1] if own is None else out.logits[i - 1]
+                continue
+            # correct: the own token is harmful; decide this position as the plain decoder does
+            pool = _candidate_pool(logprobs, own, cfg)
+            own_idx = int((pool == own).nonzero()[0, 0])
+            step = forward_candidates(self.model, cache, pool.to(device), prefix_len, layer)
+            pool_harms = self.probe.score(step.hidden).cpu()
+            j = self.rule.choose(Candidates(pool, logprobs[pool], pool_harms, own_idx), rng)
+            keep_candidate(cache, prefix_len, len(pool), j)
+            stats["forwards"] += 1
+            stats["exact_steps"] += 1
+            prefix_len += 1
+            logits = step.logits[j]
+            done = commit(int(pool[j]), own, logprobs, float(pool_harms[j]), float(pool_harms[own_idx]), len(pool))
+            own = None
+        elapsed = time.perf_counter() - t1
+        timings = decode_timings(t_prefill, elapsed, len(generated))
+        timings.update(stats, mean_accepted=round(stats["accepted"] / stats["rounds"], 3),
+                       tokens_per_forward=round(len(generated) / stats["forwards"], 3))
+        return Generation(
+            text=final_text(detok.text, trace, cfg), token_ids=generated, trace=trace,
+            prompt_tokens=int(input_ids.shape[1]), timings=timings,
+        )
