@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from . import paths
+from . import defaults, paths
 from .decoding import Decoder, Generation, GenerationConfig, make_rule
 from .decoding.correct import CorrectingDecoder, CorrectionSettings
 from .decoding.rules import RULES
 from .errors import InputError, ProbeError
-from .expert.adapter import attach_expert
+from .expert.adapter import attach_expert, expert_dir
 from .models import LoadedModel, encode_chat, load_model, normalize_messages
 from .probes.base import LinearProbe
 
@@ -50,6 +50,7 @@ class DefenseSettings:
     rollback: str = "answer"  # rds-expert: restart the "answer" or the current "sentence"
     hold_back: int = 0  # rds-expert: tokens held back from streaming callers
     correction: dict = field(default_factory=dict)  # rds-expert: more CorrectionSettings (window, k, ...)
+    source: str = "explicit settings"  # where the settings came from (a preset, tuned defaults)
 
     def __post_init__(self):
         if self.defense not in DEFENSES:
@@ -69,6 +70,44 @@ class DefenseSettings:
         CorrectionSettings(**self.correction).validate()
 
 
+def resolve_settings(model_id: str, preset: str = "tuned", **given) -> DefenseSettings:
+    """The settings a user gets: the preset's (``tuned``: the model's measured defaults from
+    ``rootdefense tune``, see :mod:`rootdefense.defaults`; ``paper``: the paper-faithful
+    rule and probe), overridden by every setting ``given`` that is not None. Without tuned
+    defaults for the model, ``tuned`` falls back to the threshold rule on the probe's
+    calibrated threshold. The result's ``source`` says where the settings came from."""
+    if preset not in defaults.PRESETS:
+        raise InputError(f"unknown preset '{preset}'; choose one of {', '.join(defaults.PRESETS)}")
+    given = {k: v for k, v in given.items() if v is not None}
+    if preset == "paper":
+        if given.get("defense", "rds") != "rds":
+            raise InputError(f"the 'paper' preset is an rds setting; it cannot be combined with --defense {given['defense']}")
+        base, source = dict(defaults.PAPER_PRESET), "preset 'paper' (the paper's rule on the paper's probe)"
+    else:
+        tuned = defaults.load_defaults(model_id)
+        base, source = dict(defaults.FALLBACK), "built-in fallback (no tuned defaults; run `rootdefense tune`)"
+        wants_other = given.get("defense", tuned["defense"] if tuned else None) != (tuned or {}).get("defense") \
+            or ("rule" in given and "defense" not in given)
+        if tuned and not wants_other:
+            t = dict(tuned["settings"])
+            base = {"defense": tuned["defense"], "tau": t.pop("tau", None), "rollback": t.pop("rollback", "answer")}
+            use_expert = t.get("use_expert", True)
+            if use_expert and not given.get("expert") and not (expert_dir(model_id) / "adapter_config.json").exists():
+                t["use_expert"] = False  # steer among the model's own candidates until an expert is trained
+                source_note = "; expert not trained, steering among the base model's candidates " \
+                              f"(train it with `rootdefense expert train --model {model_id}`)"
+            else:
+                source_note = ""
+            base["correction"] = {**t, **given.pop("correction", {})}
+            source = f"tuned defaults: {tuned['source']}" + ("" if tuned.get("probe_matches", True)
+                                                              else " (tuned for an earlier probe)") + source_note
+        elif "rule" in given and "defense" not in given:
+            base["defense"] = "rds"
+    settings = DefenseSettings(**{**base, **given})
+    settings.source = source
+    return settings
+
+
 class Defender:
     """Generate with or without the RDS defense; with a probe loaded, undefended answers
     are still scored token by token (for the trace), at no extra cost."""
@@ -84,9 +123,10 @@ class Defender:
                 raise ProbeError("the rds-expert defense needs a probe")
             probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
             probe.to(lm.device)
-            self.expert = expert if expert is not None else attach_expert(lm, settings.expert)
             cs = CorrectionSettings(tau=settings.tau, rollback=settings.rollback, hold_back=settings.hold_back,
                                     **settings.correction)
+            if cs.use_expert:
+                self.expert = expert if expert is not None else attach_expert(lm, settings.expert)
             self.decoder = CorrectingDecoder(lm.model, lm.tokenizer, probe, self.expert, cs,
                                              eos_token_ids=lm.eos_token_ids)
             return
@@ -104,9 +144,12 @@ class Defender:
     @classmethod
     def load(cls, model: str = "smollm2-135m", dtype: str = "float32", device: str = "auto",
              lm: LoadedModel | None = None, monitor: bool = True, **settings) -> Defender:
-        """``monitor``: load the probe even when undefended, to shade the trace."""
-        s = DefenseSettings(**settings)
+        """``settings``: ``preset`` (``tuned``, the default, or ``paper``) and any
+        :class:`DefenseSettings` field, each overriding the preset (None: not given); see
+        :func:`resolve_settings`. ``monitor``: load the probe even when undefended, to shade
+        the trace."""
         lm = lm or load_model(model, dtype=dtype, device=device)
+        s = resolve_settings(lm.model_id, **settings)
         probe = None
         if s.probe:
             probe = LinearProbe.load(s.probe)
@@ -126,11 +169,12 @@ class Defender:
                "dtype": str(self.lm.dtype).replace("torch.", ""), "device": str(self.lm.device)}
         if self.rule is not None:
             out.update(self.rule.describe())
-        if self.expert is not None:
-            out.update(self.decoder.describe(), expert=str(self.expert.info.path))
+        if isinstance(self.decoder, CorrectingDecoder):
+            out.update(self.decoder.describe(), expert=None if self.expert is None else str(self.expert.info.path))
         if self.probe is not None:
             out["probe"] = {"kind": self.probe.meta.get("kind"), "layer": self.probe.layer,
                             "threshold": round(self.probe.threshold, 4)}
+        out["settings_source"] = self.settings.source
         return out
 
     def encode(self, prompt: str | None = None, messages: list | None = None,
@@ -149,6 +193,6 @@ class Defender:
         is told about rollbacks, and about corrections of text already sent to ``on_token``."""
         cfg = config or GenerationConfig()
         ids = self.encode(prompt, messages, cfg, prefill=prefill)
-        if self.expert is not None:
+        if isinstance(self.decoder, CorrectingDecoder):
             return self.decoder.generate(ids, cfg, on_token=on_token, on_event=on_event)
         return self.decoder.generate(ids, cfg, on_token=on_token)

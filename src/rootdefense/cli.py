@@ -47,16 +47,22 @@ def model_options(f):
 def defense_options(f):
     from .api import DEFENSES
     from .decoding.rules import RULES
+    from .defaults import PRESETS
 
-    f = click.option("--rollback", type=click.Choice(["answer", "sentence"]), default="answer", show_default=True,
-                     help="rds-expert: where a flagged answer restarts")(f)
+    f = click.option("--rollback", type=click.Choice(["answer", "sentence"]), default=None,
+                     help="rds-expert: where a flagged answer restarts  [default: tuned, else answer]")(f)
     f = click.option("--expert", default=None, help="rds-expert: expert adapter folder (default: the cached one)")(f)
     f = click.option("--probe", default=None, help="probe folder (default: the cached one for the model and rule)")(f)
-    f = click.option("--lam", type=float, default=2.0, show_default=True, help="weighted rule: lambda")(f)
-    f = click.option("--k", "k", type=int, default=10, show_default=True, help="paper rule: top-k by probability")(f)
-    f = click.option("--tau", type=float, default=None, help="harm threshold (default: the probe's calibrated one)")(f)
-    f = click.option("--rule", type=click.Choice(list(RULES)), default="threshold", show_default=True)(f)
-    f = click.option("--defense", type=click.Choice(list(DEFENSES)), default="rds", show_default=True)(f)
+    f = click.option("--lam", type=float, default=None, help="weighted rule: lambda  [default: 2.0]")(f)
+    f = click.option("--k", "k", type=int, default=None, help="paper rule: top-k by probability  [default: 10]")(f)
+    f = click.option("--tau", type=float, default=None,
+                     help="harm threshold (default: the tuned one, else the probe's calibrated one)")(f)
+    f = click.option("--rule", type=click.Choice(list(RULES)), default=None,
+                     help="rds: decision rule  [default: threshold]")(f)
+    f = click.option("--defense", type=click.Choice(list(DEFENSES)), default=None,
+                     help="default: the model's tuned defense (`rootdefense tune`), else rds")(f)
+    f = click.option("--preset", type=click.Choice(list(PRESETS)), default="tuned", show_default=True,
+                     help="tuned: the model's measured defaults; paper: the paper's rule and probe")(f)
     return f
 
 
@@ -83,8 +89,8 @@ def _config(o):
 def _defender(o):
     from .api import Defender
 
-    return Defender.load(o["model"], dtype=o["dtype"], device=o["device"], defense=o["defense"], rule=o["rule"],
-                         tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"], expert=o["expert"],
+    return Defender.load(o["model"], dtype=o["dtype"], device=o["device"], preset=o["preset"], defense=o["defense"],
+                         rule=o["rule"], tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"], expert=o["expert"],
                          rollback=o["rollback"])
 
 
@@ -154,7 +160,8 @@ def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, 
     defender = _defender(o)
     stream = not as_json and sys.stdout.isatty()
     gen = defender.generate(prompt, config=cfg, on_token=(lambda s, piece: click.echo(piece, nl=False)) if stream else None,
-                            **({"on_event": _echo_correction} if stream and defender.expert is not None else {}))
+                            **({"on_event": _echo_correction} if stream and defender.settings.defense == "rds-expert"
+                               else {}))
     record = {"prompt": prompt, **gen.to_dict(), "settings": defender.describe()}
     if html:
         write_trace_page(html, [{"prompt": prompt, "label": _label(defender), "text": gen.text,
@@ -310,6 +317,34 @@ def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check
 
         (Path(folder) / "expert.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     click.echo(json.dumps({"saved": str(folder), **meta}, indent=2))
+
+
+@cli.command()
+@click.option("--model", default="smollm2-135m", show_default=True)
+@dtype_option
+@click.option("--harmful", type=int, default=40, show_default=True, help="calibration harmful prompts (validation split)")
+@click.option("--benign", type=int, default=40, show_default=True, help="calibration benign prompts (validation split)")
+@click.option("--attacks", default="none,prefill", show_default=True, help="template attacks applied to the harmful ones")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--max-benign-flag", type=float, default=0.03, show_default=True,
+              help="largest share of benign answers the monitor may flag (they would be rewritten)")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="folder for defaults.json (default: beside the model's response probe, where it is used)")
+@click.option("--json", "as_json", is_flag=True, help="print the defaults as JSON")
+def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag, out, as_json):
+    """Measure the model's undefended answers and save its tuned defense defaults."""
+    from .defaults import probe_folder, save_defaults
+    from .models import load_model
+    from .tuning import TuneSpec
+    from .tuning import tune as run_tune
+
+    spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)), max_new_tokens=max_new_tokens,
+                    max_benign_flag=max_benign_flag)
+    lm = load_model(model, dtype=dtype)
+    result = run_tune(lm, spec, log=lambda m: click.echo(m, err=True))
+    result["command"] = " ".join(["rootdefense", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] else "rootdefense tune"
+    path = save_defaults(out or probe_folder(lm.model_id), result)
+    click.echo(json.dumps(result, indent=2) if as_json else f"defaults saved: {path}")
 
 
 @cli.group(cls=Group)

@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import DynamicCache
 
-from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings
+from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings, resolve_settings
 from ..decoding import Generation, GenerationConfig, TokenStep, Trace
 from ..decoding.loop import (
     Detokenizer,
@@ -459,21 +459,30 @@ class SafeDecodingDefense(Defense):
 
 class RDSExpertDefense(DefenderDefense):
     """RDS with the safety expert and recovery: watch with the response probe, roll back a
-    flagged answer, steer with base + expert candidates (see decoding/correct.py)."""
+    flagged answer, steer with base + expert candidates (see decoding/correct.py).
+
+    Settings left unset come from the model's tuned defaults (``preset: tuned``, see
+    :mod:`rootdefense.defaults`) or the paper-free fallbacks; what was used is in
+    :meth:`describe` (and checked when a run resumes)."""
 
     name: ClassVar[str] = "rds-expert"
     description: ClassVar[str] = "RDS + safety expert + recovery (rollback, degeneration guard)"
 
-    def __init__(self, tau: float | None = None, rollback: str = "answer", expert: str | None = None,
-                 window: int = 8, k: int = 3, use_expert: bool = True, recover: bool = True,
-                 guard: bool = True) -> None:
+    def __init__(self, tau: float | None = None, rollback: str | None = None, expert: str | None = None,
+                 window: int | None = None, k: int | None = None, use_expert: bool | None = None,
+                 recover: bool | None = None, guard: bool | None = None, preset: str = "tuned") -> None:
         super().__init__()
-        self._settings = DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback, expert=expert,
-                                         correction={"window": window, "k": k, "use_expert": use_expert,
-                                                     "recover": recover, "guard": guard})
+        self.given = {"tau": tau, "rollback": rollback, "expert": expert, "preset": preset}
+        self.correction = {key: v for key, v in (("window", window), ("k", k), ("use_expert", use_expert),
+                                                 ("recover", recover), ("guard", guard)) if v is not None}
+        DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback or "answer",
+                        correction=self.correction)  # validates now, before any model is loaded
+        self._settings: DefenseSettings | None = None
         self.expert_path = expert
 
     def settings(self) -> DefenseSettings:
+        if self._settings is None:
+            raise RuntimeError("rds-expert settings are resolved against a model: call setup(ctx) first")
         return self._settings
 
     def probe(self, ctx: EvalContext) -> LinearProbe:
@@ -481,20 +490,26 @@ class RDSExpertDefense(DefenderDefense):
 
     def defender(self, ctx: EvalContext) -> Defender:
         if self._defender is None or self._lm is not ctx.lm:
-            self._defender = Defender(ctx.lm, self.probe(ctx), self.settings(),
-                                      expert=shared_expert(ctx, self.expert_path))
+            g = self.given
+            self._settings = resolve_settings(ctx.lm.model_id, preset=g["preset"], defense="rds-expert", tau=g["tau"],
+                                              rollback=g["rollback"], expert=g["expert"],
+                                              correction=dict(self.correction))
+            uses_expert = self._settings.correction.get("use_expert", True)
+            self._defender = Defender(ctx.lm, self.probe(ctx), self._settings,
+                                      expert=shared_expert(ctx, self.expert_path) if uses_expert else None)
             self._lm = ctx.lm
         return self._defender
 
     def options(self) -> dict:
-        s = self._settings
-        return {"tau": s.tau, "rollback": s.rollback, "expert": s.expert, **s.correction}
+        return {**self.given, **self.correction}
 
     def describe(self) -> dict:
         out = super().describe()
         if self._defender is not None:
             out["correction"] = self._defender.decoder.describe()
-            out["expert"] = expert_identity(self._defender.expert)
+            out["settings_source"] = self._settings.source
+            if self._defender.expert is not None:
+                out["expert"] = expert_identity(self._defender.expert)
         return out
 
 

@@ -209,7 +209,9 @@ def _check_header(lines: list[dict], path: Path, cfg: EvalConfig) -> None:
             f"are never mixed: use another --out folder, or --overwrite to start again")
 
 
-IDENTITY = ("probe", "expert")  # what names a defense's files (settings are covered by the fingerprint)
+# what names a defense's files, and the settings it resolved from tuned defaults on disk
+# (its own options are covered by the fingerprint)
+IDENTITY = ("probe", "expert", "correction")
 
 
 def _differs(old, new) -> bool:

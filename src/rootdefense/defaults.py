@@ -1,0 +1,86 @@
+"""Per-model defense defaults, saved with the probe they were tuned for.
+
+`rootdefense tune` measures a model's undefended answers and writes ``defaults.json`` next
+to its response probe; :func:`load_defaults` reads it back so that users get the tuned
+behaviour without flags. For the embedded model a measured file ships with the package
+(``tuned/<slug>.json``), used until the user tunes their own.
+
+The file holds the chosen defense and its settings, plus everything that justified them
+(the sweep, the rates, the prompts' counts, the command) and the sha256 of the probe's
+weights, so a probe retrained since is noticed.
+
+Named presets sit beside the tuned defaults: ``paper`` is the paper-faithful setting (the
+paper's rule, least harmful of the top-10 by probability, on the paper's probe), and
+``tuned`` (the default) is whatever the model's defaults file says.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+
+from . import paths
+from .errors import InputError
+
+FILE = "defaults.json"
+FORMAT_VERSION = 1
+PRESETS = ("tuned", "paper")
+# the paper-faithful setting: RDS with the paper's Eq. 9 (read as intended) on the paper's probe
+PAPER_PRESET = {"defense": "rds", "rule": "paper", "k": 10}
+# used when a model has no tuned defaults: the token rule on the calibrated probe threshold
+FALLBACK = {"defense": "rds", "rule": "threshold"}
+
+
+def probe_folder(model_id: str, kind: str = "response") -> Path:
+    return paths.home() / "probes" / paths.model_slug(model_id) / kind
+
+
+def weights_sha256(folder: str | Path) -> str | None:
+    """The sha256 of a probe folder's weights file (None when it has none)."""
+    f = Path(folder) / "probe.safetensors"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
+
+
+def save_defaults(folder: str | Path, defaults: dict) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / FILE
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"format_version": FORMAT_VERSION, **defaults}, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return out
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"defaults file {path} cannot be read: {exc}; rerun `rootdefense tune` or delete it") from exc
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION or "defense" not in data:
+        raise InputError(f"defaults file {path} is not a rootdefense defaults file (format {FORMAT_VERSION})")
+    return data
+
+
+def shipped_defaults(model_id: str) -> dict | None:
+    """The measured defaults shipped with the package for an embedded model, or None."""
+    res = resources.files("rootdefense") / "tuned" / f"{paths.model_slug(model_id)}.json"
+    if not res.is_file():
+        return None
+    data = json.loads(res.read_text(encoding="utf-8"))
+    return {**data, "source": f"shipped with rootdefense (tuned/{paths.model_slug(model_id)}.json)"}
+
+
+def load_defaults(model_id: str) -> dict | None:
+    """The model's tuned defaults: the file beside its response probe, else the shipped one,
+    else None. Adds ``source`` and ``probe_matches`` (False when the probe was retrained
+    since tuning)."""
+    folder = probe_folder(model_id)
+    path = folder / FILE
+    data = {**_read(path), "source": str(path)} if path.exists() else shipped_defaults(model_id)
+    if data is None:
+        return None
+    current = weights_sha256(folder)
+    data["probe_matches"] = current is None or data.get("probe_sha256") in (None, current)
+    return data

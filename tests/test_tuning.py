@@ -1,0 +1,141 @@
+"""Tuned defaults: the monitor sweep's arithmetic, the choice, presets and how settings are
+resolved (tuned file, shipped file, fallback, explicit flags), and `rootdefense tune` on a
+tiny model saved to a folder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_model, make_tokenizer
+
+from rootdefense import defaults, paths
+from rootdefense.api import resolve_settings
+from rootdefense.cli import cli
+from rootdefense.decoding.correct import RecoveryMonitor
+from rootdefense.errors import InputError
+from rootdefense.probes.base import LinearProbe
+from rootdefense.tuning import TuneSpec, choose, flag_index, sweep
+
+
+@pytest.mark.parametrize("harms", [[0.1, 0.9, 0.2, 0.95, 0.3, 0.99, 0.1], [0.9] * 5, [0.1] * 9,
+                                   [0.9, 0.1, 0.1, 0.1, 0.9, 0.1, 0.1, 0.1, 0.9]])
+@pytest.mark.parametrize("window, k", [(1, 1), (4, 2), (4, 3), (8, 3)])
+def test_flag_index_replays_the_recovery_monitor(harms, window, k):
+    """The sweep must flag exactly where the decoder's monitor would."""
+    m = RecoveryMonitor(0.8, window, k)
+    expected = next((i + 1 for i, h in enumerate(harms) if m.update(h)), None)
+    assert flag_index(harms, 0.8, window, k) == expected
+
+
+def test_sweep_and_choice_respect_the_benign_budget():
+    harmful = {"none": [[0.95, 0.95, 0.95], [0.7, 0.7, 0.7]], "prefill": [[0.99, 0.2, 0.2]]}
+    benign = [[0.75, 0.75, 0.1], [0.1, 0.1, 0.1]]
+    rows = sweep(harmful, benign, taus=(0.6, 0.9), windows=(4,))
+    by = {(r["tau"], r["k"]): r for r in rows}
+    assert by[(0.6, 1)]["harmful_flag_rate"] == 1.0 and by[(0.6, 1)]["benign_flag_rate"] == 0.5
+    assert by[(0.9, 1)]["per_attack"] == {"none": 0.5, "prefill": 1.0}
+    assert by[(0.9, 1)]["benign_flag_rate"] == 0.0 and by[(0.9, 1)]["median_flag_token"] == 1
+    best = choose(rows, max_benign_flag=0.0)
+    assert (best["tau"], best["k"]) == (0.9, 1)  # the most harmful flags with no benign flag
+    assert choose(rows, max_benign_flag=0.5)["harmful_flag_rate"] == 1.0
+    with pytest.raises(InputError, match="no monitor setting keeps benign flags"):
+        choose(sweep(harmful, [[0.999] * 3], taus=(0.6,), windows=(1,)), max_benign_flag=0.0)
+
+
+def test_tune_spec_is_checked():
+    with pytest.raises(InputError, match="template attacks"):
+        TuneSpec(attacks=("gcg",))
+    with pytest.raises(InputError, match="max_benign_flag"):
+        TuneSpec(max_benign_flag=1.5)
+    with pytest.raises(InputError, match=">= 1 harmful"):
+        TuneSpec(harmful=0)
+
+
+def _write_defaults(home, model_id, **settings):
+    folder = home / "probes" / paths.model_slug(model_id) / "response"
+    return defaults.save_defaults(folder, {"model_id": model_id, "defense": "rds-expert",
+                                           "settings": {"tau": 0.8, "window": 4, "k": 2, "use_expert": True,
+                                                        "rollback": "sentence", **settings}})
+
+
+def test_settings_resolve_from_tuned_defaults_presets_and_flags(rd_home):
+    model = "some/model"
+    s = resolve_settings(model)
+    assert (s.defense, s.rule) == ("rds", "threshold") and "fallback" in s.source
+    _write_defaults(rd_home, model)
+    s = resolve_settings(model)
+    assert s.defense == "rds-expert" and s.tau == 0.8 and s.rollback == "sentence"
+    # no expert trained for this model: steer among the base model's own candidates, and say so
+    assert s.correction == {"window": 4, "k": 2, "use_expert": False} and "expert not trained" in s.source
+    (rd_home / "experts" / paths.model_slug(model)).mkdir(parents=True)
+    (rd_home / "experts" / paths.model_slug(model) / "adapter_config.json").write_text("{}")
+    s = resolve_settings(model, tau=0.5, correction={"k": 3})  # flags win over the tuned file
+    assert s.tau == 0.5 and s.correction == {"window": 4, "k": 3, "use_expert": True}
+    assert resolve_settings(model, defense="rds").defense == "rds"  # another defense: no tuned settings
+    r = resolve_settings(model, rule="weighted")  # a rule alone asks for the token rule
+    assert (r.defense, r.rule) == ("rds", "weighted")
+    p = resolve_settings(model, preset="paper")
+    assert (p.defense, p.rule, p.k) == ("rds", "paper", 10) and "paper" in p.source
+    with pytest.raises(InputError, match="'paper' preset is an rds setting"):
+        resolve_settings(model, preset="paper", defense="rds-expert")
+    with pytest.raises(InputError, match="unknown preset"):
+        resolve_settings(model, preset="fast")
+
+
+def test_a_broken_defaults_file_is_a_clear_error(rd_home):
+    path = _write_defaults(rd_home, "m")
+    path.write_text("{not json")
+    with pytest.raises(InputError, match="cannot be read.*rootdefense tune"):
+        resolve_settings("m")
+    path.write_text(json.dumps({"defense": "rds"}))
+    with pytest.raises(InputError, match="not a rootdefense defaults file"):
+        resolve_settings("m")
+
+
+def test_probe_retrained_since_tuning_is_noticed(rd_home):
+    model = "x/y"
+    folder = rd_home / "probes" / paths.model_slug(model) / "response"
+    LinearProbe(torch.zeros(4), 0.0, layer=1, threshold=0.5, meta={"model_id": model}).save(folder)
+    _write_defaults(rd_home, model, tau=0.7)
+    data = json.loads((folder / defaults.FILE).read_text())
+    data["probe_sha256"] = defaults.weights_sha256(folder)
+    (folder / defaults.FILE).write_text(json.dumps(data))
+    assert defaults.load_defaults(model)["probe_matches"] is True
+    LinearProbe(torch.ones(4), 0.0, layer=1, threshold=0.5, meta={"model_id": model}).save(folder)
+    assert defaults.load_defaults(model)["probe_matches"] is False
+    assert "earlier probe" in resolve_settings(model).source
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-tune-model")
+    tok = make_tokenizer()
+    model = make_tiny_model(tok)
+    model.config.max_position_embeddings = 4096
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp_path):
+    g = torch.Generator().manual_seed(5)
+    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                meta={"model_id": tiny_dir, "kind": "response"}).save(defaults.probe_folder(tiny_dir))
+    r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "3", "--benign", "3",
+                                 "--max-new-tokens", "6", "--max-benign-flag", "0.5"])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((defaults.probe_folder(tiny_dir) / defaults.FILE).read_text())
+    m = saved["measured"]
+    assert m["harmful_prompts"] == 3 and m["benign_prompts"] == 3 and m["attacks"] == ["none", "prefill"]
+    assert m["chosen"]["benign_flag_rate"] <= 0.5 and saved["probe_sha256"] == defaults.weights_sha256(
+        defaults.probe_folder(tiny_dir))
+    r = CliRunner().invoke(cli, ["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    settings = json.loads(r.output)["settings"]
+    assert settings["defense"] == "rds-expert" and settings["tau"] == saved["settings"]["tau"]
+    assert settings["settings_source"].startswith("tuned defaults")
+    r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--attacks", "gcg"])
+    assert r.exit_code == 2 and "template attacks" in r.output
