@@ -259,7 +259,8 @@ def test_defended_greedy_equals_plain_defended(tiny_model, tiny_tokenizer, draft
         assert got.original_harm == pytest.approx(want.original_harm, abs=1e-4)
         if got.replaced:
             assert got.candidates == want.candidates
-    assert gen.timings["exact_steps"] >= gen.trace.replaced
+    t = gen.timings
+    assert t["exact_steps"] >= gen.trace.replaced and t["forwards"] == t["rounds"] + t["exact_steps"]
     if kind == "self":
         assert gen.timings["accepted"] > 0, "drafts were committed between corrections"
 

@@ -7,8 +7,11 @@ harm) and the logits for the next one (whether the next drafted token is the mod
 choice). Tokens are committed while they are the model's own choice and harmless. At the
 first harmful own token the round stops and that one position is decided exactly as the
 plain :class:`~rootdefense.decoding.loop.Decoder` decides it: top-m candidates scored in one
-forward, the rule chooses. So greedy output, defended or not, is the plain decoder's, and
-sampled output has the plain decoder's distribution.
+forward, the rule chooses. After a replacement the next positions are decided that way too,
+without drafting, until the model's own token is harmless again (harm comes in stretches,
+and a chain that starts with a harmful token is a wasted forward). So greedy output,
+defended or not, is the plain decoder's, and sampled output has the plain decoder's
+distribution.
 
 Only rules that keep the model's own token whenever it is harmless qualify (the threshold
 rule); the paper and weighted rules may replace a harmless token, so they need candidate
@@ -38,7 +41,7 @@ from ..decoding.rules import Candidates, Rule, ThresholdRule
 from ..decoding.trace import TokenStep, Trace
 from ..errors import InputError
 from .base import Drafter
-from .verify import forward_chain, step_logprobs, verified_choice
+from .verify import crop_to, forward_chain, step_logprobs, verified_choice
 
 
 class SpeculativeDecoder:
@@ -106,20 +109,43 @@ class SpeculativeDecoder:
                 trace.finish_reason = reason
             return reason is not None or len(generated) >= cfg.max_new_tokens
 
+        def exact_step(logprobs, own):
+            """Decide one position as the plain decoder does: top-m candidates scored in one
+            forward, the rule chooses. Returns the next logits, whether the own token was
+            replaced, and whether decoding ends."""
+            nonlocal prefix_len
+            pool = _candidate_pool(logprobs, own, cfg)
+            own_idx = int((pool == own).nonzero()[0, 0])
+            step = forward_candidates(self.model, cache, pool.to(device), prefix_len, layer)
+            harms = self.probe.score(step.hidden).cpu()
+            j = self.rule.choose(Candidates(pool, logprobs[pool], harms, own_idx), rng)
+            keep_candidate(cache, prefix_len, len(pool), j)
+            prefix_len += 1
+            stats["forwards"] += 1
+            stats["exact_steps"] += 1
+            done = commit(int(pool[j]), own, logprobs, float(harms[j]), float(harms[own_idx]), len(pool))
+            return step.logits[j], j != own_idx, done
+
         own = None  # the model's own next token, when a rejected draft already drew it
+        correcting = False  # the last token was a correction: harm tends to persist, so do not draft
         done = False
         t1 = time.perf_counter()
         while not done:
-            # draft: the model's own token heads the chain, the drafter's guess follows
             logprobs = step_logprobs(logits, cfg)
             if own is None:
                 own = own_choice(logprobs, cfg, rng)
+            if correcting:
+                logits, correcting, done = exact_step(logprobs, own)
+                own = None
+                continue
+            # draft: the model's own token heads the chain, the drafter's guess follows
             room = min(self.max_draft, cfg.max_new_tokens - len(generated) - 1)
             draft = self.drafter.propose(context + [own], room)[:room] if room > 0 else []
             chain = [own] + draft
             # verify: one forward gives every chain token's harm and the logits after it
             out = forward_chain(self.model, cache, torch.tensor(chain, device=device), prefix_len, layer)
             harms = self.probe.score(out.hidden).cpu().tolist() if self.probe is not None else [None] * len(chain)
+            chain_logprobs = step_logprobs(out.logits, cfg)  # row i: the next token after chain[i]
             stats["forwards"] += 1
             stats["rounds"] += 1
             stats["drafted"] += len(draft)
@@ -127,7 +153,7 @@ class SpeculativeDecoder:
             harmful = False
             for i, token in enumerate(chain):
                 if i > 0:
-                    logprobs = step_logprobs(out.logits[i - 1], cfg)
+                    logprobs = chain_logprobs[i - 1]
                     own = verified_choice(logprobs, token, cfg, rng)
                     if own != token:
                         break
@@ -144,27 +170,15 @@ class SpeculativeDecoder:
             self.drafter.accepted(len(draft), matched)
             if done:
                 break
-            cache.crop(prefix_len - cache.get_seq_length())  # keep the committed prefix only
-            if not harmful:
-                # the whole chain was kept, or the draft at i was rejected and ``own`` drawn
+            crop_to(cache, prefix_len)  # keep the committed prefix only
+            if harmful:  # correct: decide this position as the plain decoder does
+                logits, correcting, done = exact_step(logprobs, own)
+                own = None
+            else:  # the whole chain was kept, or the draft at i was rejected and ``own`` drawn
                 logits = out.logits[-1] if own is None else out.logits[i - 1]
-                continue
-            # correct: the own token is harmful; decide this position as the plain decoder does
-            pool = _candidate_pool(logprobs, own, cfg)
-            own_idx = int((pool == own).nonzero()[0, 0])
-            step = forward_candidates(self.model, cache, pool.to(device), prefix_len, layer)
-            pool_harms = self.probe.score(step.hidden).cpu()
-            j = self.rule.choose(Candidates(pool, logprobs[pool], pool_harms, own_idx), rng)
-            keep_candidate(cache, prefix_len, len(pool), j)
-            stats["forwards"] += 1
-            stats["exact_steps"] += 1
-            prefix_len += 1
-            logits = step.logits[j]
-            done = commit(int(pool[j]), own, logprobs, float(pool_harms[j]), float(pool_harms[own_idx]), len(pool))
-            own = None
         elapsed = time.perf_counter() - t1
         timings = decode_timings(t_prefill, elapsed, len(generated))
-        timings.update(stats, mean_accepted=round(stats["accepted"] / stats["rounds"], 3),
+        timings.update(stats, mean_accepted=round(stats["accepted"] / max(stats["rounds"], 1), 3),
                        tokens_per_forward=round(len(generated) / stats["forwards"], 3))
         return Generation(
             text=final_text(detok.text, trace, cfg), token_ids=generated, trace=trace,

@@ -14,6 +14,7 @@ import torch
 from ..decoding.candidates import StepOutput
 from ..decoding.config import GenerationConfig
 from ..decoding.loop import own_choice
+from ..errors import ModelError
 
 
 def step_logprobs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
@@ -68,3 +69,17 @@ def forward_chain(model, cache, token_ids: torch.Tensor, prefix_len: int, layer:
     )
     hidden = out.hidden_states[layer][0] if layer is not None else None
     return StepOutput(logits=out.logits[0].float(), hidden=None if hidden is None else hidden.float())
+
+
+def crop_to(cache, length: int) -> None:
+    """Drop the cache entries past ``length`` (the rejected part of a verified chain)."""
+    extra = cache.get_seq_length() - length
+    if extra <= 0:
+        return
+    try:
+        cache.crop(-extra)
+    except RuntimeError as exc:  # sliding-window layers past their window keep no past to go back to
+        raise ModelError(
+            f"this model's cache cannot be rolled back ({exc}); speculative decoding needs full-attention "
+            "layers or a prompt shorter than the sliding window"
+        ) from exc
