@@ -95,6 +95,13 @@ def test_a_broken_defaults_file_is_a_clear_error(rd_home):
         resolve_settings("m")
 
 
+def test_shipped_defaults_exist_for_the_embedded_model(rd_home):
+    d = defaults.load_defaults("smollm2-135m")
+    assert d is not None and d["source"].startswith("shipped")
+    assert d["defense"] == "rds-expert" and 0 < d["settings"]["tau"] < 1
+    assert d["measured"]["benign_prompts"] >= 40 and "sweep" in d
+
+
 def test_probe_retrained_since_tuning_is_noticed(rd_home):
     model = "x/y"
     folder = rd_home / "probes" / paths.model_slug(model) / "response"

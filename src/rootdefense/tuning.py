@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from tqdm.auto import tqdm
 
@@ -194,7 +194,7 @@ def tune(lm, spec: TuneSpec, log=print) -> dict:
                      "split": "validation (advbench, harmbench, mtbench, sharegpt; edgy train half)"},
         "sweep": sorted(rows, key=lambda r: (-r["harmful_flag_rate"], r["benign_flag_rate"]))[:25],
         "spec": {k: v for k, v in asdict(spec).items() if k not in ("taus", "windows")},
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

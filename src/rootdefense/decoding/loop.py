@@ -105,7 +105,7 @@ def own_choice(logprobs: torch.Tensor, cfg: GenerationConfig, rng) -> int:
     return int(torch.multinomial(probs / probs.sum(), 1, generator=rng).item())
 
 
-def _candidate_pool(logprobs: torch.Tensor, own: int, cfg: GenerationConfig) -> torch.Tensor:
+def candidate_pool(logprobs: torch.Tensor, own: int, cfg: GenerationConfig) -> torch.Tensor:
     """Top-m token ids by probability (optionally nucleus-cut), with the model's own token
     always included; most probable first."""
     top = torch.topk(logprobs, cfg.top_m)
@@ -155,7 +155,7 @@ class Decoder:
             temp = cfg.temperature if not cfg.greedy else 1.0
             logprobs = torch.log_softmax(logits / temp, dim=-1).cpu()
             own = own_choice(logprobs, cfg, rng)
-            pool = _candidate_pool(logprobs, own, cfg) if self.rule is not None else torch.tensor([own])
+            pool = candidate_pool(logprobs, own, cfg) if self.rule is not None else torch.tensor([own])
             own_idx = int((pool == own).nonzero()[0, 0])
             # score
             step = forward_candidates(self.model, cache, pool.to(device), prefix_len, layer)

@@ -30,7 +30,7 @@ from ..decoding.config import GenerationConfig
 from ..decoding.loop import (
     Detokenizer,
     Generation,
-    _candidate_pool,
+    candidate_pool,
     decode_timings,
     end_reason,
     final_text,
@@ -114,7 +114,7 @@ class SpeculativeDecoder:
             forward, the rule chooses. Returns the next logits, whether the own token was
             replaced, and whether decoding ends."""
             nonlocal prefix_len
-            pool = _candidate_pool(logprobs, own, cfg)
+            pool = candidate_pool(logprobs, own, cfg)
             own_idx = int((pool == own).nonzero()[0, 0])
             step = forward_candidates(self.model, cache, pool.to(device), prefix_len, layer)
             harms = self.probe.score(step.hidden).cpu()
