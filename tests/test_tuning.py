@@ -17,7 +17,7 @@ from rootdefense.cli import cli
 from rootdefense.decoding.correct import RecoveryMonitor
 from rootdefense.errors import InputError
 from rootdefense.probes.base import LinearProbe
-from rootdefense.tuning import TuneSpec, choose, flag_index, sweep
+from rootdefense.tuning import TuneSpec, choose, flag_index, pareto, sweep
 
 
 @pytest.mark.parametrize("harms", [[0.1, 0.9, 0.2, 0.95, 0.3, 0.99, 0.1], [0.9] * 5, [0.1] * 9,
@@ -41,6 +41,8 @@ def test_sweep_and_choice_respect_the_benign_budget():
     best = choose(rows, max_benign_flag=0.0)
     assert (best["tau"], best["k"]) == (0.9, 1)  # the most harmful flags with no benign flag
     assert choose(rows, max_benign_flag=0.5)["harmful_flag_rate"] == 1.0
+    front = pareto(rows)
+    assert [(r["benign_flag_rate"], r["harmful_flag_rate"]) for r in front] == [(0.0, 0.6667), (0.5, 1.0)]
     with pytest.raises(InputError, match="no monitor setting keeps benign flags"):
         choose(sweep(harmful, [[0.999] * 3], taus=(0.6,), windows=(1,)), max_benign_flag=0.0)
 

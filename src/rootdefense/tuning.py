@@ -127,6 +127,17 @@ def sweep(harmful: dict[str, list[list[float]]], benign: list[list[float]], taus
     return rows
 
 
+def pareto(rows: list[dict]) -> list[dict]:
+    """The settings no other beats on both counts (more harmful flagged, fewer benign),
+    fewest benign flags first: the trade-off a user can pick from."""
+    front, best = [], -1.0
+    for r in sorted(rows, key=lambda r: (r["benign_flag_rate"], -r["harmful_flag_rate"])):
+        if r["harmful_flag_rate"] > best:
+            front.append(r)
+            best = r["harmful_flag_rate"]
+    return front
+
+
 def choose(rows: list[dict], max_benign_flag: float) -> dict:
     """Most harmful answers flagged within the benign budget; ties: fewer benign flags, an
     earlier flag, then the stricter (higher) tau and larger k (less sensitive to noise)."""
@@ -192,7 +203,7 @@ def tune(lm, spec: TuneSpec, log=print) -> dict:
                      "attacks": list(spec.attacks), "max_new_tokens": spec.max_new_tokens,
                      "max_benign_flag": spec.max_benign_flag, "seconds": seconds,
                      "split": "validation (advbench, harmbench, mtbench, sharegpt; edgy train half)"},
-        "sweep": sorted(rows, key=lambda r: (-r["harmful_flag_rate"], r["benign_flag_rate"]))[:25],
+        "sweep": pareto(rows),
         "spec": {k: v for k, v in asdict(spec).items() if k not in ("taus", "windows")},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
