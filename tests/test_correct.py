@@ -246,3 +246,34 @@ def test_a_looping_answer_is_cut_even_unflagged(setup):
     assert [e["reason"] for e in gen.trace.events] == ["degeneration"]
     off = decoder(lm, expert, probe, tau=0.999999, guard=False).generate(ids, GenerationConfig(max_new_tokens=80))
     assert off.token_ids == ref[:len(off.token_ids)] and off.trace.finish_reason != "degenerate"
+
+
+@pytest.mark.parametrize("tau_kind", ["never", "first", "mid", "late"])
+@torch.no_grad()
+def test_speculative_watch_equals_plain_watch(setup, tau_kind):
+    """Drafts verified in one forward change nothing: the same tokens, harms, flags,
+    rollbacks and loop cuts as one token per forward (greedy)."""
+    from rootdefense.drafting import PromptLookupDrafter
+
+    lm, expert, probe, ids, _ = setup
+    ref = plain(lm, ids, 60)
+    full = torch.cat([ids, torch.tensor([ref.token_ids])], 1)
+    hidden = lm.model(input_ids=full, output_hidden_states=True).hidden_states[probe.layer][0, ids.shape[1]:]
+    seq = [float(h) for h in probe.score(hidden)]
+    harms = sorted(seq)
+    # "late": the 4th highest harm of the first 12 tokens, flagged at 4 of 8: drafts come first
+    tau = {"never": 0.999999, "first": min(0.999, max(1e-3, first_harm(lm, probe, ids) - 1e-4)),
+           "mid": (harms[len(harms) // 2] + harms[len(harms) // 2 + 1]) / 2,
+           "late": sorted(seq[:12])[8] - 1e-5}[tau_kind]
+    cfg = GenerationConfig(max_new_tokens=60)
+    settings = CorrectionSettings(tau=tau, k={"mid": 2, "late": 4}.get(tau_kind, 1), window=8 if tau_kind == "late" else 4)
+    base = CorrectingDecoder(lm.model, lm.tokenizer, probe, expert, settings, eos_token_ids=lm.eos_token_ids)
+    spec = CorrectingDecoder(lm.model, lm.tokenizer, probe, expert, settings, eos_token_ids=lm.eos_token_ids,
+                             drafter=PromptLookupDrafter(max_ngram=3), max_draft=6)
+    a, b = base.generate(ids, cfg), spec.generate(ids, cfg)
+    assert b.token_ids == a.token_ids and b.trace.finish_reason == a.trace.finish_reason
+    assert [e["reason"] for e in b.trace.events] == [e["reason"] for e in a.trace.events]
+    assert [s.source for s in b.trace.steps] == [s.source for s in a.trace.steps]
+    assert max(abs(x.harm - y.harm) for x, y in zip(a.trace.steps, b.trace.steps, strict=True)) < 1e-4
+    if tau_kind in ("never", "late"):  # the tiny model loops, so lookup drafts are taken
+        assert b.timings["accepted"] > 0

@@ -21,13 +21,13 @@ from rootdefense.decoding import (
     ThresholdRule,
     WeightedRule,
 )
+from rootdefense.decoding.verify import step_logprobs, target_probs, verified_choice
 from rootdefense.drafting import (
     Drafter,
     DraftModelDrafter,
     PromptLookupDrafter,
     SpeculativeDecoder,
 )
-from rootdefense.drafting.verify import step_logprobs, target_probs, verified_choice
 from rootdefense.errors import InputError, ModelError
 from rootdefense.models import encode_chat, normalize_messages
 from rootdefense.probes.base import LinearProbe

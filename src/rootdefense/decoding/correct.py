@@ -43,6 +43,7 @@ from .loop import (
     sampling_rng,
 )
 from .trace import TokenStep, Trace
+from .verify import crop_to, forward_chain, step_logprobs, verified_choice
 
 BASE, EXPERT = "__base__", "expert"
 SENTENCE_END = (".", "!", "?", "\n")
@@ -213,8 +214,9 @@ class CorrectingDecoder:
     """
 
     def __init__(self, model, tokenizer, probe, expert, settings: CorrectionSettings | None = None,
-                 eos_token_ids: list[int] | None = None):
+                 eos_token_ids: list[int] | None = None, drafter=None, max_draft: int = 8):
         self.model, self.tokenizer, self.probe, self.expert = model, tokenizer, probe, expert
+        self.drafter, self.max_draft = drafter, max_draft
         self.settings = settings or CorrectionSettings()
         self.settings.validate()
         self.tau = self.settings.tau if self.settings.tau is not None else probe.threshold
@@ -223,7 +225,10 @@ class CorrectingDecoder:
         self.rows = 2 if self.settings.use_expert else 1  # steered forwards: base (+ expert)
 
     def describe(self) -> dict:
-        return {"rule": "correct", **self.settings.to_dict(), "tau": self.tau}
+        out = {"rule": "correct", **self.settings.to_dict(), "tau": self.tau}
+        if self.drafter is not None:
+            out.update(self.drafter.describe(), max_draft=self.max_draft)
+        return out
 
     # ------------------------------------------------------------------ forwards
 
@@ -260,6 +265,38 @@ class CorrectingDecoder:
         out = self._forward(ids.expand(rows, -1), cache, rows=rows, last_only=True)
         return cache, out.logits[:, -1].float()
 
+    def _watch_chain(self, cache, logits, prefix_len: int, context: list[int], room: int, cfg, rng,
+                     pending: int | None, stats: dict):
+        """Watch mode: the model's own next token, then the drafter's guess, verified in ONE
+        forward of the base model. Returns the verified tokens as (token, logprobs, harm,
+        next logits) and the model's own token where the draft was rejected (already drawn,
+        so sampling stays exact), or None. With no drafter the chain is the one own token,
+        the plain watch step. The cache keeps exactly the verified tokens."""
+        lp = step_logprobs(logits[0], cfg)
+        own = pending if pending is not None else own_choice(lp, cfg, rng)
+        draft = []
+        if self.drafter is not None and room > 1:
+            draft = self.drafter.propose(context + [own], min(self.max_draft, room - 1))[:room - 1]
+        chain = [own] + draft
+        out = forward_chain(self.model, cache, torch.tensor(chain, device=logits.device), prefix_len, self.probe.layer)
+        harms = self.probe.score(out.hidden).cpu().tolist()
+        verified = [(own, lp, harms[0], out.logits[0])]
+        rejected = None
+        for i in range(1, len(chain)):
+            lp_i = step_logprobs(out.logits[i - 1], cfg)
+            mine = verified_choice(lp_i, chain[i], cfg, rng)
+            if mine != chain[i]:
+                rejected = mine
+                break
+            verified.append((chain[i], lp_i, harms[i], out.logits[i]))
+        if self.drafter is not None:
+            self.drafter.accepted(len(draft), len(verified) - 1)
+        crop_to(cache, prefix_len + len(verified))
+        stats["forwards"] += 1
+        stats["drafted"] += len(draft)
+        stats["accepted"] += len(verified) - 1
+        return verified, rejected
+
     # ------------------------------------------------------------------ decoding
 
     @torch.no_grad()
@@ -279,21 +316,27 @@ class CorrectingDecoder:
         detok = Detokenizer(self.tokenizer)
         events: list[dict] = []
         rollbacks = 0
+        context = input_ids[0].tolist()
+        verified: list = []  # watch mode: tokens verified ahead (cache holds them), in order
+        rejected = None  # the model's own token where a draft was rejected
+        stats = {"forwards": 0, "drafted": 0, "accepted": 0}
+        if self.drafter is not None:
+            self.drafter.reset()
         t1 = time.perf_counter()
         while len(st.tokens) < cfg.max_new_tokens:
             prefix_len = prompt_len + len(st.tokens)
             temp = cfg.temperature if not cfg.greedy else 1.0
             if st.mode == "watch":
-                lp = torch.log_softmax(logits[0] / temp, dim=-1).cpu()
-                own = own_choice(lp, cfg, rng)
-                step_logits, harms = self._candidates(cache, torch.tensor([own], device=device), prefix_len, rows=1)
-                keep_candidate(cache, prefix_len, 1, 0)
-                token, harm = own, float(harms[0])
+                if not verified:  # propose (own token + draft), score and verify in one forward
+                    verified, rejected = self._watch_chain(
+                        cache, logits, prefix_len, context + st.tokens, cfg.max_new_tokens - len(st.tokens),
+                        cfg, rng, rejected, stats)
+                token, lp, harm, next_logits = verified.pop(0)
                 piece = detok.push(token)
-                step = TokenStep(token_id=token, token=piece, prob=float(lp[token].exp()), harm=harm, original_id=own,
-                                 original=piece, original_prob=float(lp[own].exp()), original_harm=harm,
+                step = TokenStep(token_id=token, token=piece, prob=float(lp[token].exp()), harm=harm, original_id=token,
+                                 original=piece, original_prob=float(lp[token].exp()), original_harm=harm,
                                  replaced=False, candidates=1, source="base")
-                logits = step_logits[:, 0]
+                logits = next_logits[None]
                 flagged = monitor.update(harm)
             else:
                 lp_b = torch.log_softmax(logits[0] / temp, dim=-1).cpu()
@@ -301,6 +344,7 @@ class CorrectingDecoder:
                 own = own_choice(lp_b, cfg, rng)
                 pool = _union_pool(lp_e, lp_b, own, s.expert_top, s.base_top)
                 step_logits, harms = self._candidates(cache, pool.to(device), prefix_len, rows=self.rows)
+                stats["forwards"] += 1
                 floor = s.min_base_logprob if s.guard else -math.inf
                 j = _steer_choice(pool, lp_e, lp_b, harms, self.tau, floor, rng)
                 keep_candidate(cache, prefix_len, len(pool), j)
@@ -318,6 +362,8 @@ class CorrectingDecoder:
                 flagged = False
             st.tokens.append(token)
             st.steps.append(step)
+            if flagged and rollbacks < s.max_rollbacks:
+                verified, rejected = [], None  # the cache is rebuilt below: nothing verified ahead survives
             if flagged and rollbacks < s.max_rollbacks and not s.recover:
                 events.append({"type": "steer", "reason": "harm", "at_token": len(st.tokens),
                                "harms": [round(h, 4) for h in monitor.harms[-s.window:]]})
@@ -358,8 +404,11 @@ class CorrectingDecoder:
         elapsed = time.perf_counter() - t1
         trace.steps, trace.events = st.steps, events
         stream.flush()
+        timings = decode_timings(t_prefill, elapsed, len(st.tokens))
+        if self.drafter is not None:
+            timings.update(stats, tokens_per_forward=round(len(st.steps) / max(1, stats["forwards"]), 3))
         return Generation(text=final_text(detok.text, trace, cfg), token_ids=list(st.tokens), trace=trace,
-                          prompt_tokens=prompt_len, timings=decode_timings(t_prefill, elapsed, len(st.tokens)))
+                          prompt_tokens=prompt_len, timings=timings)
 
     # ------------------------------------------------------------------ helpers
 

@@ -39,9 +39,9 @@ from ..decoding.loop import (
 )
 from ..decoding.rules import Candidates, Rule, ThresholdRule
 from ..decoding.trace import TokenStep, Trace
+from ..decoding.verify import crop_to, forward_chain, step_logprobs, verified_choice
 from ..errors import InputError
 from .base import Drafter
-from .verify import crop_to, forward_chain, step_logprobs, verified_choice
 
 
 class SpeculativeDecoder:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from ..decoding.candidates import StepOutput
-from ..decoding.config import GenerationConfig
-from ..decoding.loop import own_choice
 from ..errors import ModelError
+from .candidates import StepOutput
+from .config import GenerationConfig
+from .loop import own_choice
 
 
 def step_logprobs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
