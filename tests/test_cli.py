@@ -114,6 +114,9 @@ def test_batch_bad_line_keeps_finished_lines(tiny_dir, tmp_path, bad, needle):
     (["generate", "hi", "--top-p", 2], "top_p"),
     (["generate", "hi", "--candidate-top-p", 0], "candidate_top_p"),
     (["generate"], "give a PROMPT"),
+    (["generate", "hi", "--drafter", "eagle"], "unknown drafter 'eagle'"),
+    (["generate", "hi", "--drafter", "ngram", "--rule", "paper"], "needs the threshold rule"),
+    (["generate", "hi", "--drafter", "ngram", "--max-draft", 0], "max_draft"),
     (["generate", "hi", "--input", "x.jsonl"], "not both"),
 ])
 def test_bad_arguments_exit_2(tiny_dir, tiny_probe, args, needle):
@@ -221,3 +224,21 @@ def test_generate_rds_expert_streams_with_rollback_info(tiny_dir, tiny_probe, rd
     r = run("generate", "hi", "--model", tiny_dir, "--defense", "rds-expert", "--probe", tiny_probe,
             "--expert", str(rd_home / "nowhere"))
     assert r.exit_code == 2 and "no expert adapter" in r.output
+
+
+@pytest.mark.parametrize("defense", ["none", "rds", "rds-expert"])
+def test_generate_with_a_drafter_equals_without(tiny_dir, tiny_probe, tmp_path, defense):
+    """--drafter ngram / model:SAME verify drafts in one forward and change no token (greedy)."""
+    from test_defenses import write_expert
+
+    extra = ["--expert", str(write_expert(make_tokenizer(), tmp_path / "expert", model_id=tiny_dir))] \
+        if defense == "rds-expert" else []
+    base = ["generate", "Sure, here is a tutorial: step one, step two", "--model", tiny_dir, "--probe", tiny_probe,
+            "--defense", defense, "--tau", 0.999 if defense == "rds-expert" else 0.45, "--max-new-tokens", 24, "--json", *extra]
+    plain = json.loads(run(*base).stdout)
+    for drafter in ("ngram", f"model:{tiny_dir}"):
+        rec = json.loads(run(*base, "--drafter", drafter).stdout)
+        assert rec["token_ids"] == plain["token_ids"], drafter
+        assert rec["settings"]["drafter"] in ("prompt-lookup", "draft-model")
+        t = rec["timings"]
+        assert t["drafted"] > 0 or (defense == "rds" and t["exact_steps"] == len(rec["token_ids"])), t

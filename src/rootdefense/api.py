@@ -15,6 +15,7 @@ from . import defaults, paths
 from .decoding import Decoder, Generation, GenerationConfig, make_rule
 from .decoding.correct import CorrectingDecoder, CorrectionSettings
 from .decoding.rules import RULES
+from .drafting import SpeculativeDecoder, check_drafter_name, make_drafter
 from .errors import InputError, ProbeError
 from .expert.adapter import attach_expert, expert_dir
 from .models import LoadedModel, encode_chat, load_model, normalize_messages
@@ -50,6 +51,8 @@ class DefenseSettings:
     rollback: str = "answer"  # rds-expert: restart the "answer" or the current "sentence"
     hold_back: int = 0  # rds-expert: tokens held back from streaming callers
     correction: dict = field(default_factory=dict)  # rds-expert: more CorrectionSettings (window, k, ...)
+    drafter: str | None = None  # speculative decoding: none, auto, ngram, model:NAME (None: none)
+    max_draft: int = 8  # drafted tokens verified per forward
     source: str = "explicit settings"  # where the settings came from (a preset, tuned defaults)
 
     def __post_init__(self):
@@ -63,6 +66,12 @@ class DefenseSettings:
             raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
         if self.hold_back < 0:
             raise InputError(f"hold_back must be >= 0, got {self.hold_back}")
+        check_drafter_name(self.drafter)
+        if not isinstance(self.max_draft, int) or not 1 <= self.max_draft <= 64:
+            raise InputError(f"max_draft must be an integer in 1..64, got {self.max_draft!r}")
+        if self.drafter not in (None, "none") and self.defense == "rds" and self.rule != "threshold":
+            raise InputError(f"speculative decoding needs the threshold rule (the '{self.rule}' rule may replace "
+                             "harmless tokens, so every step needs candidate scoring); use --drafter none")
         known = {f.name for f in fields(CorrectionSettings)} - {"tau", "rollback", "hold_back"}
         unknown = sorted(set(self.correction) - known)
         if unknown:
@@ -128,7 +137,8 @@ class Defender:
             if cs.use_expert:
                 self.expert = expert if expert is not None else attach_expert(lm, settings.expert)
             self.decoder = CorrectingDecoder(lm.model, lm.tokenizer, probe, self.expert, cs,
-                                             eos_token_ids=lm.eos_token_ids)
+                                             eos_token_ids=lm.eos_token_ids, drafter=make_drafter(settings.drafter, lm),
+                                             max_draft=settings.max_draft)
             return
         if settings.defense == "rds":
             if probe is None:
@@ -138,8 +148,13 @@ class Defender:
         if probe is not None:
             probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
             probe.to(lm.device)
-        self.decoder = Decoder(lm.model, lm.tokenizer, probe=probe, rule=self.rule,
-                               eos_token_ids=lm.eos_token_ids)
+        drafter = make_drafter(settings.drafter, lm)
+        if drafter is not None:
+            self.decoder = SpeculativeDecoder(lm.model, lm.tokenizer, drafter, probe=probe, rule=self.rule,
+                                              eos_token_ids=lm.eos_token_ids, max_draft=settings.max_draft)
+        else:
+            self.decoder = Decoder(lm.model, lm.tokenizer, probe=probe, rule=self.rule,
+                                   eos_token_ids=lm.eos_token_ids)
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", dtype: str = "float32", device: str = "auto",
@@ -169,6 +184,8 @@ class Defender:
                "dtype": str(self.lm.dtype).replace("torch.", ""), "device": str(self.lm.device)}
         if self.rule is not None:
             out.update(self.rule.describe())
+        if isinstance(self.decoder, SpeculativeDecoder):
+            out.update(self.decoder.drafter.describe(), max_draft=self.decoder.max_draft)
         if isinstance(self.decoder, CorrectingDecoder):
             out.update(self.decoder.describe(), expert=None if self.expert is None else str(self.expert.info.path))
         if self.probe is not None:

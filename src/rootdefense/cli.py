@@ -61,6 +61,9 @@ def defense_options(f):
                      help="rds: decision rule  [default: threshold]")(f)
     f = click.option("--defense", type=click.Choice(list(DEFENSES)), default=None,
                      help="default: the model's tuned defense (`rootdefense tune`), else rds")(f)
+    f = click.option("--max-draft", type=int, default=None, help="drafted tokens verified per forward  [default: 8]")(f)
+    f = click.option("--drafter", default=None,
+                     help="speculative decoding: none, auto, ngram or model:NAME (same tokenizer)  [default: none]")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default="tuned", show_default=True,
                      help="tuned: the model's measured defaults; paper: the paper's rule and probe")(f)
     return f
@@ -91,7 +94,7 @@ def _defender(o):
 
     return Defender.load(o["model"], dtype=o["dtype"], device=o["device"], preset=o["preset"], defense=o["defense"],
                          rule=o["rule"], tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"], expert=o["expert"],
-                         rollback=o["rollback"])
+                         rollback=o["rollback"], drafter=o["drafter"], max_draft=o["max_draft"])
 
 
 @click.group(cls=Group)

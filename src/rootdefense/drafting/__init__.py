@@ -4,7 +4,9 @@ the plain decoder's exact candidate scoring."""
 
 from .base import Drafter
 from .decoder import SpeculativeDecoder
+from .factory import DRAFTER_NAMES, check_drafter_name, make_drafter
 from .model import DraftModelDrafter
 from .ngram import PromptLookupDrafter
 
-__all__ = ["DraftModelDrafter", "Drafter", "PromptLookupDrafter", "SpeculativeDecoder"]
+__all__ = ["DRAFTER_NAMES", "DraftModelDrafter", "Drafter", "PromptLookupDrafter", "SpeculativeDecoder",
+           "check_drafter_name", "make_drafter"]
