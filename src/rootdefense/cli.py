@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -348,6 +349,40 @@ def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag
     result["command"] = " ".join(["rootdefense", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] else "rootdefense tune"
     path = save_defaults(out or probe_folder(lm.model_id), result)
     click.echo(json.dumps(result, indent=2) if as_json else f"defaults saved: {path}")
+
+
+@cli.command()
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--prompts", type=int, default=5, show_default=True, help="prompts per set (benign, harmful)")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--methods", default=None, help="comma-separated (default: all that need no draft model)")
+@click.option("--draft-model", default=None, help="a small model sharing the tokenizer (hf-assisted, rds-spec-model)")
+@click.option("--max-draft", type=int, default=8, show_default=True)
+@click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="save the JSON here as well")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object with a 'results' list")
+def bench(model, prompts, max_new_tokens, methods, draft_model, max_draft, threads, out, as_json):
+    """Tokens/s, ms/token, accepted length and peak RSS of every decoding method, side by side."""
+    from .bench import DEFAULT_METHODS, BenchSpec, run_bench
+
+    spec = BenchSpec(model=model, prompts=prompts, max_new_tokens=max_new_tokens,
+                     methods=tuple(_csv(methods) or DEFAULT_METHODS), draft_model=draft_model, max_draft=max_draft,
+                     threads=threads)
+    report = run_bench(spec, log=lambda m: click.echo(m, err=True))
+    text = json.dumps(report, indent=2)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n", encoding="utf-8")
+    if as_json:
+        click.echo(text)
+        return
+    click.echo(f"{'method':26} {'set':8} {'tok/s':>8} {'ms/tok':>8} {'x generate':>10} {'accepted':>9} {'peak MB':>8}")
+    for r in report["results"]:
+        acc = "-" if r["accepted_len"] is None else f"{r['accepted_len']:.2f}"
+        click.echo(f"{r['method']:26} {r['set']:8} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.1f} "
+                   f"{r['ratio_vs_generate']:10.2f} {acc:>9} {r['peak_rss_mb']:8.0f}")
+    for name, why in report["skipped"].items():
+        click.echo(f"skipped {name}: {why}")
 
 
 @cli.group(cls=Group)

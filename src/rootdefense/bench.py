@@ -1,0 +1,222 @@
+"""`rootdefense bench`: decoding speed and memory, defended and not, side by side.
+
+Every method answers the same prompts (MT-bench turn 1 as benign, held-out AdvBench as
+harmful), greedy, in ONE process, interleaved prompt by prompt (each prompt is answered by
+every method before the next prompt), so drift of a noisy machine hits all methods alike.
+Figures are medians over prompts; each method's ratio is its median tokens/s over
+transformers ``generate``'s, measured in the same run.
+
+Methods (skipped, with the reason, when a part is missing):
+
+- ``hf-generate``: transformers ``generate``, the undefended reference;
+- ``hf-prompt-lookup``: transformers' own prompt-lookup decoding (the peer);
+- ``hf-assisted``: transformers assisted generation with ``--draft-model``;
+- ``plain``: rootdefense undefended (no probe);
+- ``rds-exact``: the threshold rule scoring candidates at every step (paper-style RDS);
+- ``rds-expert-exact``: the tuned default defense (probe watch, rollback, expert);
+- ``rds-spec-ngram`` / ``rds-spec-model``: the tuned default defense with drafts verified
+  in one forward (prompt lookup / ``--draft-model``);
+- ``rds-spec-threshold-ngram``: the threshold rule with prompt-lookup drafts.
+
+Wall time covers the whole answer (prefill included) for every method alike. Peak RSS is
+the process's largest resident set seen while the method ran (sampled every 5 ms); the
+model's weights are shared by all methods, so it is the same baseline for each.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+import torch
+
+from .errors import InputError
+
+METHODS = ("hf-generate", "hf-prompt-lookup", "hf-assisted", "plain", "rds-exact", "rds-expert-exact",
+           "rds-spec-ngram", "rds-spec-model", "rds-spec-threshold-ngram")
+DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "plain", "rds-exact", "rds-expert-exact", "rds-spec-ngram",
+                   "rds-spec-threshold-ngram")
+
+
+@dataclass
+class BenchSpec:
+    model: str = "smollm2-135m"
+    prompts: int = 5  # per set
+    max_new_tokens: int = 128
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    draft_model: str | None = None
+    max_draft: int = 8
+    threads: int | None = None
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise InputError(f"unknown bench method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
+        if "hf-generate" not in self.methods:
+            raise InputError("the bench needs 'hf-generate': every ratio is measured against it")
+        if self.prompts < 1 or not 1 <= self.max_new_tokens <= 4096:
+            raise InputError("prompts must be >= 1 and max_new_tokens in 1..4096")
+        needs_draft = [m for m in self.methods if m in ("hf-assisted", "rds-spec-model")]
+        if needs_draft and not self.draft_model:
+            raise InputError(f"method(s) {', '.join(needs_draft)} need --draft-model NAME")
+
+
+class _PeakRSS:
+    """The largest resident set size of this process while the block runs (polled)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * self._page
+        except OSError:  # not Linux: the lifetime peak is the best available
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def bench_prompts(n: int) -> dict[str, list[str]]:
+    from .data.split import held_out
+
+    return {"benign": [e.prompt for e in held_out("mtbench", n)],
+            "harmful": [e.prompt for e in held_out("advbench", n)]}
+
+
+def _hf_runner(lm, extra: dict):
+    gen_cfg = {"do_sample": False, "eos_token_id": lm.eos_token_ids, "pad_token_id": lm.tokenizer.pad_token_id
+               or lm.eos_token_ids[0], **extra}
+
+    def run(ids, n):
+        out = lm.model.generate(ids, max_new_tokens=n, min_new_tokens=0, **gen_cfg)
+        return out[0, ids.shape[1]:].tolist(), {}
+
+    return run
+
+
+def _defender_runner(defender):
+    from .decoding import GenerationConfig
+
+    def run(ids, n):
+        gen = defender.decoder.generate(ids, GenerationConfig(max_new_tokens=n))
+        t = gen.timings
+        # mean accepted length: tokens emitted per target forward (drafted decoders only)
+        return gen.token_ids, ({"accepted_len": t["tokens_per_forward"]} if "tokens_per_forward" in t else {})
+
+    return run
+
+
+def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
+    """name -> runner(ids, max_new_tokens) -> (new token ids, extra); and name -> skip reason."""
+    from .api import Defender
+    from .errors import RootDefenseError
+
+    runners, skipped = {}, {}
+    draft = None
+    if spec.draft_model:
+        from .models import load_model
+
+        draft = load_model(spec.draft_model, dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device))
+    for name in spec.methods:
+        try:
+            if name == "hf-generate":
+                runners[name] = _hf_runner(lm, {})
+            elif name == "hf-prompt-lookup":
+                runners[name] = _hf_runner(lm, {"prompt_lookup_num_tokens": spec.max_draft})
+            elif name == "hf-assisted":
+                runners[name] = _hf_runner(lm, {"assistant_model": draft.model})
+            elif name == "plain":
+                runners[name] = _defender_runner(Defender.load(lm=lm, defense="none", monitor=False))
+            elif name == "rds-exact":
+                runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold"))
+            elif name == "rds-spec-threshold-ngram":
+                runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold",
+                                                               drafter="ngram", max_draft=spec.max_draft))
+            else:
+                drafter = {"rds-expert-exact": None, "rds-spec-ngram": "ngram",
+                           "rds-spec-model": f"model:{spec.draft_model}"}[name]
+                d = Defender.load(lm=lm, drafter=drafter, max_draft=spec.max_draft)  # the tuned default defense
+                if d.settings.defense != "rds-expert":
+                    log(f"note: {name} runs the model's default defense '{d.settings.defense}' ({d.settings.source})")
+                runners[name] = _defender_runner(d)
+        except RootDefenseError as exc:
+            skipped[name] = str(exc)
+            log(f"skipping {name}: {exc}")
+    return runners, skipped
+
+
+def run_bench(spec: BenchSpec, log=print) -> dict:
+    from tqdm.auto import tqdm
+
+    from .models import encode_chat, load_model
+
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    lm = load_model(spec.model)
+    runners, skipped = build_methods(lm, spec, log)
+    sets = bench_prompts(spec.prompts)
+    per: dict[tuple[str, str], list[dict]] = {}
+    reference: dict[tuple[str, int], list[int]] = {}
+    jobs = [(s, i, p) for s, ps in sets.items() for i, p in enumerate(ps)]
+    # one untimed warm-up answer per method (first-call allocations, lazy inits)
+    warm = encode_chat(lm.tokenizer, [{"role": "user", "content": "Hello"}])
+    for run in runners.values():
+        with torch.no_grad():
+            run(warm, 4)
+    for set_name, i, prompt in tqdm(jobs, desc="bench", unit="prompt"):
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], lm.max_context,
+                          reserve=spec.max_new_tokens)
+        for name, run in runners.items():
+            with _PeakRSS() as rss, torch.no_grad():
+                t0 = time.perf_counter()
+                tokens, extra = run(ids, spec.max_new_tokens)
+                wall = time.perf_counter() - t0
+            if name == "hf-generate":
+                reference[(set_name, i)] = tokens
+            per.setdefault((name, set_name), []).append({
+                "tokens": len(tokens), "wall_s": wall, "peak_rss_mb": rss.peak / 2 ** 20,
+                "same_as_generate": tokens == reference.get((set_name, i)), **extra})
+    results = []
+    for (name, set_name), items in per.items():
+        tps = [it["tokens"] / it["wall_s"] for it in items if it["tokens"]]
+        ref = [it["tokens"] / it["wall_s"] for it in per[("hf-generate", set_name)] if it["tokens"]]
+        acc = [it["accepted_len"] for it in items if it.get("accepted_len") is not None]
+        results.append({
+            "method": name, "set": set_name, "prompts": len(items),
+            "tokens_per_s": round(statistics.median(tps), 2),
+            "ms_per_token": round(statistics.median(1000 * it["wall_s"] / it["tokens"] for it in items if it["tokens"]),
+                                  2),
+            "ratio_vs_generate": round(statistics.median(tps) / statistics.median(ref), 3),
+            "accepted_len": round(statistics.mean(acc), 3) if acc else None,
+            "peak_rss_mb": round(max(it["peak_rss_mb"] for it in items), 1),
+            "tokens_mean": round(statistics.mean(it["tokens"] for it in items), 1),
+            "same_as_generate": round(sum(it["same_as_generate"] for it in items) / len(items), 3),
+        })
+    return {"results": results, "skipped": skipped, "spec": asdict(spec),
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                        "torch_threads": torch.get_num_threads(), "device": str(lm.device), "dtype": str(lm.dtype),
+                        "torch": torch.__version__},
+            "created": datetime.now(UTC).isoformat(timespec="seconds")}

@@ -1,0 +1,74 @@
+"""`rootdefense bench` on a tiny model saved to a folder: every method answers every prompt,
+ratios are against transformers generate in the same run, lossless methods reproduce its
+tokens, bad requests are refused before any model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_model, make_tokenizer
+
+from rootdefense import defaults
+from rootdefense.bench import BenchSpec
+from rootdefense.cli import cli
+from rootdefense.errors import InputError
+from rootdefense.probes.base import LinearProbe
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-bench-model")
+    tok = make_tokenizer()
+    model = make_tiny_model(tok)
+    model.config.max_position_embeddings = 4096
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return str(d)
+
+
+def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
+    g = torch.Generator().manual_seed(5)
+    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                meta={"model_id": tiny_dir, "kind": "response"}).save(defaults.probe_folder(tiny_dir))
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(cli, ["bench", "--model", tiny_dir, "--prompts", "2", "--max-new-tokens", "12",
+                                 "--draft-model", tiny_dir, "--threads", "1", "--json", "--out", str(out),
+                                 "--methods", "hf-generate,hf-prompt-lookup,hf-assisted,plain,rds-exact,"
+                                              "rds-expert-exact,rds-spec-ngram,rds-spec-model,rds-spec-threshold-ngram"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(out.read_text())
+    got = {(x["method"], x["set"]): x for x in report["results"]}
+    assert len(got) == 9 * 2 and not report["skipped"]
+    for x in report["results"]:
+        assert x["prompts"] == 2 and x["tokens_per_s"] > 0 and x["ms_per_token"] > 0 and x["peak_rss_mb"] > 0
+        assert {"method", "set", "tokens_per_s", "ms_per_token", "ratio_vs_generate", "accepted_len",
+                "peak_rss_mb"} <= set(x)
+    for s in ("benign", "harmful"):
+        assert got[("hf-generate", s)]["ratio_vs_generate"] == 1.0
+        # undefended greedy decoders reproduce generate's tokens exactly
+        for lossless in ("hf-prompt-lookup", "hf-assisted", "plain"):
+            assert got[(lossless, s)]["same_as_generate"] == 1.0, lossless
+        assert got[("rds-spec-ngram", s)]["accepted_len"] is not None
+        assert got[("rds-expert-exact", s)]["accepted_len"] is None
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"methods": ("plain",)}, "needs 'hf-generate'"),
+    ({"methods": ("hf-generate", "warp")}, "unknown bench method"),
+    ({"methods": ("hf-generate", "rds-spec-model")}, "need --draft-model"),
+    ({"prompts": 0}, "prompts must be"),
+])
+def test_bench_spec_is_checked(kwargs, needle):
+    with pytest.raises(InputError, match=needle):
+        BenchSpec(**kwargs)
+
+
+def test_bench_prints_a_table(tiny_dir, rd_home):
+    r = CliRunner().invoke(cli, ["bench", "--model", tiny_dir, "--prompts", "1", "--max-new-tokens", "4",
+                                 "--methods", "hf-generate,plain"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.startswith(("hf-generate", "plain"))]
+    assert len(lines) == 4 and "x generate" in r.output
