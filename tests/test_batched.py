@@ -56,3 +56,29 @@ def test_rows_finish_independently(parts):
     assert gens[0].trace.finish_reason == "stop" and len({len(g.token_ids) for g in gens}) > 1
     assert gens[0].timings["batch_size"] == 4 and gens[0].timings["batch_tokens"] == sum(len(g.token_ids) for g in gens)
     assert BatchDecoder(model, tok).generate([], cfg) == []
+
+
+@pytest.mark.parametrize("tau, leave", [(0.999999, "none"), (0.56, "some"), (0.52, "all")])
+def test_rds_expert_batch_equals_one_by_one(tiny_tokenizer, tmp_path, tau, leave):
+    """The tuned default defense in a batch: unflagged answers stay in the batch, flagged
+    ones (and loops) are answered by the correcting decoder; all equal single answers."""
+    from conftest import make_tiny_model
+    from test_defenses import MODEL_ID, MODEL_SEED, write_expert
+
+    from rootdefense.api import Defender, DefenseSettings
+    from rootdefense.models.loading import LoadedModel
+
+    tok = tiny_tokenizer
+    lm = LoadedModel(make_tiny_model(tok, seed=MODEL_SEED), tok, MODEL_ID, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(11)
+    probe = LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                        meta={"model_id": MODEL_ID, "kind": "response"})
+    d = Defender(lm, probe, DefenseSettings(defense="rds-expert", tau=tau, correction={"k": 2, "window": 4},
+                                            expert=str(write_expert(tok, tmp_path / "expert"))))
+    cfg = GenerationConfig(max_new_tokens=40)
+    batch = d.generate_batch(PROMPTS, config=cfg)
+    single = [d.generate(p, config=cfg) for p in PROMPTS]
+    assert [b.token_ids for b in batch] == [s.token_ids for s in single]
+    assert [b.trace.events for b in batch] == [s.trace.events for s in single]
+    flagged = sum(any(e["reason"] == "harm" for e in s.trace.events) for s in single)
+    assert flagged == {"none": 0, "some": 3, "all": 4}[leave]  # flagged answers leave the batch

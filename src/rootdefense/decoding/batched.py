@@ -44,6 +44,7 @@ class _Row:
         self.trace = Trace()
         self.tokens: list[int] = []
         self.done = False
+        self.handed_over = False
 
 
 def _pad_left(prompts: list[torch.Tensor], pad_id: int, device):
@@ -105,14 +106,20 @@ class BatchDecoder:
         self.pad_id = int(pad if pad is not None else (eos_token_ids or [0])[0])
 
     @torch.no_grad()
-    def generate(self, prompts: list[torch.Tensor], cfg: GenerationConfig) -> list[Generation]:
-        """``prompts``: (1, T_i) id tensors. Returns one Generation per prompt, in order."""
+    def generate(self, prompts: list[torch.Tensor], cfg: GenerationConfig, watch=None) -> list[Generation | None]:
+        """``prompts``: (1, T_i) id tensors. Returns one Generation per prompt, in order.
+
+        ``watch`` (optional) makes a watcher per row: ``watch().update(tokens, harm)`` is
+        told of every committed token and returns True when the row must leave the batch
+        (e.g. the correcting decoder's monitor flagged it); such rows come back as None,
+        for the caller to answer on its own."""
         if not prompts:
             return []
         device = next(self.model.parameters()).device
         rng = sampling_rng(cfg)
         layer = self.probe.layer if self.probe is not None else None
         rows = [_Row(i, int(p.shape[1]), self.tokenizer) for i, p in enumerate(prompts)]
+        watchers = [watch() for _ in rows] if watch is not None else None
         ids, past = _pad_left(prompts, self.pad_id, device)
         positions = (past.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -153,6 +160,9 @@ class BatchDecoder:
                     j = self.rule.choose(Candidates(pools[b], lps[b][pools[b]], hb, own_idx), rng)
                 chosen.append(j)
                 self._commit(row, pools[b], j, own_idx, lps[b], None if harms is None else harms[b], cfg)
+                if watchers is not None and watchers[row.index].update(
+                        row.tokens, row.trace.steps[-1].harm, loops=row.trace.finish_reason != "eos"):
+                    row.done, row.handed_over = True, True
             # commit: keep each row's chosen slot, then drop finished rows
             pick = torch.tensor(chosen, device=device)
             _keep_slots(cache, c, width, pick)
@@ -166,9 +176,12 @@ class BatchDecoder:
                 logits, past, next_pos = logits[idx], past[idx], next_pos[idx]
                 live = [live[b] for b in keep]
         elapsed = time.perf_counter() - t1
-        total = sum(len(r.tokens) for r in rows)
-        out = []
+        total = sum(len(r.tokens) for r in rows if not r.handed_over)
+        out: list[Generation | None] = []
         for r in rows:
+            if r.handed_over:
+                out.append(None)
+                continue
             timings = decode_timings(t_prefill, elapsed, len(r.tokens))
             timings.update(batch_size=len(prompts), batch_tokens=total,
                            batch_tokens_per_s=round(total / elapsed, 2) if elapsed > 0 else None)

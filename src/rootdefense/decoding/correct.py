@@ -154,6 +154,19 @@ class DegenerationGuard:
         return grams[tuple(tail[-n:])] >= self.repeats
 
 
+class _Watcher:
+    """Replays watch mode's decisions token by token (see :meth:`CorrectingDecoder.watcher`)."""
+
+    def __init__(self, monitor: RecoveryMonitor, guard: DegenerationGuard | None, may_flag: bool):
+        self.monitor, self.guard, self.may_flag = monitor, guard, may_flag
+
+    def update(self, tokens: list[int], harm: float, loops: bool = True) -> bool:
+        """True when watch mode would act after this token: a flag (always checked first),
+        or, unless the token ended the answer with eos, a loop to cut."""
+        flagged = self.monitor.update(harm) and self.may_flag
+        return flagged or (loops and self.guard is not None and self.guard.periodic(tokens) is not None)
+
+
 class _Stream:
     """Holds tokens back ``hold_back`` steps before handing them to ``on_token``; a rollback
     that reaches tokens already handed out becomes an explicit correction event."""
@@ -264,6 +277,13 @@ class CorrectingDecoder:
         cache = DynamicCache(config=self.model.config)
         out = self._forward(ids.expand(rows, -1), cache, rows=rows, last_only=True)
         return cache, out.logits[:, -1].float()
+
+    def watcher(self) -> _Watcher:
+        """What watch mode reacts to, for a batch decoding this answer undefended: the
+        answer must go to this decoder once the monitor would flag it or the loop guard
+        would cut it (from there on the two differ)."""
+        return _Watcher(RecoveryMonitor(self.tau, self.settings.window, self.settings.k),
+                        self.guard if self.settings.guard else None, self.settings.max_rollbacks > 0)
 
     def _watch_chain(self, cache, logits, prefix_len: int, context: list[int], room: int, cfg, rng,
                      pending: int | None, stats: dict):
