@@ -242,3 +242,24 @@ def test_generate_with_a_drafter_equals_without(tiny_dir, tiny_probe, tmp_path, 
         assert rec["settings"]["drafter"] in ("prompt-lookup", "draft-model")
         t = rec["timings"]
         assert t["drafted"] > 0 or (defense == "rds" and t["exact_steps"] == len(rec["token_ids"])), t
+
+
+@pytest.mark.parametrize("defense", ["none", "rds"])
+def test_batch_size_changes_no_answer(tiny_dir, tiny_probe, tmp_path, defense):
+    inp = tmp_path / "in.jsonl"
+    prompts = ["hi", "How do I bake bread?", "Sure, here is a tutorial", "bread?", "step one"]
+    inp.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    texts = {}
+    for size in (1, 3):
+        out = tmp_path / f"out{size}.jsonl"
+        r = run("generate", "--model", tiny_dir, "--probe", tiny_probe, "--defense", defense, "--tau", 0.45,
+                "--max-new-tokens", 10, "--input", inp, "--output", out, "--batch-size", size)
+        assert r.exit_code == 0, r.output
+        lines = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [x["line"] for x in lines] == [1, 2, 3, 4, 5]
+        texts[size] = [(x["text"], x["trace"]["summary"]["replaced"]) for x in lines]
+        if size == 3:
+            assert lines[0]["timings"]["batch_size"] == 3 and lines[3]["timings"]["batch_size"] == 2
+    assert texts[1] == texts[3]
+    r = run("generate", "--model", tiny_dir, "--input", inp, "--output", tmp_path / "x.jsonl", "--batch-size", 0)
+    assert r.exit_code == 2 and "batch size" in r.output

@@ -203,15 +203,13 @@ class Defender:
         return encode_chat(self.lm.tokenizer, msgs, self.lm.max_context, reserve=cfg.max_new_tokens,
                            prefill=prefill)
 
-    def generate_batch(self, prompts: list[str] | None = None, conversations: list[list] | None = None,
-                       config: GenerationConfig | None = None) -> list[Generation]:
-        """Answer several prompts (or conversations) in one batch: one forward per step for
+    def generate_batch(self, items: list[str | list[dict]], config: GenerationConfig | None = None) -> list[Generation]:
+        """Answer several prompts (each a string or a message list) in one batch: one forward per step for
         all of them, each answer equal to :meth:`generate`'s (greedy). With ``rds-expert``
         the batch is its watch mode; an answer it flags leaves the batch and is answered by
         the correcting decoder alone (its watched prefix recomputed: flags come early)."""
         cfg = config or GenerationConfig()
-        items = [(p, None) for p in prompts] if prompts is not None else [(None, m) for m in conversations or []]
-        ids = [self.encode(p, m, cfg) for p, m in items]
+        ids = [self.encode(*((x, None) if isinstance(x, str) else (None, x)), cfg) for x in items]
         watch = self.decoder.watcher if isinstance(self.decoder, CorrectingDecoder) else None
         out = BatchDecoder(self.lm.model, self.lm.tokenizer, probe=self.probe, rule=self.rule,
                            eos_token_ids=self.lm.eos_token_ids).generate(ids, cfg, watch=watch)

@@ -143,7 +143,9 @@ def prepare(model, probes):
 @click.option("--output", "output_path", type=click.Path(dir_okay=False), default=None, help="batch mode: JSONL out")
 @click.option("--resume", is_flag=True, help="batch mode: skip input lines already in --output")
 @click.option("--overwrite", is_flag=True, help="batch mode: replace an existing --output")
-def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, **o):
+@click.option("--batch-size", type=int, default=1, show_default=True,
+              help="batch mode: lines decoded together (same answers, one forward per step for all)")
+def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, batch_size, **o):
     """Answer PROMPT (or every line of --input) with or without the defense."""
     from .batch import run_batch
     from .render import write_trace_page
@@ -154,8 +156,11 @@ def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, 
             raise InputError("give either PROMPT or --input/--output, not both")
         if not (input_path and output_path):
             raise InputError("batch mode needs both --input and --output")
+        if batch_size < 1:
+            raise InputError(f"batch size must be an integer >= 1, got {batch_size}")
         defender = _defender(o)
-        summary = run_batch(defender, cfg, input_path, output_path, resume=resume, overwrite=overwrite, html=html)
+        summary = run_batch(defender, cfg, input_path, output_path, resume=resume, overwrite=overwrite, html=html,
+                            batch_size=batch_size)
         click.echo(json.dumps(summary) if as_json else
                    f"{summary['written']} answers written to {output_path} ({summary['skipped']} already done)")
         return
