@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import make_tiny_model, make_tokenizer
 
 from rootdefense import defaults
-from rootdefense.bench import BenchSpec
+from rootdefense.bench import METHODS, BenchSpec
 from rootdefense.cli import cli
 from rootdefense.errors import InputError
 from rootdefense.probes.base import LinearProbe
@@ -36,14 +36,13 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(cli, ["bench", "--model", tiny_dir, "--prompts", "2", "--max-new-tokens", "12",
                                  "--draft-model", tiny_dir, "--threads", "1", "--json", "--out", str(out),
-                                 "--methods", "hf-generate,hf-prompt-lookup,hf-assisted,plain,rds-exact,"
-                                              "rds-expert-exact,rds-spec-ngram,rds-spec-model,rds-spec-threshold-ngram"])
+                                 "--methods", ",".join(METHODS), "--batch-size", "3"])
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     got = {(x["method"], x["set"]): x for x in report["results"]}
-    assert len(got) == 9 * 2 and not report["skipped"]
+    assert len(got) == 11 * 2 and not report["skipped"]
     for x in report["results"]:
-        assert x["prompts"] == 2 and x["tokens_per_s"] > 0 and x["ms_per_token"] > 0 and x["peak_rss_mb"] > 0
+        assert x["prompts"] == (3 if x["method"].endswith("-batch") else 2) and x["tokens_per_s"] > 0 and x["ms_per_token"] > 0 and x["peak_rss_mb"] > 0
         assert {"method", "set", "tokens_per_s", "ms_per_token", "ratio_vs_generate", "accepted_len",
                 "peak_rss_mb"} <= set(x)
     for s in ("benign", "harmful"):
@@ -53,13 +52,15 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
             assert got[(lossless, s)]["same_as_generate"] == 1.0, lossless
         assert got[("rds-spec-ngram", s)]["accepted_len"] is not None
         assert got[("rds-expert-exact", s)]["accepted_len"] is None
+        assert got[("rds-batch", s)]["ratio_vs_single"] > 0 and got[("rds-batch", s)]["batch_size"] == 3
 
 
 @pytest.mark.parametrize("kwargs, needle", [
     ({"methods": ("plain",)}, "needs 'hf-generate'"),
     ({"methods": ("hf-generate", "warp")}, "unknown bench method"),
     ({"methods": ("hf-generate", "rds-spec-model")}, "need --draft-model"),
-    ({"prompts": 0}, "prompts must be"),
+    ({"prompts": 0}, "prompts and batch_size must be"),
+    ({"batch_size": 0}, "prompts and batch_size must be"),
 ])
 def test_bench_spec_is_checked(kwargs, needle):
     with pytest.raises(InputError, match=needle):

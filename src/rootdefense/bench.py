@@ -16,7 +16,11 @@ Methods (skipped, with the reason, when a part is missing):
 - ``rds-expert-exact``: the tuned default defense (probe watch, rollback, expert);
 - ``rds-spec-ngram`` / ``rds-spec-model``: the tuned default defense with drafts verified
   in one forward (prompt lookup / ``--draft-model``);
-- ``rds-spec-threshold-ngram``: the threshold rule with prompt-lookup drafts.
+- ``rds-spec-threshold-ngram``: the threshold rule with prompt-lookup drafts;
+- ``rds-batch`` / ``rds-expert-batch``: ``rds-exact`` / ``rds-expert-exact`` answering
+  ``--batch-size`` prompts of the set together (cycled when the set is smaller); their
+  tokens/s is the batch's total throughput, and ``ratio_vs_single`` compares it with the
+  single-stream method's median.
 
 Wall time covers the whole answer (prefill included) for every method alike. Peak RSS is
 the process's largest resident set seen while the method ran (sampled every 5 ms); the
@@ -38,9 +42,10 @@ import torch
 from .errors import InputError
 
 METHODS = ("hf-generate", "hf-prompt-lookup", "hf-assisted", "plain", "rds-exact", "rds-expert-exact",
-           "rds-spec-ngram", "rds-spec-model", "rds-spec-threshold-ngram")
+           "rds-spec-ngram", "rds-spec-model", "rds-spec-threshold-ngram", "rds-batch", "rds-expert-batch")
 DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "plain", "rds-exact", "rds-expert-exact", "rds-spec-ngram",
-                   "rds-spec-threshold-ngram")
+                   "rds-spec-threshold-ngram", "rds-batch", "rds-expert-batch")
+BATCH_METHODS = {"rds-batch": "rds-exact", "rds-expert-batch": "rds-expert-exact"}  # -> its single-stream peer
 
 
 @dataclass
@@ -52,6 +57,7 @@ class BenchSpec:
     draft_model: str | None = None
     max_draft: int = 8
     threads: int | None = None
+    batch_size: int = 8
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
@@ -59,8 +65,8 @@ class BenchSpec:
             raise InputError(f"unknown bench method(s) {', '.join(bad)}; choose from {', '.join(METHODS)}")
         if "hf-generate" not in self.methods:
             raise InputError("the bench needs 'hf-generate': every ratio is measured against it")
-        if self.prompts < 1 or not 1 <= self.max_new_tokens <= 4096:
-            raise InputError("prompts must be >= 1 and max_new_tokens in 1..4096")
+        if self.prompts < 1 or not 1 <= self.max_new_tokens <= 4096 or self.batch_size < 1:
+            raise InputError("prompts and batch_size must be >= 1, max_new_tokens in 1..4096")
         needs_draft = [m for m in self.methods if m in ("hf-assisted", "rds-spec-model")]
         if needs_draft and not self.draft_model:
             raise InputError(f"method(s) {', '.join(needs_draft)} need --draft-model NAME")
@@ -129,6 +135,16 @@ def _defender_runner(defender):
     return run
 
 
+def _batch_runner(defender):
+    from .decoding import GenerationConfig
+
+    def run(items, n):
+        gens = defender.generate_batch(items, GenerationConfig(max_new_tokens=n))
+        return [g.token_ids for g in gens], {}
+
+    return run
+
+
 def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
     """name -> runner(ids, max_new_tokens) -> (new token ids, extra); and name -> skip reason."""
     from .api import Defender
@@ -152,6 +168,10 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="none", monitor=False))
             elif name == "rds-exact":
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold"))
+            elif name == "rds-batch":
+                runners[name] = _batch_runner(Defender.load(lm=lm, defense="rds", rule="threshold"))
+            elif name == "rds-expert-batch":
+                runners[name] = _batch_runner(Defender.load(lm=lm))  # the tuned default defense
             elif name == "rds-spec-threshold-ngram":
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold",
                                                                drafter="ngram", max_draft=spec.max_draft))
@@ -183,13 +203,15 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
     jobs = [(s, i, p) for s, ps in sets.items() for i, p in enumerate(ps)]
     # one untimed warm-up answer per method (first-call allocations, lazy inits)
     warm = encode_chat(lm.tokenizer, [{"role": "user", "content": "Hello"}])
-    for run in runners.values():
+    for name, run in runners.items():
         with torch.no_grad():
-            run(warm, 4)
+            run(["Hello", "Hi"] if name in BATCH_METHODS else warm, 4)
     for set_name, i, prompt in tqdm(jobs, desc="bench", unit="prompt"):
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}], lm.max_context,
                           reserve=spec.max_new_tokens)
         for name, run in runners.items():
+            if name in BATCH_METHODS:
+                continue
             with _PeakRSS() as rss, torch.no_grad():
                 t0 = time.perf_counter()
                 tokens, extra = run(ids, spec.max_new_tokens)
@@ -199,7 +221,28 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             per.setdefault((name, set_name), []).append({
                 "tokens": len(tokens), "wall_s": wall, "peak_rss_mb": rss.peak / 2 ** 20,
                 "same_as_generate": tokens == reference.get((set_name, i)), **extra})
+    batches = {}
+    for name in (n for n in runners if n in BATCH_METHODS):
+        for set_name, ps in sets.items():
+            items = [ps[i % len(ps)] for i in range(spec.batch_size)]
+            with _PeakRSS() as rss, torch.no_grad():
+                t0 = time.perf_counter()
+                tokens, _ = runners[name](items, spec.max_new_tokens)
+                wall = time.perf_counter() - t0
+            batches[(name, set_name)] = {"tokens": sum(map(len, tokens)), "wall_s": wall,
+                                         "peak_rss_mb": rss.peak / 2 ** 20}
     results = []
+    for (name, set_name), b in batches.items():
+        ref = statistics.median(it["tokens"] / it["wall_s"] for it in per[("hf-generate", set_name)] if it["tokens"])
+        peer = per.get((BATCH_METHODS[name], set_name))
+        single = statistics.median(it["tokens"] / it["wall_s"] for it in peer if it["tokens"]) if peer else None
+        tps = b["tokens"] / b["wall_s"]
+        results.append({"method": name, "set": set_name, "prompts": spec.batch_size, "batch_size": spec.batch_size,
+                        "tokens_per_s": round(tps, 2), "ms_per_token": round(1000 * b["wall_s"] / b["tokens"], 2),
+                        "ratio_vs_generate": round(tps / ref, 3),
+                        "ratio_vs_single": round(tps / single, 3) if single else None,
+                        "accepted_len": None, "peak_rss_mb": round(b["peak_rss_mb"], 1),
+                        "tokens_mean": round(b["tokens"] / spec.batch_size, 1), "same_as_generate": None})
     for (name, set_name), items in per.items():
         tps = [it["tokens"] / it["wall_s"] for it in items if it["tokens"]]
         ref = [it["tokens"] / it["wall_s"] for it in per[("hf-generate", set_name)] if it["tokens"]]

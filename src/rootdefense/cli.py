@@ -364,15 +364,16 @@ def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag
 @click.option("--draft-model", default=None, help="a small model sharing the tokenizer (hf-assisted, rds-spec-model)")
 @click.option("--max-draft", type=int, default=8, show_default=True)
 @click.option("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="prompts per batch (the *-batch methods)")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="save the JSON here as well")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with a 'results' list")
-def bench(model, prompts, max_new_tokens, methods, draft_model, max_draft, threads, out, as_json):
+def bench(model, prompts, max_new_tokens, methods, draft_model, max_draft, threads, batch_size, out, as_json):
     """Tokens/s, ms/token, accepted length and peak RSS of every decoding method, side by side."""
     from .bench import DEFAULT_METHODS, BenchSpec, run_bench
 
     spec = BenchSpec(model=model, prompts=prompts, max_new_tokens=max_new_tokens,
                      methods=tuple(_csv(methods) or DEFAULT_METHODS), draft_model=draft_model, max_draft=max_draft,
-                     threads=threads)
+                     threads=threads, batch_size=batch_size)
     report = run_bench(spec, log=lambda m: click.echo(m, err=True))
     text = json.dumps(report, indent=2)
     if out:
