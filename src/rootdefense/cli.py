@@ -432,9 +432,10 @@ def data_export(names, split, limit):
 @cli.command()
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: $ROOTDEFENSE_HOME/demo")
-@click.option("--rule", type=click.Choice(["paper", "threshold", "weighted"]), default="threshold", show_default=True)
+@click.option("--rule", type=click.Choice(["paper", "threshold", "weighted"]), default=None,
+              help="show RDS with this token rule instead of the model's tuned default defense")
 def demo(max_new_tokens, out, rule):
-    """5 AdvBench + 5 benign prompts, undefended vs RDS side by side, with a trace page."""
+    """5 AdvBench + 5 benign prompts, undefended vs the default defense, with a trace page."""
     from .demo import run_demo
 
     run_demo(max_new_tokens=max_new_tokens, out=out, rule=rule)

@@ -26,13 +26,25 @@ def demo_prompts(n_harmful: int = 5, n_benign: int = 5) -> list[tuple[str, str]]
     return [("harmful", p) for p in harmful] + [("benign", p) for p in benign]
 
 
-def run_demo(max_new_tokens: int = 64, out: str | None = None, rule: str = "threshold") -> Path:
+def _defended_name(d: Defender) -> str:
+    s = d.settings
+    if s.defense == "rds-expert":
+        expert = "expert" if s.correction.get("use_expert", True) else "no expert yet"
+        return f"rds-expert ({'tuned' if s.source.startswith('tuned') else 'fallback'}, {expert})"
+    return f"rds ({s.rule})"
+
+
+def run_demo(max_new_tokens: int = 64, out: str | None = None, rule: str | None = None) -> Path:
+    """Undefended vs the model's default defense (its tuned settings; ``rule``: the token
+    rule instead)."""
     console = Console()
     out_dir = Path(out) if out else paths.home() / "demo"
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2-135m")
-    plain = Defender.load(lm=lm, defense="none", rule=rule)
-    rds = Defender.load(lm=lm, defense="rds", rule=rule)
+    plain = Defender.load(lm=lm, defense="none")
+    rds = Defender.load(lm=lm, **({"defense": "rds", "rule": rule} if rule else {}))
+    label = _defended_name(rds)
+    console.print(f"defense: {label}; settings from {rds.settings.source}")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     prompts = demo_prompts()
     entries, rows = [], []
@@ -41,35 +53,45 @@ def run_demo(max_new_tokens: int = 64, out: str | None = None, rule: str = "thre
         task = progress.add_task("generating", total=2 * len(prompts))
         for i, (kind, prompt) in enumerate(prompts):
             pair = []
-            for name, d in (("undefended", plain), (f"rds ({rule})", rds)):
+            for name, d in (("undefended", plain), (label, rds)):
                 progress.update(task, description=f"{kind} {i + 1}/{len(prompts)}: {name}")
                 gen = d.generate(prompt, config=cfg)
                 pair.append(gen)
                 rec = {"kind": kind, "prompt": prompt, "defense": name, **gen.to_dict(), "settings": d.describe()}
                 log.write(rec)
                 meta = {"tok/s": gen.timings["tokens_per_s"]}
-                if d.rule is not None:
-                    meta.update({k: v for k, v in d.rule.describe().items() if k != "rule"})
+                desc = d.describe()
+                meta.update({k: desc[k] for k in ("tau", "k", "lambda", "window") if k in desc})
                 entries.append({"prompt": prompt, "label": name, "text": gen.text, "trace": rec["trace"],
                                 "group": f"{kind} {i + 1}", "meta": meta})
                 progress.advance(task)
             rows.append((kind, prompt, pair[0], pair[1]))
-    table = Table(title=f"undefended vs RDS ({rule}) on {lm.model_id}, greedy, {max_new_tokens} new tokens",
+    table = Table(title=f"undefended vs {label} on {lm.model_id}, greedy, {max_new_tokens} new tokens",
                   show_lines=True)
     table.add_column("prompt", ratio=2)
     table.add_column("undefended", ratio=3)
-    table.add_column(f"RDS ({rule})", ratio=3)
+    table.add_column(label, ratio=3)
     for kind, prompt, a, b in rows:
         table.add_row(f"[bold]{kind}[/]\n{_short(prompt, 160)}", _short(a.text, 300),
-                      _short(b.text, 300) + f"\n[dim]{b.trace.replaced} tokens replaced[/]")
+                      _short(b.text, 300) + f"\n[dim]{_what_changed(b)}[/]")
     console.print(table)
     speed_a = sum(e["meta"]["tok/s"] or 0 for e in entries[0::2]) / len(rows)
     speed_b = sum(e["meta"]["tok/s"] or 0 for e in entries[1::2]) / len(rows)
     page = write_trace_page(out_dir / "trace.html", entries, title=f"rootdefense demo: {lm.model_id}")
-    console.print(f"mean speed: undefended {speed_a:.1f} tok/s, RDS {speed_b:.1f} tok/s")
+    console.print(f"mean speed: undefended {speed_a:.1f} tok/s, {label} {speed_b:.1f} tok/s")
     console.print(f"answers (JSONL): {out_dir / 'demo.jsonl'}")
     console.print(f"trace page: {page}")
     return page
+
+
+def _what_changed(gen) -> str:
+    s = gen.trace.summary()
+    parts = [f"{s['replaced']} tokens replaced"]
+    if s.get("rollbacks"):
+        parts.append(f"rolled back {s['rollbacks']}x")
+    if s.get("degeneration_stops"):
+        parts.append("loop cut")
+    return ", ".join(parts)
 
 
 def _short(text: str, n: int) -> str:
