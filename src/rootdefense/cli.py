@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -64,7 +65,8 @@ def defense_options(f):
                      help="default: the model's tuned defense (`rootdefense tune`), else rds")(f)
     f = click.option("--max-draft", type=int, default=None, help="drafted tokens verified per forward  [default: 8]")(f)
     f = click.option("--drafter", default=None,
-                     help="speculative decoding: none, auto, ngram or model:NAME (same tokenizer)  [default: none]")(f)
+                     help="speculative decoding: none, auto (head if trained, else ngram), ngram, head[:DIR], "
+                          "model:NAME (same tokenizer)  [default: none]")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default="tuned", show_default=True,
                      help="tuned: the model's measured defaults; paper: the paper's rule and probe")(f)
     return f
@@ -389,6 +391,46 @@ def bench(model, prompts, max_new_tokens, methods, draft_model, max_draft, threa
                    f"{r['ratio_vs_generate']:10.2f} {acc:>9} {r['peak_rss_mb']:8.0f}")
     for name, why in report["skipped"].items():
         click.echo(f"skipped {name}: {why}")
+
+
+@cli.group(cls=Group)
+def draft():
+    """Draft heads for speculative decoding."""
+
+
+@draft.command("train")
+@click.option("--model", default="smollm2-135m", show_default=True)
+@click.option("--prompts", type=int, default=240, show_default=True, help="ShareGPT prompts (fit split) answered")
+@click.option("--answer-tokens", type=int, default=128, show_default=True)
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--draft-vocab", type=int, default=8192, show_default=True, help="tokens the head may propose")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's draft-head cache")
+def draft_train(model, prompts, answer_tokens, epochs, draft_vocab, out):
+    """Self-distil a one-layer draft head (EAGLE-style) from the model's own answers."""
+    from .data.loaders import load_dataset
+    from .data.split import split_of
+    from .drafting.head import (
+        HeadSpec,
+        distillation_data,
+        head_dir,
+        head_meta,
+        save_head,
+        train_head,
+    )
+    from .models import load_model
+
+    spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab)
+    lm = load_model(model)
+    texts = [e.prompt for e in load_dataset("sharegpt") if split_of(e.prompt) == "fit"][:spec.prompts]
+    t0 = time.perf_counter()
+    rows = distillation_data(lm, spec, texts, log=click.echo)
+    gen_s = round(time.perf_counter() - t0, 1)
+    head, metrics = train_head(lm, spec, rows, log=click.echo)
+    metrics["data_seconds"] = gen_s
+    folder = save_head(head, out or head_dir(lm.model_id), head_meta(lm, spec, metrics, len(texts)))
+    click.echo(f"draft head saved: {folder} ({len(texts)} prompts, {metrics['fit_tokens']} answer tokens; "
+               f"data {gen_s} s, training {metrics['seconds']} s; held-out top-1 {metrics['val_top1']:.2f}, "
+               f"mean accepted of 4: {metrics['val_mean_accepted_of_4']})")
 
 
 @cli.group(cls=Group)

@@ -4,8 +4,9 @@
 - ``ngram``: prompt lookup, no training.
 - ``model:NAME``: a small causal LM sharing the target's tokenizer (embedded name, hub id
   or local folder), loaded with the target's dtype and device.
-- ``auto``: the best drafter available for the model without training anything: prompt
-  lookup (a trained draft head will take precedence once one exists).
+- ``head`` / ``head:FOLDER``: the model's trained draft head (``rootdefense draft train``).
+- ``auto``: the model's draft head when one is trained, else prompt lookup (so nothing
+  ever waits for a training).
 """
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from .base import Drafter
 from .model import DraftModelDrafter
 from .ngram import PromptLookupDrafter
 
-DRAFTER_NAMES = ("none", "auto", "ngram", "model:NAME")
+DRAFTER_NAMES = ("none", "auto", "ngram", "head", "head:FOLDER", "model:NAME")
 
 
 def check_drafter_name(name: str | None) -> None:
-    if name is None or name in ("none", "auto", "ngram"):
+    if name is None or name in ("none", "auto", "ngram", "head"):
         return
-    if name.startswith("model:") and name[len("model:"):].strip():
-        return
+    for prefix in ("model:", "head:"):
+        if name.startswith(prefix) and name[len(prefix):].strip():
+            return
     raise InputError(f"unknown drafter '{name}'; choose one of {', '.join(DRAFTER_NAMES)}")
 
 
@@ -31,8 +33,17 @@ def make_drafter(name: str | None, lm) -> Drafter | None:
     check_drafter_name(name)
     if name in (None, "none"):
         return None
-    if name in ("auto", "ngram"):
+    from .head import HeadDrafter, head_dir, load_head
+
+    if name == "auto":
+        folder = head_dir(lm.model_id)
+        return HeadDrafter(lm.model, load_head(folder, lm)[0]) if (folder / "head.json").exists() \
+            else PromptLookupDrafter()
+    if name == "ngram":
         return PromptLookupDrafter()
+    if name == "head" or name.startswith("head:"):
+        folder = head_dir(lm.model_id) if name == "head" else name[len("head:"):].strip()
+        return HeadDrafter(lm.model, load_head(folder, lm)[0])
     from ..models import load_model
 
     draft = load_model(name[len("model:"):].strip(), dtype=str(lm.dtype).replace("torch.", ""), device=str(lm.device))

@@ -1,0 +1,420 @@
+"""A draft head for the target, in the spirit of EAGLE: one decoder layer that reads the
+target's own features and predicts its next feature, token by token.
+
+Input at position t is ``[f_t ; e(x_{t+1})]``: the target's final feature at t (the output
+of its final norm, what its LM head reads) and the embedding of the token that followed,
+mapped to the hidden size by one linear layer; one decoder layer of the target's own kind
+(causal attention over a recent window) turns the sequence into predicted features, and the
+target's LM head, restricted to a reduced draft vocabulary (the tokens the target used most
+in its own answers), turns a predicted feature into a draft token. Embeddings and LM head
+are the target's, frozen and never saved with the head.
+
+Drafting needs the target's features of the tokens already in the context. The drafter
+records them itself, with hooks on the target (its final norm's output, keyed by position
+and token id, from every target forward the decoder makes: prefill, verification, candidate
+scoring), so any decoder can use it unchanged; features of a context that changed (a
+rejected draft, a rollback) are dropped by position.
+
+``rootdefense draft train`` fits a head by self-distillation: the target answers ShareGPT
+prompts (fit split), and the head learns to predict the target's features and greedy
+tokens on those answers (smooth L1 on features + cross-entropy on tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import paths
+from ..errors import InputError, ModelError
+from .base import Drafter
+
+WEIGHTS, META, FORMAT_VERSION = "head.safetensors", "head.json", 1
+
+
+def head_dir(model_id: str) -> Path:
+    return paths.home() / "draft-heads" / paths.model_slug(model_id)
+
+
+def _decoder(model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+    for name in ("layers", "norm", "rotary_emb"):
+        if not hasattr(decoder, name):
+            raise ModelError(f"draft heads need a decoder with '{name}' (Llama-style); "
+                             f"{type(model).__name__} has none: use --drafter ngram")
+    return decoder
+
+
+class DraftHead(nn.Module):
+    """fc([feature ; embedding]) -> one decoder layer -> norm: the predicted next feature."""
+
+    def __init__(self, target, vocab_ids: torch.Tensor):
+        super().__init__()
+        decoder = _decoder(target)
+        cfg = copy.deepcopy(target.config.get_text_config())
+        cfg.num_hidden_layers = 1
+        if hasattr(cfg, "layer_types") and cfg.layer_types:
+            cfg.layer_types = cfg.layer_types[:1]
+        h = cfg.hidden_size
+        self.fc = nn.Linear(2 * h, h, bias=False)
+        self.layer = type(decoder.layers[0])(cfg, layer_idx=0)
+        self.norm = type(decoder.norm)(h, eps=getattr(cfg, "rms_norm_eps", 1e-6))
+        self.register_buffer("vocab_ids", vocab_ids.long().clone())
+        self.hidden_size = h
+
+    def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, position_ids: torch.Tensor,
+                rotary, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``features``, ``next_embeds``: (B, T, H); ``position_ids`` (B, T). Returns the
+        predicted features (B, T, H) of the next positions (causal over T)."""
+        x = self.fc(torch.cat([features, next_embeds], dim=-1))
+        b, t, _ = x.shape
+        allowed = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None].expand(b, t, t)
+        if pad_mask is not None:
+            allowed = allowed & pad_mask.bool()[:, None, :]
+            allowed = allowed | torch.eye(t, dtype=torch.bool, device=x.device)[None]  # no empty rows
+        mask = torch.zeros(b, 1, t, t, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(x.dtype).min)
+        out = self.layer(x, attention_mask=mask, position_ids=position_ids,
+                         position_embeddings=rotary(x, position_ids))
+        out = out[0] if isinstance(out, tuple) else out
+        return self.norm(out)
+
+
+def draft_logits(head: DraftHead, target, predicted: torch.Tensor) -> torch.Tensor:
+    """Logits over the draft vocabulary: the target's LM head rows of ``head.vocab_ids``."""
+    weight = target.get_output_embeddings().weight[head.vocab_ids]
+    return predicted.to(weight.dtype) @ weight.T
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_head(head: DraftHead, folder: str | Path, meta: dict) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, str(folder / WEIGHTS))
+    shapes = {k: list(v.shape) for k, v in tensors.items()}
+    (folder / META).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta, "shapes": shapes}, indent=2))
+    return folder
+
+
+def load_head(folder: str | Path, lm) -> tuple[DraftHead, dict]:
+    """The head in ``folder`` for the target ``lm``; clear errors for a head made for another
+    target, or files that do not match their metadata."""
+    folder = Path(folder)
+    if not (folder / WEIGHTS).exists() or not (folder / META).exists():
+        raise InputError(f"no draft head at {folder}: expected {WEIGHTS} and {META}; "
+                         f"train one with `rootdefense draft train --model {lm.model_id}`")
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"draft head metadata {folder / META} cannot be read: {exc}") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(f"{folder / META} is not a rootdefense draft head (format {FORMAT_VERSION})")
+    if meta.get("model_id") != lm.model_id or meta.get("hidden_size") != lm.hidden_size \
+            or meta.get("vocab_size") != int(lm.model.get_output_embeddings().weight.shape[0]):
+        raise InputError(f"the draft head at {folder} was trained for model '{meta.get('model_id')}' (hidden "
+                         f"{meta.get('hidden_size')}, vocab {meta.get('vocab_size')}), not for '{lm.model_id}' "
+                         f"(hidden {lm.hidden_size}); train one for this model with `rootdefense draft train`")
+    try:
+        tensors = load_file(str(folder / WEIGHTS))
+    except Exception as exc:
+        raise InputError(f"draft head weights {folder / WEIGHTS} cannot be read: {exc}") from exc
+    shapes = {k: list(v.shape) for k, v in tensors.items()}
+    if shapes != meta.get("shapes"):
+        raise InputError(f"draft head weights in {folder} do not match its metadata (tensors or shapes differ); "
+                         "the files come from different trainings: retrain it")
+    head = DraftHead(lm.model, tensors["vocab_ids"])
+    try:
+        head.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise InputError(f"draft head in {folder} does not fit this model's layer: {exc}") from exc
+    return head.to(device=lm.device, dtype=lm.dtype).eval(), meta
+
+
+# --------------------------------------------------------------------------- drafting
+
+
+class HeadDrafter(Drafter):
+    """Greedy chains from a :class:`DraftHead`, fed by the target's recorded features."""
+
+    name = "draft-head"
+
+    def __init__(self, target, head: DraftHead, window: int = 24, max_k: int = 6, start_k: int = 4):
+        if not 1 <= start_k <= max_k:
+            raise InputError(f"need 1 <= start_k <= max_k, got {start_k} and {max_k}")
+        self.target, self.head, self.window, self.max_k, self.start_k = target, head, window, max_k, start_k
+        decoder = _decoder(target)
+        self.rotary, self.embed = decoder.rotary_emb, target.get_input_embeddings()
+        self.features: dict[tuple[int, int], torch.Tensor] = {}
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._hooks = [decoder.register_forward_pre_hook(self._see_inputs, with_kwargs=True),
+                       decoder.norm.register_forward_hook(self._see_features)]
+        self.reset()
+
+    # the target's forwards -------------------------------------------------------------
+
+    def _see_inputs(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or ids.shape[0] != 1:  # batched steering rows etc.: not this drafter's context
+            self._pending = None
+            return
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            cache = kwargs.get("cache")
+            start = cache.get_seq_length() if cache is not None else 0
+            pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
+        self._pending = (ids[0].detach(), pos[0].detach())
+
+    def _see_features(self, module, args, output):
+        if self._pending is None:
+            return
+        ids, pos = self._pending
+        self._pending = None
+        feats = output[0].detach()
+        keep = pos >= pos.max() - (self.window + 64)  # only recent positions can be asked for
+        for p, t, f in zip(pos[keep].tolist(), ids[keep].tolist(), feats[keep], strict=True):
+            self.features[(p, t)] = f
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # the interface ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.k = self.start_k
+        self.features.clear()
+
+    @torch.no_grad()
+    def propose(self, context: list[int], k: int) -> list[int]:
+        """``context`` ends with the model's own next token (not yet forwarded); every token
+        before it has a recorded feature when the decoder forwarded it."""
+        k = min(k, self.k)
+        n = len(context) - 1  # positions 0..n-1 were forwarded; context[n] is the pending own token
+        if k < 1 or n < 1:
+            return []
+        start = max(0, n - self.window)
+        feats = []
+        for p in range(start, n):
+            f = self.features.get((p, context[p]))
+            if f is None:
+                start = p + 1  # only a gap-free recent run of features is usable
+                feats = []
+                continue
+            feats.append(f)
+        if not feats:
+            return []
+        self._prune(n)
+        device = feats[0].device
+        f = torch.stack(feats)[None]  # (1, T, H): features at positions start..n-1
+        nxt = torch.tensor(context[start + 1:n + 1], device=device)  # the token after each
+        draft: list[int] = []
+        for _ in range(k):
+            pos = torch.arange(start, start + f.shape[1], device=device)[None]
+            pred = self.head(f.to(self.head.fc.weight.dtype), self.embed(nxt)[None].to(self.head.fc.weight.dtype),
+                             pos, self.rotary)
+            token = int(self.head.vocab_ids[torch.argmax(draft_logits(self.head, self.target, pred[0, -1]))])
+            draft.append(token)
+            f = torch.cat([f, pred[:, -1:].to(f.dtype)], dim=1)
+            nxt = torch.cat([nxt, torch.tensor([token], device=device)])
+        return draft
+
+    def _prune(self, n: int) -> None:
+        low = n - self.window - 64
+        if len(self.features) > 4 * (self.window + 64) * 8:
+            self.features = {key: v for key, v in self.features.items() if key[0] >= low}
+
+    def accepted(self, n_proposed: int, n_accepted: int) -> None:
+        if n_proposed:
+            self.k = min(self.max_k, self.k + 1) if n_accepted == n_proposed else max(1, self.k - 1)
+
+    def describe(self) -> dict:
+        return {"drafter": self.name, "window": self.window, "max_k": self.max_k,
+                "draft_vocab": int(self.head.vocab_ids.numel())}
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class HeadSpec:
+    prompts: int = 240  # ShareGPT prompts (fit split) the target answers
+    answer_tokens: int = 128
+    draft_vocab: int = 8192  # most frequent answer tokens (plus every token seen, capped)
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 8
+    window: int = 96  # training sequence length (tokens), ending inside the answer
+    feature_weight: float = 1.0
+    token_weight: float = 0.1
+    gen_batch: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("prompts", "answer_tokens", "draft_vocab", "epochs", "batch_size", "window", "gen_batch"):
+            if getattr(self, name) < 1:
+                raise InputError(f"draft head setting '{name}' must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.lr < 1:
+            raise InputError(f"lr must lie in (0, 1), got {self.lr}")
+
+
+@torch.no_grad()
+def distillation_data(lm, spec: HeadSpec, prompts: list[str], log=print) -> list[dict]:
+    """The target's own greedy answers to ``prompts`` and its features over prompt + answer."""
+    from tqdm.auto import tqdm
+
+    from ..decoding import GenerationConfig
+    from ..decoding.batched import BatchDecoder
+    from ..models import encode_chat
+
+    decoder = BatchDecoder(lm.model, lm.tokenizer, eos_token_ids=lm.eos_token_ids)
+    cfg = GenerationConfig(max_new_tokens=spec.answer_tokens)
+    rows = []
+    for i in tqdm(range(0, len(prompts), spec.gen_batch), desc="draft head: target answers", unit="batch"):
+        chunk = prompts[i:i + spec.gen_batch]
+        ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": p}], lm.max_context,
+                           reserve=spec.answer_tokens) for p in chunk]
+        for p_ids, gen in zip(ids, decoder.generate(ids, cfg), strict=True):
+            seq = torch.cat([p_ids[0], torch.tensor(gen.token_ids, dtype=torch.long)])
+            out = lm.model(input_ids=seq[None].to(lm.device), output_hidden_states=True)
+            rows.append({"ids": seq, "features": out.hidden_states[-1][0].float().cpu(),
+                         "prompt_len": int(p_ids.shape[1])})
+    return rows
+
+
+def pick_vocab(rows: list[dict], size: int, vocab_size: int) -> torch.Tensor:
+    """The ``size`` tokens the target used most in its answers (ids sorted)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for r in rows:
+        counts += torch.bincount(r["ids"][r["prompt_len"]:], minlength=vocab_size)[:vocab_size]
+    order = torch.argsort(counts, descending=True)[:min(size, vocab_size)]
+    return torch.sort(order).values
+
+
+def _windows(rows: list[dict], window: int):
+    """Training windows: (features, ids, start, loss-from) ending inside each answer."""
+    out = []
+    for r in rows:
+        n = r["ids"].shape[0]
+        for end in range(n, r["prompt_len"] + 1, -window // 2):
+            start = max(0, end - window)
+            out.append((r, start, end))
+            if start == 0:
+                break
+    return out
+
+
+def train_head(lm, spec: HeadSpec, rows: list[dict], log=print) -> tuple[DraftHead, dict]:
+    """Fit a head on distillation ``rows``; the last 10% of prompts are held out for the
+    acceptance estimate (greedy top-1 agreement of chained drafts)."""
+    torch.manual_seed(spec.seed)
+    vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
+    n_val = max(1, len(rows) // 10) if len(rows) > 1 else 0
+    fit, val = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
+    head = DraftHead(lm.model, pick_vocab(fit, spec.draft_vocab, vocab_size)).to(lm.device).float().train()
+    remap = torch.full((vocab_size,), -100, dtype=torch.long)
+    remap[head.vocab_ids] = torch.arange(head.vocab_ids.numel())
+    decoder = _decoder(lm.model)
+    embed = lm.model.get_input_embeddings()
+    weight = lm.model.get_output_embeddings().weight.detach().float()[head.vocab_ids.to(lm.device)]
+    opt = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=0.0)
+    batches = _windows(fit, spec.window)
+    t0, history = time.perf_counter(), []
+    for epoch in range(spec.epochs):
+        order = torch.randperm(len(batches)).tolist()
+        total, count = 0.0, 0
+        for i in range(0, len(order), spec.batch_size):
+            loss = _batch_loss(head, [batches[j] for j in order[i:i + spec.batch_size]], embed, decoder.rotary_emb,
+                               weight, remap, spec, lm.device)
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
+            opt.step()
+            total, count = total + float(loss.detach()), count + 1
+        history.append(round(total / max(1, count), 4))
+        log(f"draft head epoch {epoch + 1}/{spec.epochs}: loss {history[-1]}")
+    head.eval()
+    metrics = {"loss": history, "seconds": round(time.perf_counter() - t0, 1), "fit_answers": len(fit),
+               "val_answers": len(val), "fit_tokens": int(sum(r["ids"].shape[0] - r["prompt_len"] for r in fit)),
+               **_acceptance(head, val, embed, decoder.rotary_emb, lm)}
+    return head, metrics
+
+
+def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, device) -> torch.Tensor:
+    width = max(end - start for _, start, end in items) - 1
+    b = len(items)
+    h = weight.shape[1]
+    feats = torch.zeros(b, width, h)
+    nxt = torch.zeros(b, width, dtype=torch.long)
+    tgt_f = torch.zeros(b, width, h)
+    tgt_t = torch.full((b, width), -100, dtype=torch.long)
+    pad = torch.zeros(b, width, dtype=torch.long)
+    pos = torch.zeros(b, width, dtype=torch.long)
+    for i, (r, start, end) in enumerate(items):
+        n = end - start - 1  # inputs at positions start..end-2 predict start+1..end-1
+        feats[i, :n] = r["features"][start:end - 1]
+        nxt[i, :n] = r["ids"][start + 1:end]
+        tgt_f[i, :n] = r["features"][start + 1:end]
+        # the token after each predicted position (the target's greedy choice in its answer)
+        after = torch.full((n,), -100, dtype=torch.long)
+        after[:n - 1] = remap[r["ids"][start + 2:end]]
+        after[: max(0, r["prompt_len"] - 1 - start)] = -100  # learn to draft answers, not prompts
+        tgt_t[i, :n] = after
+        pad[i, :n] = 1
+        pos[i, :n] = torch.arange(start, end - 1)
+    feats, nxt, tgt_f, tgt_t, pad, pos = (x.to(device) for x in (feats, nxt, tgt_f, tgt_t, pad, pos))
+    with torch.no_grad():
+        emb = embed(nxt).float()
+    pred = head(feats, emb, pos, rotary, pad_mask=pad)
+    m = pad.bool()
+    f_loss = torch.nn.functional.smooth_l1_loss(pred[m], tgt_f[m])
+    logits = pred @ weight.T
+    t_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_t.reshape(-1),
+                                               ignore_index=-100)
+    return spec.feature_weight * f_loss + spec.token_weight * t_loss
+
+
+@torch.no_grad()
+def _acceptance(head, val, embed, rotary, lm, k: int = 4) -> dict:
+    """On held-out answers: how often the head's greedy draft equals the target's next
+    token, one step (teacher-forced) and chained (expected tokens accepted of ``k``)."""
+    hits1, total1, chain_sum, chains = 0, 0, 0, 0
+    for r in val:
+        ids, feats, p0 = r["ids"], r["features"].to(lm.device), r["prompt_len"]
+        for t in range(p0, ids.shape[0] - k - 1, 8):
+            start = max(0, t - 24)
+            f = feats[start:t][None]
+            nxt = ids[start + 1:t + 1].to(lm.device)
+            ok = 0
+            for step in range(k):
+                pos = torch.arange(start, start + f.shape[1], device=lm.device)[None]
+                pred = head(f, embed(nxt)[None].float(), pos, rotary)
+                tok = int(head.vocab_ids[torch.argmax(draft_logits(head, lm.model, pred[0, -1]).float())])
+                if step == 0:
+                    hits1 += tok == int(ids[t + 1])
+                    total1 += 1
+                if tok != int(ids[t + 1 + step]):
+                    break
+                ok += 1
+                f = torch.cat([f, pred[:, -1:]], dim=1)
+                nxt = torch.cat([nxt, ids[t + 1 + step:t + 2 + step].to(lm.device)])
+            chain_sum, chains = chain_sum + ok, chains + 1
+    return {"val_top1": round(hits1 / max(1, total1), 4),
+            f"val_mean_accepted_of_{k}": round(chain_sum / max(1, chains), 3)}
+
+
+def head_meta(lm, spec: HeadSpec, metrics: dict, n_prompts: int) -> dict:
+    return {"model_id": lm.model_id, "hidden_size": lm.hidden_size,
+            "vocab_size": int(lm.model.get_output_embeddings().weight.shape[0]),
+            "spec": asdict(spec), "data": {"source": "sharegpt (fit split), the target's own greedy answers",
+                                           "prompts": n_prompts}, "train": metrics}

@@ -1,0 +1,109 @@
+"""Draft head (EAGLE-style): self-distillation on a tiny model, save/load with checks, and
+speculative decoding with the head changes no token."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import make_tiny_model, make_tokenizer
+
+from rootdefense.cli import cli
+from rootdefense.decoding import Decoder, GenerationConfig, ThresholdRule
+from rootdefense.drafting import SpeculativeDecoder
+from rootdefense.drafting.head import HeadDrafter, HeadSpec, distillation_data, head_meta, load_head, save_head, \
+    train_head
+from rootdefense.errors import InputError
+from rootdefense.models import encode_chat
+from rootdefense.models.loading import LoadedModel
+from rootdefense.probes.base import LinearProbe
+
+PROMPTS = ["How do I bake bread?", "Sure, here is a tutorial: step one", "hi", "The quick brown fox",
+           "I cannot help with that request.", "Mix flour, water, salt and yeast", "step two, step three",
+           "Sorry, here is some safety information instead."]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tok = make_tokenizer()
+    lm = LoadedModel(make_tiny_model(tok), tok, "tiny-head-target", torch.float32, torch.device("cpu"))
+    spec = HeadSpec(prompts=len(PROMPTS), answer_tokens=24, epochs=30, draft_vocab=200, window=32, gen_batch=4,
+                    lr=3e-3)
+    rows = distillation_data(lm, spec, PROMPTS, log=lambda m: None)
+    head, metrics = train_head(lm, spec, rows, log=lambda m: None)
+    folder = save_head(head, tmp_path_factory.mktemp("head"), head_meta(lm, spec, metrics, len(PROMPTS)))
+    return lm, folder, metrics
+
+
+def test_training_learns_and_reports(trained):
+    lm, folder, metrics = trained
+    assert metrics["loss"][-1] < metrics["loss"][0] and metrics["fit_answers"] == 7
+    assert 0 <= metrics["val_top1"] <= 1 and metrics["seconds"] > 0
+    meta = json.loads((folder / "head.json").read_text())
+    assert meta["model_id"] == "tiny-head-target" and meta["vocab_size"] == lm.model.get_output_embeddings(
+    ).weight.shape[0]
+
+
+def test_head_drafts_change_no_token(trained):
+    """Lossless with the head as drafter, undefended and defended (greedy)."""
+    lm, folder, _ = trained
+    head, _ = load_head(folder, lm)
+    g = torch.Generator().manual_seed(7)
+    probe = LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5, meta={})
+    cfg = GenerationConfig(max_new_tokens=30)
+    accepted = 0
+    for prompt in PROMPTS[:4]:
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}])
+        for rule in (None, ThresholdRule(0.55)):
+            drafter = HeadDrafter(lm.model, head)
+            try:
+                spec = SpeculativeDecoder(lm.model, lm.tokenizer, drafter, probe=probe, rule=rule,
+                                          eos_token_ids=[lm.tokenizer.eos_token_id]).generate(ids, cfg)
+            finally:
+                drafter.close()
+            ref = Decoder(lm.model, lm.tokenizer, probe=probe, rule=rule,
+                          eos_token_ids=[lm.tokenizer.eos_token_id]).generate(ids, cfg)
+            assert spec.token_ids == ref.token_ids
+            accepted += spec.timings["accepted"]
+    assert accepted > 0  # the head learnt the tiny model's (repetitive) answers
+
+
+def test_head_for_another_target_or_mismatched_files_is_refused(trained, tmp_path):
+    lm, folder, _ = trained
+    other = LoadedModel(lm.model, lm.tokenizer, "another-model", torch.float32, torch.device("cpu"))
+    with pytest.raises(InputError, match="trained for model 'tiny-head-target'"):
+        load_head(folder, other)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    meta = json.loads((folder / "head.json").read_text())
+    meta["shapes"]["fc.weight"] = [1, 2]
+    (bad / "head.json").write_text(json.dumps(meta))
+    (bad / "head.safetensors").write_bytes((folder / "head.safetensors").read_bytes())
+    with pytest.raises(InputError, match="do not match its metadata"):
+        load_head(bad, lm)
+    (bad / "head.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(InputError, match="cannot be read"):
+        load_head(bad, lm)
+    with pytest.raises(InputError, match="no draft head at"):
+        load_head(tmp_path / "nowhere", lm)
+
+
+def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
+    tok = make_tokenizer()
+    d = tmp_path / "tiny"
+    model = make_tiny_model(tok)
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    r = CliRunner().invoke(cli, ["draft", "train", "--model", str(d), "--prompts", "4", "--answer-tokens", "8",
+                                 "--epochs", "1", "--draft-vocab", "100"])
+    assert r.exit_code == 0, r.output
+    assert "draft head saved" in r.output and "answer tokens" in r.output
+    r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter", "auto",
+                                 "--max-new-tokens", "6", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["settings"]["drafter"] == "draft-head"
+    r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter",
+                                 f"head:{tmp_path / 'missing'}"])
+    assert r.exit_code == 2 and "no draft head at" in r.output
