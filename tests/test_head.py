@@ -13,8 +13,15 @@ from conftest import make_tiny_model, make_tokenizer
 from rootdefense.cli import cli
 from rootdefense.decoding import Decoder, GenerationConfig, ThresholdRule
 from rootdefense.drafting import SpeculativeDecoder
-from rootdefense.drafting.head import HeadDrafter, HeadSpec, distillation_data, head_meta, load_head, save_head, \
-    train_head
+from rootdefense.drafting.head import (
+    HeadDrafter,
+    HeadSpec,
+    distillation_data,
+    head_meta,
+    load_head,
+    save_head,
+    train_head,
+)
 from rootdefense.errors import InputError
 from rootdefense.models import encode_chat
 from rootdefense.models.loading import LoadedModel
