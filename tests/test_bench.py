@@ -33,6 +33,9 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
     g = torch.Generator().manual_seed(5)
     LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
                 meta={"model_id": tiny_dir, "kind": "response"}).save(defaults.probe_folder(tiny_dir))
+    r = CliRunner().invoke(cli, ["draft", "train", "--model", tiny_dir, "--prompts", "4", "--answer-tokens", "8",
+                                 "--epochs", "1", "--draft-vocab", "100"])
+    assert r.exit_code == 0, r.output
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(cli, ["bench", "--model", tiny_dir, "--prompts", "2", "--max-new-tokens", "12",
                                  "--draft-model", tiny_dir, "--threads", "1", "--json", "--out", str(out),
@@ -40,7 +43,7 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
     assert r.exit_code == 0, r.output
     report = json.loads(out.read_text())
     got = {(x["method"], x["set"]): x for x in report["results"]}
-    assert len(got) == 11 * 2 and not report["skipped"]
+    assert len(got) == len(METHODS) * 2 and not report["skipped"]
     for x in report["results"]:
         assert x["prompts"] == (3 if x["method"].endswith("-batch") else 2) and x["tokens_per_s"] > 0 and x["ms_per_token"] > 0 and x["peak_rss_mb"] > 0
         assert {"method", "set", "tokens_per_s", "ms_per_token", "ratio_vs_generate", "accepted_len",
@@ -51,6 +54,7 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
         for lossless in ("hf-prompt-lookup", "hf-assisted", "plain"):
             assert got[(lossless, s)]["same_as_generate"] == 1.0, lossless
         assert got[("rds-spec-ngram", s)]["accepted_len"] is not None
+        assert got[("rds-spec-head", s)]["accepted_len"] is not None
         assert got[("rds-expert-exact", s)]["accepted_len"] is None
         assert got[("rds-batch", s)]["ratio_vs_single"] > 0 and got[("rds-batch", s)]["batch_size"] == 3
 
@@ -73,3 +77,12 @@ def test_bench_prints_a_table(tiny_dir, rd_home):
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.output.splitlines() if ln.startswith(("hf-generate", "plain"))]
     assert len(lines) == 4 and "x generate" in r.output
+
+
+def test_bench_skips_a_method_whose_part_is_missing(tiny_dir, rd_home):
+    r = CliRunner().invoke(cli, ["bench", "--model", tiny_dir, "--prompts", "1", "--max-new-tokens", "4",
+                                 "--methods", "hf-generate,plain-spec-head", "--json"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    assert "no draft head at" in report["skipped"]["plain-spec-head"]
+    assert [x["method"] for x in report["results"]] == ["hf-generate", "hf-generate"]

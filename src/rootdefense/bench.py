@@ -14,9 +14,11 @@ Methods (skipped, with the reason, when a part is missing):
 - ``plain``: rootdefense undefended (no probe);
 - ``rds-exact``: the threshold rule scoring candidates at every step (paper-style RDS);
 - ``rds-expert-exact``: the tuned default defense (probe watch, rollback, expert);
-- ``rds-spec-ngram`` / ``rds-spec-model``: the tuned default defense with drafts verified
-  in one forward (prompt lookup / ``--draft-model``);
-- ``rds-spec-threshold-ngram``: the threshold rule with prompt-lookup drafts;
+- ``plain-spec-head``: rootdefense undefended with the draft head (no probe);
+- ``rds-spec-ngram`` / ``rds-spec-head`` / ``rds-spec-model``: the tuned default defense
+  with drafts verified in one forward (prompt lookup / the model's draft head from
+  ``rootdefense draft train`` / ``--draft-model``);
+- ``rds-spec-threshold-ngram`` / ``rds-spec-threshold-head``: the threshold rule with drafts;
 - ``rds-batch`` / ``rds-expert-batch``: ``rds-exact`` / ``rds-expert-exact`` answering
   ``--batch-size`` prompts of the set together (cycled when the set is smaller); their
   tokens/s is the batch's total throughput, and ``ratio_vs_single`` compares it with the
@@ -41,10 +43,12 @@ import torch
 
 from .errors import InputError
 
-METHODS = ("hf-generate", "hf-prompt-lookup", "hf-assisted", "plain", "rds-exact", "rds-expert-exact",
-           "rds-spec-ngram", "rds-spec-model", "rds-spec-threshold-ngram", "rds-batch", "rds-expert-batch")
-DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "plain", "rds-exact", "rds-expert-exact", "rds-spec-ngram",
-                   "rds-spec-threshold-ngram", "rds-batch", "rds-expert-batch")
+METHODS = ("hf-generate", "hf-prompt-lookup", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
+           "rds-expert-exact", "rds-spec-ngram", "rds-spec-head", "rds-spec-model", "rds-spec-threshold-ngram",
+           "rds-spec-threshold-head", "rds-batch", "rds-expert-batch")
+DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "plain", "plain-spec-head", "rds-exact", "rds-expert-exact",
+                   "rds-spec-ngram", "rds-spec-head", "rds-spec-threshold-ngram", "rds-spec-threshold-head",
+                   "rds-batch", "rds-expert-batch")
 BATCH_METHODS = {"rds-batch": "rds-exact", "rds-expert-batch": "rds-expert-exact"}  # -> its single-stream peer
 
 
@@ -172,11 +176,15 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
                 runners[name] = _batch_runner(Defender.load(lm=lm, defense="rds", rule="threshold"))
             elif name == "rds-expert-batch":
                 runners[name] = _batch_runner(Defender.load(lm=lm))  # the tuned default defense
-            elif name == "rds-spec-threshold-ngram":
+            elif name == "plain-spec-head":
+                runners[name] = _defender_runner(Defender.load(lm=lm, defense="none", monitor=False, drafter="head",
+                                                               max_draft=spec.max_draft))
+            elif name in ("rds-spec-threshold-ngram", "rds-spec-threshold-head"):
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold",
-                                                               drafter="ngram", max_draft=spec.max_draft))
+                                                               drafter=name.rsplit("-", 1)[1],
+                                                               max_draft=spec.max_draft))
             else:
-                drafter = {"rds-expert-exact": None, "rds-spec-ngram": "ngram",
+                drafter = {"rds-expert-exact": None, "rds-spec-ngram": "ngram", "rds-spec-head": "head",
                            "rds-spec-model": f"model:{spec.draft_model}"}[name]
                 d = Defender.load(lm=lm, drafter=drafter, max_draft=spec.max_draft)  # the tuned default defense
                 if d.settings.defense != "rds-expert":
