@@ -95,9 +95,12 @@ def _config(o):
 def _defender(o):
     from .api import Defender
 
-    return Defender.load(o["model"], dtype=o["dtype"], device=o["device"], preset=o["preset"], defense=o["defense"],
-                         rule=o["rule"], tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"], expert=o["expert"],
-                         rollback=o["rollback"], drafter=o["drafter"], max_draft=o["max_draft"])
+    d = Defender.load(o["model"], dtype=o["dtype"], device=o["device"], preset=o["preset"], defense=o["defense"],
+                      rule=o["rule"], tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"], expert=o["expert"],
+                      rollback=o["rollback"], drafter=o["drafter"], max_draft=o["max_draft"])
+    if "expert not trained" in d.settings.source:
+        click.echo(f"note: {d.settings.source}", err=True)
+    return d
 
 
 @click.group(cls=Group)
