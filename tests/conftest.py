@@ -52,6 +52,29 @@ def make_tiny_model(tokenizer, seed: int = 0, layers: int = 3):
     return model
 
 
+def save_tiny_model(folder, max_positions: int | None = None) -> str:
+    """The tiny model and its tokenizer saved to ``folder`` (loadable by name like a hub
+    model); ``max_positions`` widens its context (jailbreak templates are long in a
+    300-token vocabulary)."""
+    tok = make_tokenizer()
+    model = make_tiny_model(tok)
+    if max_positions:
+        model.config.max_position_embeddings = max_positions
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def save_response_probe(model_id: str, seed: int = 5):
+    """A random response probe for ``model_id`` in the current rootdefense home."""
+    from rootdefense import defaults
+    from rootdefense.probes.base import LinearProbe
+
+    g = torch.Generator().manual_seed(seed)
+    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                meta={"model_id": model_id, "kind": "response"}).save(defaults.probe_folder(model_id))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return make_tokenizer()

@@ -7,32 +7,24 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model, make_tokenizer
+from conftest import (
+    save_response_probe,
+    save_tiny_model,
+)
 
-from rootdefense import defaults
 from rootdefense.bench import METHODS, BenchSpec
 from rootdefense.cli import cli
 from rootdefense.errors import InputError
-from rootdefense.probes.base import LinearProbe
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-bench-model")
-    tok = make_tokenizer()
-    model = make_tiny_model(tok)
-    model.config.max_position_embeddings = 4096
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-bench-model"), max_positions=4096)
 
 
 def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
-    g = torch.Generator().manual_seed(5)
-    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
-                meta={"model_id": tiny_dir, "kind": "response"}).save(defaults.probe_folder(tiny_dir))
+    save_response_probe(tiny_dir)
     r = CliRunner().invoke(cli, ["draft", "train", "--model", tiny_dir, "--prompts", "4", "--answer-tokens", "8",
                                  "--epochs", "1", "--draft-vocab", "100"])
     assert r.exit_code == 0, r.output

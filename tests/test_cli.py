@@ -8,20 +8,18 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import (
+    make_tokenizer,
+    save_tiny_model,
+)
 
-from conftest import make_tiny_model, make_tokenizer
 from rootdefense.cli import cli
 from rootdefense.probes.base import LinearProbe
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tok = make_tokenizer()
-    model = make_tiny_model(tok)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
@@ -210,8 +208,9 @@ def test_expert_train_command(tiny_dir, tmp_path):
 
 
 def test_generate_rds_expert_streams_with_rollback_info(tiny_dir, tiny_probe, rd_home):
-    from rootdefense.expert import expert_dir
     from test_defenses import write_expert
+
+    from rootdefense.expert import expert_dir
 
     tok = make_tokenizer()
     write_expert(tok, expert_dir(tiny_dir), model_id=tiny_dir)

@@ -9,7 +9,9 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model, make_tokenizer
+from conftest import (
+    save_tiny_model,
+)
 
 from rootdefense import paths
 from rootdefense.cli import cli
@@ -22,13 +24,7 @@ from rootdefense.probes.base import LinearProbe
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-eval-model")
-    tok = make_tokenizer()
-    model = make_tiny_model(tok)
-    model.config.max_position_embeddings = 8192  # jailbreak templates are long in a 300-token vocabulary
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-eval-model"), max_positions=8192)
 
 
 @pytest.fixture()

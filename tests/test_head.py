@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model, make_tokenizer
+from conftest import make_tiny_model, make_tokenizer, save_tiny_model
 
 from rootdefense.cli import cli
 from rootdefense.decoding import Decoder, GenerationConfig, ThresholdRule
@@ -98,11 +98,7 @@ def test_head_for_another_target_or_mismatched_files_is_refused(trained, tmp_pat
 
 
 def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
-    tok = make_tokenizer()
-    d = tmp_path / "tiny"
-    model = make_tiny_model(tok)
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
+    d = save_tiny_model(tmp_path / "tiny")
     r = CliRunner().invoke(cli, ["draft", "train", "--model", str(d), "--prompts", "4", "--answer-tokens", "8",
                                  "--epochs", "1", "--draft-vocab", "100"])
     assert r.exit_code == 0, r.output

@@ -9,7 +9,10 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tiny_model, make_tokenizer
+from conftest import (
+    save_response_probe,
+    save_tiny_model,
+)
 
 from rootdefense import defaults, paths
 from rootdefense.api import resolve_settings
@@ -120,19 +123,11 @@ def test_probe_retrained_since_tuning_is_noticed(rd_home):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-tune-model")
-    tok = make_tokenizer()
-    model = make_tiny_model(tok)
-    model.config.max_position_embeddings = 4096
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return str(d)
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-tune-model"), max_positions=4096)
 
 
 def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp_path):
-    g = torch.Generator().manual_seed(5)
-    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
-                meta={"model_id": tiny_dir, "kind": "response"}).save(defaults.probe_folder(tiny_dir))
+    save_response_probe(tiny_dir)
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "3", "--benign", "3",
                                  "--max-new-tokens", "6", "--max-benign-flag", "0.5"])
     assert r.exit_code == 0, r.output
@@ -143,7 +138,7 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
         defaults.probe_folder(tiny_dir))
     r = CliRunner().invoke(cli, ["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "3", "--json"])
     assert r.exit_code == 0, r.output
-    settings = json.loads(r.output)["settings"]
+    settings = json.loads(r.stdout)["settings"]
     assert settings["defense"] == "rds-expert" and settings["tau"] == saved["settings"]["tau"]
     assert settings["settings_source"].startswith("tuned defaults")
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--attacks", "gcg"])

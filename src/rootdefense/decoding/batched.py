@@ -26,13 +26,14 @@ from .loop import (
     Generation,
     candidate_pool,
     decode_timings,
+    emit,
     end_reason,
     final_text,
     own_choice,
     sampling_rng,
 )
 from .rules import Candidates, Rule
-from .trace import TokenStep, Trace
+from .trace import Trace
 
 
 class _Row:
@@ -191,13 +192,9 @@ class BatchDecoder:
 
     def _commit(self, row: _Row, pool, j: int, own_idx: int, lp, harms, cfg) -> None:
         token, own = int(pool[j]), int(pool[own_idx])
-        original = row.detok.piece(own) if j != own_idx else None
-        piece = row.detok.push(token)
-        row.trace.steps.append(TokenStep(
-            token_id=token, token=piece, prob=float(lp[token].exp()), harm=None if harms is None else float(harms[j]),
-            original_id=own, original=piece if original is None else original, original_prob=float(lp[own].exp()),
-            original_harm=None if harms is None else float(harms[own_idx]), replaced=j != own_idx,
-            candidates=len(pool)))
+        step, _ = emit(row.detok, token, own, lp, None if harms is None else float(harms[j]),
+                       None if harms is None else float(harms[own_idx]), len(pool))
+        row.trace.steps.append(step)
         row.tokens.append(token)
         reason = end_reason(token, self.eos, row.detok.text, cfg)
         if reason:

@@ -37,6 +37,7 @@ from .loop import (
     Detokenizer,
     Generation,
     decode_timings,
+    emit,
     end_reason,
     final_text,
     own_choice,
@@ -352,10 +353,7 @@ class CorrectingDecoder:
                         cache, logits, prefix_len, context + st.tokens, cfg.max_new_tokens - len(st.tokens),
                         cfg, rng, rejected, stats)
                 token, lp, harm, next_logits = verified.pop(0)
-                piece = detok.push(token)
-                step = TokenStep(token_id=token, token=piece, prob=float(lp[token].exp()), harm=harm, original_id=token,
-                                 original=piece, original_prob=float(lp[token].exp()), original_harm=harm,
-                                 replaced=False, candidates=1, source="base")
+                step, piece = emit(detok, token, token, lp, harm, harm, 1)
                 logits = next_logits[None]
                 flagged = monitor.update(harm)
             else:
@@ -371,13 +369,8 @@ class CorrectingDecoder:
                 token = int(pool[j])
                 own_j = (pool == own).nonzero()
                 own_harm = float(harms[int(own_j[0, 0])]) if len(own_j) else None
-                original = detok.piece(own) if token != own else None
-                piece = detok.push(token)
-                step = TokenStep(token_id=token, token=piece, prob=float(lp_b[token].exp()), harm=float(harms[j]),
-                                 original_id=own, original=piece if original is None else original,
-                                 original_prob=float(lp_b[own].exp()),
-                                 original_harm=own_harm, replaced=token != own, candidates=len(pool),
-                                 source="expert" if s.use_expert else "steered")
+                step, piece = emit(detok, token, own, lp_b, float(harms[j]), own_harm, len(pool),
+                                   source="expert" if s.use_expert else "steered")
                 logits = step_logits[:, j]
                 flagged = False
             st.tokens.append(token)

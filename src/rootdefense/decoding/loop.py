@@ -57,6 +57,18 @@ class Detokenizer:
         return piece
 
 
+def emit(detok: Detokenizer, token: int, own: int, logprobs: torch.Tensor, harm: float | None,
+         own_harm: float | None, candidates: int, source: str = "base") -> tuple[TokenStep, str]:
+    """Commit ``token`` to the text (``own``: what the model alone would have emitted) and
+    the step record every decoder keeps in its trace; returns the record and the text piece."""
+    original = detok.piece(own) if token != own else None
+    piece = detok.push(token)
+    step = TokenStep(token_id=token, token=piece, prob=float(logprobs[token].exp()), harm=harm, original_id=own,
+                     original=piece if original is None else original, original_prob=float(logprobs[own].exp()),
+                     original_harm=own_harm, replaced=token != own, candidates=candidates, source=source)
+    return step, piece
+
+
 def end_reason(token: int, eos: set[int], text: str, cfg: GenerationConfig) -> str | None:
     """Why decoding ends after ``token``: ``"eos"``, ``"stop"`` (a stop string appeared in
     ``text``), or None to go on. Every decoder asks this after each committed token."""
@@ -170,16 +182,9 @@ class Decoder:
             prefix_len += 1
             logits = step.logits[j]
             token = int(pool[j])
-            original_piece = detok.piece(own) if j != own_idx else None
-            piece = detok.push(token)
-            trace.steps.append(TokenStep(
-                token_id=token, token=piece, prob=float(logprobs[token].exp()),
-                harm=None if harms is None else float(harms[j]),
-                original_id=own, original=piece if original_piece is None else original_piece,
-                original_prob=float(logprobs[own].exp()),
-                original_harm=None if harms is None else float(harms[own_idx]),
-                replaced=j != own_idx, candidates=len(pool),
-            ))
+            step_record, piece = emit(detok, token, own, logprobs, None if harms is None else float(harms[j]),
+                                      None if harms is None else float(harms[own_idx]), len(pool))
+            trace.steps.append(step_record)
             generated.append(token)
             if on_token is not None:
                 on_token(trace.steps[-1], piece)

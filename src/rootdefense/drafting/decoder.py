@@ -32,13 +32,14 @@ from ..decoding.loop import (
     Generation,
     candidate_pool,
     decode_timings,
+    emit,
     end_reason,
     final_text,
     own_choice,
     sampling_rng,
 )
 from ..decoding.rules import Candidates, Rule, ThresholdRule
-from ..decoding.trace import TokenStep, Trace
+from ..decoding.trace import Trace
 from ..decoding.verify import crop_to, forward_chain, step_logprobs, verified_choice
 from ..errors import InputError
 from .base import Drafter
@@ -92,14 +93,8 @@ class SpeculativeDecoder:
 
         def commit(token, own, logprobs, harm, own_harm, candidates) -> bool:
             """Record one emitted token; True when decoding ends after it."""
-            original_piece = detok.piece(own) if token != own else None
-            piece = detok.push(token)
-            trace.steps.append(TokenStep(
-                token_id=token, token=piece, prob=float(logprobs[token].exp()), harm=harm,
-                original_id=own, original=piece if original_piece is None else original_piece,
-                original_prob=float(logprobs[own].exp()), original_harm=own_harm,
-                replaced=token != own, candidates=candidates,
-            ))
+            step, piece = emit(detok, token, own, logprobs, harm, own_harm, candidates)
+            trace.steps.append(step)
             generated.append(token)
             context.append(token)
             if on_token is not None:
