@@ -15,6 +15,7 @@ from rootdefense.decoding.correct import (
     CorrectionSettings,
     DegenerationGuard,
     RecoveryMonitor,
+    _State,
     _steer_choice,
     _Stream,
     _union_pool,
@@ -233,19 +234,31 @@ def test_each_part_can_be_turned_off(setup, switch, tiny_tokenizer):
 
 
 @torch.no_grad()
-def test_a_looping_answer_is_cut_even_unflagged(setup):
-    """The guard also watches undefended-looking answers: a tail of back-to-back copies is
-    cut to its first copy and the answer ends, with a degeneration event."""
+def test_a_looping_answer_goes_to_the_expert_even_unflagged(setup):
+    """The guard also watches undefended-looking answers: once the tail is back-to-back
+    copies, the expert answers from the rollback point instead (a 'loop' event); without an
+    expert the answer is cut to its first copy and ends."""
     lm, expert, probe, ids, _ = setup
     ref = plain(lm, ids, 80).token_ids
-    cut = next((c for n in range(1, len(ref) + 1)
-                if (c := DegenerationGuard(4, 3, 12).periodic(ref[:n])) is not None), None)
+    at, cut = next(((n, c) for n in range(1, len(ref) + 1)
+                    if (c := DegenerationGuard(4, 3, 12).periodic(ref[:n])) is not None), (None, None))
     assert cut is not None, "the tiny model was expected to loop within 80 tokens"
     gen = decoder(lm, expert, probe, tau=0.999999).generate(ids, GenerationConfig(max_new_tokens=80))
-    assert gen.token_ids == ref[:cut] and gen.trace.finish_reason == "degenerate"
-    assert [e["reason"] for e in gen.trace.events] == ["degeneration"]
+    ev = gen.trace.events[0]
+    assert ev["reason"] == "loop" and ev["keep_tokens"] == 0 and ev["at_token"] == at
+    assert {s.source for s in gen.trace.steps} == {"expert"} and gen.trace.summary()["loop_restarts"] == 1
+    alone = decoder(lm, expert, probe, tau=0.999999, use_expert=False).generate(ids, GenerationConfig(max_new_tokens=80))
+    assert alone.token_ids == ref[:cut] and alone.trace.finish_reason == "degenerate"
+    assert [e["reason"] for e in alone.trace.events] == ["degeneration"]
     off = decoder(lm, expert, probe, tau=0.999999, guard=False).generate(ids, GenerationConfig(max_new_tokens=80))
     assert off.token_ids == ref[:len(off.token_ids)] and off.trace.finish_reason != "degenerate"
+
+
+def test_a_steered_loop_keeps_its_first_round_whole(setup):
+    lm, expert, probe, _, _ = setup
+    dec = decoder(lm, expert, probe, loop_ngram=2, loop_repeats=3)
+    st = _State(tokens=[9, 1, 2, 3, 4, 1, 2, 5, 6, 1, 2], mode="steer", steer_from=1)
+    assert dec._loop_cut(st) == 5  # keeps 9 and "1 2 3 4", the round before "1 2" came back
 
 
 @pytest.mark.parametrize("tau_kind", ["never", "first", "mid", "late"])

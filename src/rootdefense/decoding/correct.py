@@ -63,8 +63,10 @@ class CorrectionSettings:
     gives a lower log-probability than this is only taken when nothing else passes.
     ``loop_ngram`` / ``loop_repeats``: a steered tail repeating an n-gram this often stops.
     ``loop_span``: in any mode, an answer whose tail is ``loop_repeats`` back-to-back copies
-    of one span, covering at least ``loop_span`` tokens, is looping: the copies after the
-    first are cut and the answer ends (an undefended model that loops is failing too).
+    of one span, covering at least ``loop_span`` tokens, is looping (an undefended model that
+    loops is failing too). While watching, the expert then answers instead, from the
+    rollback point (a ``loop`` event); a steered answer that loops is cut to its first copy
+    and ends (a ``degeneration`` event).
     """
 
     tau: float | None = None
@@ -405,6 +407,21 @@ class CorrectingDecoder:
                 trace.finish_reason = reason
                 break
             cut = self._loop_cut(st) if s.guard else None
+            if cut is not None and st.mode == "watch" and s.use_expert and rollbacks < s.max_rollbacks:
+                # the undefended answer loops: a failure too; the expert answers instead
+                keep = self._rollback_point(st.tokens[:cut])
+                events.append(stream.rollback(
+                    keep, reason="loop", at_token=len(st.tokens),
+                    dropped_text=self.tokenizer.decode(st.tokens[keep:], skip_special_tokens=True)))
+                rollbacks += 1
+                verified, rejected = [], None
+                st.tokens, st.steps = st.tokens[:keep], st.steps[:keep]
+                st.mode, st.steer_from = "steer", keep
+                detok = _detok_of(self.tokenizer, st.tokens)
+                ids = torch.cat([input_ids, torch.tensor([st.tokens], dtype=input_ids.dtype, device=device)], 1) \
+                    if st.tokens else input_ids
+                cache, logits = self._prefill(ids, rows=self.rows)
+                continue
             if cut is not None:
                 events.append(stream.rollback(cut, reason="degeneration", at_token=len(st.tokens)))
                 st.tokens, st.steps = st.tokens[:cut], st.steps[:cut]
@@ -439,17 +456,15 @@ class CorrectingDecoder:
 
     def _loop_cut(self, st: _State) -> int | None:
         """Where to cut a looping answer (None: not looping). Any answer ending in back-to-back
-        copies keeps the first copy; a steered tail repeating an n-gram keeps the tail up to
-        the n-gram's first occurrence."""
+        copies keeps the first copy; a steered tail repeating an n-gram keeps what came before
+        the n-gram's second occurrence (the first round of the loop, whole)."""
         cut = self.guard.periodic(st.tokens)
         if cut is not None or st.mode != "steer" or not self.guard.looping(st.tokens[st.steer_from:]):
             return cut
         n = self.settings.loop_ngram
         gram = st.tokens[-n:]
-        for i in range(st.steer_from, len(st.tokens) - n + 1):
-            if st.tokens[i:i + n] == gram:
-                return i + n
-        return len(st.tokens)
+        starts = [i for i in range(st.steer_from, len(st.tokens) - n + 1) if st.tokens[i:i + n] == gram]
+        return starts[1] if len(starts) > 1 else len(st.tokens)
 
 
 def _detok_of(tokenizer, tokens: list[int]) -> Detokenizer:

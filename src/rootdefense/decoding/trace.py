@@ -53,6 +53,7 @@ class Trace:
             "rollbacks": sum(e.get("reason") == "harm" and e.get("type") in ("rollback", "correction")
                              for e in self.events),
             "degeneration_stops": sum(e.get("reason") == "degeneration" for e in self.events),
+            "loop_restarts": sum(e.get("reason") == "loop" for e in self.events),
         }
 
     def to_dict(self) -> dict:
