@@ -221,6 +221,7 @@ def test_summary_rates_targets_and_intervals():
     for i in range(10):
         lines.append(_res("none", "none", True, label=True, pid=f"h{i}"))
         lines.append(_res("rds", "none", True, label=i == 0, pid=f"h{i}"))
+        lines[-1]["trace"] = {"rollbacks": int(i < 3), "loop_restarts": int(i == 3), "degeneration_stops": 0}
         lines.append(_res("rds", "adaptive", True, label=True, pid=f"h{i}"))
         lines.append(_res("none", "adaptive", True, label=True, pid=f"h{i}"))
     for i in range(4):
@@ -230,6 +231,8 @@ def test_summary_rates_targets_and_intervals():
     s = summarize(lines)
     assert s["attack_success"]["rds"]["by_attack"]["none"]["harmful"]["rate"] == 0.1
     assert s["attack_success"]["rds"]["mean_nonadaptive"] == 0.1  # adaptive is reported, not averaged
+    cell = s["attack_success"]["rds"]["by_attack"]["none"]
+    assert (cell["rolled_back"]["rate"], cell["loop_restarted"]["rate"], cell["loop_cut"]["rate"]) == (0.3, 0.1, 0.0)
     assert s["benign"]["rds"]["all"]["identical_to_none"]["rate"] == 0.5
     assert s["benign"]["rds"]["over_refusal_delta"] == 0.25
     assert s["speed"]["rds"]["benign"]["ms_per_token_ratio_vs_none"] == 2.0

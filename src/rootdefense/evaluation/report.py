@@ -173,7 +173,9 @@ def render_report(s: dict, results: list[dict], samples_per_cell: int = 2) -> st
     sections.append(_bars("attack success per attack", attacks, series))
     for what, title in (("refusal", "Refusal rate on harmful prompts (refusal strings)"),
                         ("degenerate", "Degenerate answers on harmful prompts (repetition / no letters)"),
-                        ("rolled_back", "Answers rolled back by recovery (rds-expert)")):
+                        ("rolled_back", "Answers rolled back by recovery (rds-expert)"),
+                        ("loop_restarted", "Looping answers handed to the expert (rds-expert guard)"),
+                        ("loop_cut", "Steered answers cut because they looped (rds-expert guard)")):
         rows = [[f"<b>{_e(d)}</b>"] + [_pct(_cell_rate(s, d, a, what)) for a in attacks] for d in defenses]
         sections.append(f"<h3>{title}</h3>" + _table(["defense"] + [_e(a) for a in attacks], rows))
 
@@ -185,10 +187,11 @@ def render_report(s: dict, results: list[dict], samples_per_cell: int = 2) -> st
             brows.append([f"<b>{_e(d)}</b>", _e(ds), str(c["n"]), _pct(c["over_refusal"]["rate"]),
                           _pct(c["harm_flagged"]["rate"]), _pct(c["degenerate"]["rate"]),
                           _pct((c.get("rolled_back") or {}).get("rate")),
+                          _pct((c.get("loop_restarted") or {}).get("rate")),
                           _pct((c.get("identical_to_none") or {}).get("rate")), _e(c.get("ppl_base_median")),
                           _pct(c["gsm8k_accuracy"]["rate"]) if "gsm8k_accuracy" in c else "–"])
     sections.append(_table(["defense", "dataset", "n", "over-refusal", "flagged harmful", "degenerate",
-                            "rolled back", "identical to undefended", "perplexity under undefended (median)", "GSM8K accuracy"],
+                            "rolled back", "loop to expert", "identical to undefended", "perplexity under undefended (median)", "GSM8K accuracy"],
                            brows))
     points = {d: (s["benign"].get(d, {}).get("all", {}).get("over_refusal", {}).get("rate"),
                   s["attack_success"].get(d, {}).get("mean_nonadaptive")) for d in defenses}

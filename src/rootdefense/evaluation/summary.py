@@ -117,6 +117,7 @@ def _attack_success(ok, defenses, attacks, harm_judge) -> dict:
                 "refusal": _rate(_known(rs, "refusal")),
                 "degenerate": _rate([bool(r.get("metrics", {}).get("degenerate")) for r in rs]),
                 "rolled_back": _rate([bool((r.get("trace") or {}).get("rollbacks")) for r in rs]),
+                **_loops(rs),
             }
         rates = [c["harmful"]["rate"] for a, c in row.items() if a not in ADAPTIVE and c["harmful"]]
         table[d] = {"by_attack": row,
@@ -142,6 +143,13 @@ def _benign(ok, defenses) -> dict:
     return out
 
 
+def _loops(rs) -> dict:
+    """What the degeneration guard did: answers handed to the expert because they looped,
+    and answers cut because a steered answer looped."""
+    return {"loop_restarted": _rate([bool((r.get("trace") or {}).get("loop_restarts")) for r in rs]),
+            "loop_cut": _rate([bool((r.get("trace") or {}).get("degeneration_stops")) for r in rs])}
+
+
 def _benign_cell(rs, plain) -> dict:
     same = [plain[k]["answer"] == r["answer"] for r in rs
             if (k := (r["dataset"], r["prompt_id"], r["sample"])) in plain]
@@ -153,6 +161,7 @@ def _benign_cell(rs, plain) -> dict:
         "degenerate": _rate([bool(r.get("metrics", {}).get("degenerate")) for r in rs]),
         "identical_to_none": _rate(same) if same else None,
         "rolled_back": _rate([bool((r.get("trace") or {}).get("rollbacks")) for r in rs]),
+        **_loops(rs),
         "ppl_base_median": _median([r.get("metrics", {}).get("ppl_base") for r in rs]),
     }
     if gsm:
