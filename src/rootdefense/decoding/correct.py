@@ -383,9 +383,7 @@ class CorrectingDecoder:
                 events.append({"type": "steer", "reason": "harm", "at_token": len(st.tokens),
                                "harms": [round(h, 4) for h in monitor.harms[-s.window:]]})
                 rollbacks += 1
-                st.mode, st.steer_from = "steer", len(st.tokens)
-                ids = torch.cat([input_ids, torch.tensor([st.tokens], dtype=input_ids.dtype, device=device)], 1)
-                cache, logits = self._prefill(ids, rows=self.rows)
+                detok, cache, logits = self._steer_from(st, len(st.tokens), input_ids)
             elif flagged and rollbacks < s.max_rollbacks:
                 keep = self._rollback_point(st.tokens)
                 event = stream.rollback(
@@ -394,12 +392,7 @@ class CorrectingDecoder:
                     answer_tokens_dropped=len(st.tokens) - keep)  # incl. the flagged token, never streamed
                 events.append(event)
                 rollbacks += 1
-                st.tokens, st.steps = st.tokens[:keep], st.steps[:keep]
-                st.mode, st.steer_from = "steer", keep
-                detok = _detok_of(self.tokenizer, st.tokens)
-                ids = torch.cat([input_ids, torch.tensor([st.tokens], dtype=input_ids.dtype, device=device)], 1) \
-                    if st.tokens else input_ids
-                cache, logits = self._prefill(ids, rows=self.rows)
+                detok, cache, logits = self._steer_from(st, keep, input_ids)
                 continue
             stream.push(step, piece)
             reason = end_reason(token, self.eos, detok.text, cfg)
@@ -415,12 +408,7 @@ class CorrectingDecoder:
                     dropped_text=self.tokenizer.decode(st.tokens[keep:], skip_special_tokens=True)))
                 rollbacks += 1
                 verified, rejected = [], None
-                st.tokens, st.steps = st.tokens[:keep], st.steps[:keep]
-                st.mode, st.steer_from = "steer", keep
-                detok = _detok_of(self.tokenizer, st.tokens)
-                ids = torch.cat([input_ids, torch.tensor([st.tokens], dtype=input_ids.dtype, device=device)], 1) \
-                    if st.tokens else input_ids
-                cache, logits = self._prefill(ids, rows=self.rows)
+                detok, cache, logits = self._steer_from(st, keep, input_ids)
                 continue
             if cut is not None:
                 events.append(stream.rollback(cut, reason="degeneration", at_token=len(st.tokens)))
@@ -441,6 +429,16 @@ class CorrectingDecoder:
                           prompt_tokens=prompt_len, timings=timings)
 
     # ------------------------------------------------------------------ helpers
+
+    def _steer_from(self, st: _State, keep: int, input_ids: torch.Tensor):
+        """Keep the first ``keep`` answer tokens and switch to steering from there: a fresh
+        detokenizer, and a cache over prompt + kept tokens in the steering rows."""
+        st.tokens, st.steps = st.tokens[:keep], st.steps[:keep]
+        st.mode, st.steer_from = "steer", keep
+        ids = torch.cat([input_ids, torch.tensor([st.tokens], dtype=input_ids.dtype, device=input_ids.device)], 1) \
+            if st.tokens else input_ids
+        cache, logits = self._prefill(ids, rows=self.rows)
+        return _detok_of(self.tokenizer, st.tokens), cache, logits
 
     def _rollback_point(self, tokens: list[int]) -> int:
         """Answer index to restart from: 0, or just after the last sentence end before the
