@@ -102,19 +102,25 @@ def sampling_rng(cfg: GenerationConfig) -> torch.Generator | None:
     return rng
 
 
-def own_choice(logprobs: torch.Tensor, cfg: GenerationConfig, rng) -> int:
-    """The token the undefended model emits: argmax, or a sample with top-p."""
-    if cfg.greedy:
-        return int(torch.argmax(logprobs).item())
+def target_probs(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The distribution the undefended model samples from: the nucleus ``top_p`` of
+    ``exp(logprobs)``, renormalised (speculative sampling verifies against it too)."""
     probs = logprobs.exp()
-    if cfg.top_p < 1.0:
+    if top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < cfg.top_p
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
         keep[0] = True
         filtered = torch.zeros_like(probs)
         filtered[order[keep]] = sorted_p[keep]
         probs = filtered
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=rng).item())
+    return probs / probs.sum()
+
+
+def own_choice(logprobs: torch.Tensor, cfg: GenerationConfig, rng) -> int:
+    """The token the undefended model emits: argmax, or a sample with top-p."""
+    if cfg.greedy:
+        return int(torch.argmax(logprobs).item())
+    return int(torch.multinomial(target_probs(logprobs, cfg.top_p), 1, generator=rng).item())
 
 
 def candidate_pool(logprobs: torch.Tensor, own: int, cfg: GenerationConfig) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from ..errors import ModelError
 from .candidates import StepOutput
 from .config import GenerationConfig
-from .loop import own_choice
+from .loop import own_choice, target_probs
 
 
 def step_logprobs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
@@ -22,20 +22,6 @@ def step_logprobs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     decoder computes them."""
     temp = cfg.temperature if not cfg.greedy else 1.0
     return torch.log_softmax(logits / temp, dim=-1).cpu()
-
-
-def target_probs(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """The distribution :func:`own_choice` samples from: the nucleus ``top_p`` of
-    ``exp(logprobs)``, renormalised."""
-    probs = logprobs.exp()
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p
-        keep[0] = True
-        filtered = torch.zeros_like(probs)
-        filtered[order[keep]] = sorted_p[keep]
-        probs = filtered
-    return probs / probs.sum()
 
 
 def verified_choice(logprobs: torch.Tensor, draft: int, cfg: GenerationConfig,
