@@ -58,8 +58,9 @@ def test_rows_finish_independently(parts):
     assert BatchDecoder(model, tok).generate([], cfg) == []
 
 
+@pytest.mark.parametrize("drafter", [None, "ngram"])
 @pytest.mark.parametrize("tau, leave", [(0.999999, "none"), (0.56, "some"), (0.52, "all")])
-def test_rds_expert_batch_equals_one_by_one(tiny_tokenizer, tmp_path, tau, leave):
+def test_rds_expert_batch_equals_one_by_one(tiny_tokenizer, tmp_path, tau, leave, drafter):
     """The tuned default defense in a batch: unflagged answers stay in the batch, flagged
     ones (and loops) are answered by the correcting decoder; all equal single answers."""
     from conftest import make_tiny_model
@@ -74,9 +75,12 @@ def test_rds_expert_batch_equals_one_by_one(tiny_tokenizer, tmp_path, tau, leave
     probe = LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
                         meta={"model_id": MODEL_ID, "kind": "response"})
     d = Defender(lm, probe, DefenseSettings(defense="rds-expert", tau=tau, correction={"k": 2, "window": 4},
-                                            expert=str(write_expert(tok, tmp_path / "expert"))))
+                                            expert=str(write_expert(tok, tmp_path / "expert")),
+                                            drafter=drafter))
     cfg = GenerationConfig(max_new_tokens=40)
     batch = d.generate_batch(PROMPTS, config=cfg)
+    if drafter is not None and leave != "all":  # the batch drafted
+        assert any(g is not None and g.timings.get("drafted", 0) > 0 for g in batch)
     single = [d.generate(p, config=cfg) for p in PROMPTS]
     assert [b.token_ids for b in batch] == [s.token_ids for s in single]
     assert [b.trace.events for b in batch] == [s.trace.events for s in single]

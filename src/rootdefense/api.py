@@ -17,6 +17,8 @@ from .decoding.batched import BatchDecoder
 from .decoding.correct import CorrectingDecoder, CorrectionSettings
 from .decoding.rules import RULES
 from .drafting import SpeculativeDecoder, check_drafter_name, make_drafter
+from .drafting.batched import BatchSpeculativeDecoder
+from .drafting.ngram import PromptLookupDrafter
 from .errors import InputError, ProbeError
 from .expert.adapter import attach_expert, expert_dir
 from .models import LoadedModel, encode_chat, load_model, normalize_messages
@@ -211,11 +213,22 @@ class Defender:
         cfg = config or GenerationConfig()
         ids = [self.encode(*((x, None) if isinstance(x, str) else (None, x)), cfg) for x in items]
         watch = self.decoder.watcher if isinstance(self.decoder, CorrectingDecoder) else None
-        out = BatchDecoder(self.lm.model, self.lm.tokenizer, probe=self.probe, rule=self.rule,
-                           eos_token_ids=self.lm.eos_token_ids).generate(ids, cfg, watch=watch)
+        out = self._batch_decoder().generate(ids, cfg, watch=watch)
         # rds-expert: answers the monitor flags (or the loop guard would cut) leave the batch
         # and are answered by the correcting decoder itself, from the start
         return [g if g is not None else self.decoder.generate(i, cfg) for g, i in zip(out, ids, strict=True)]
+
+    def _batch_decoder(self):
+        """Batched speculation with the defender's drafter (one copy per prompt); the draft
+        head drafts single streams only, so under ``auto`` a batch drafts by prompt lookup."""
+        kwargs = {"probe": self.probe, "rule": self.rule, "eos_token_ids": self.lm.eos_token_ids}
+        drafter = getattr(self.decoder, "drafter", None)
+        if drafter is None:
+            return BatchDecoder(self.lm.model, self.lm.tokenizer, **kwargs)
+        if getattr(drafter, "needs_target_features", False) and self.settings.drafter == "auto":
+            drafter = PromptLookupDrafter()
+        return BatchSpeculativeDecoder(self.lm.model, self.lm.tokenizer, drafter, max_draft=self.settings.max_draft,
+                                       **kwargs)
 
     def generate(self, prompt: str | None = None, messages: list | None = None,
                  config: GenerationConfig | None = None, on_token=None, prefill: str = "",

@@ -26,5 +26,10 @@ class Drafter:
     def reset(self) -> None:
         """Forget everything about the previous generation."""
 
+    def fresh(self) -> Drafter:
+        """A new drafter of the same kind and settings with its own state, sharing anything
+        heavy (a draft model's weights): batched decoders draft with one per prompt."""
+        raise NotImplementedError(f"the {self.name} drafter cannot be copied for batched decoding")
+
     def describe(self) -> dict:
         return {"drafter": self.name}

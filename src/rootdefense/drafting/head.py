@@ -147,6 +147,7 @@ class HeadDrafter(Drafter):
     """Greedy chains from a :class:`DraftHead`, fed by the target's recorded features."""
 
     name = "draft-head"
+    needs_target_features = True  # batched decoders cannot feed it
 
     def __init__(self, target, head: DraftHead, window: int = 24, max_k: int = 6, start_k: int = 4):
         if not 1 <= start_k <= max_k:

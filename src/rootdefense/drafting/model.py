@@ -41,7 +41,7 @@ class DraftModelDrafter(Drafter):
         check_same_vocabulary(tokenizer, target_tokenizer, model)
         if not 1 <= start_k <= max_k:
             raise InputError(f"need 1 <= start_k <= max_k, got {start_k} and {max_k}")
-        self.model = model
+        self.model, self._tokenizers = model, (tokenizer, target_tokenizer)
         self.vocab = len(target_tokenizer)  # ids beyond the tokenizer are padding rows
         self.max_k, self.start_k = max_k, start_k
         self.reset()
@@ -87,6 +87,9 @@ class DraftModelDrafter(Drafter):
         if n_proposed == 0:
             return
         self.k = min(self.max_k, self.k + 2) if n_accepted == n_proposed else max(1, self.k - 1)
+
+    def fresh(self) -> DraftModelDrafter:
+        return DraftModelDrafter(self.model, *self._tokenizers, max_k=self.max_k, start_k=self.start_k)
 
     def describe(self) -> dict:
         name = getattr(self.model.config, "name_or_path", "") or type(self.model).__name__

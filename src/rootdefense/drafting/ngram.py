@@ -68,6 +68,9 @@ class PromptLookupDrafter(Drafter):
             out.append(out[len(out) - period])
         return out
 
+    def fresh(self) -> PromptLookupDrafter:
+        return PromptLookupDrafter(self.max_ngram, self.min_ngram, self.max_k)
+
     def describe(self) -> dict:
         return {"drafter": self.name, "max_ngram": self.max_ngram, "min_ngram": self.min_ngram,
                 "max_k": self.max_k}

@@ -1,0 +1,253 @@
+"""Batched speculative RDS: several prompts, each drafting and verifying its own chain, all
+in one forward per round.
+
+Every row of the batch does per round what :class:`~rootdefense.drafting.decoder.SpeculativeDecoder`
+does for one prompt, and the forward that serves them all is shaped per row:
+
+- a row that drafts sends its chain ``[own] + draft``: slot i sees the row's past and
+  chain slots 0..i (causal), at position ``next + i``;
+- a row that must decide a position exactly (its own token was harmful, or the last token
+  was a correction) sends its candidate pool: every slot sees the row's past and itself,
+  all at position ``next`` (as :mod:`~rootdefense.decoding.candidates` does for one row);
+- slots past a row's width are padding and see only themselves.
+
+Rows keep different numbers of slots (a chain keeps its verified prefix, a pool keeps the
+chosen candidate), so the cache is not cut per row: each row's 0/1 ``past`` mask marks the
+entries it kept, and the others stay masked out for good. Position ids are given per row,
+so the holes change nothing; they are trimmed where no row kept anything, and finished rows
+leave the batch. Greedy output equals the single-stream decoder's for every row (tested).
+
+Drafters are per row (one per prompt) and must draft from the context alone (prompt lookup,
+a draft model); the draft head reads the target's single-stream features and is refused.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import DynamicCache
+
+from ..decoding.batched import _pad_left, _Row, _select_rows
+from ..decoding.config import GenerationConfig
+from ..decoding.loop import (
+    Generation,
+    candidate_pool,
+    decode_timings,
+    emit,
+    end_reason,
+    final_text,
+    own_choice,
+    sampling_rng,
+)
+from ..decoding.rules import Candidates, Rule, ThresholdRule
+from ..decoding.verify import step_logprobs, verified_choice
+from ..errors import InputError, ModelError
+from .base import Drafter
+
+
+class _SpecRow(_Row):
+    def __init__(self, index: int, prompt: torch.Tensor, tokenizer, drafter: Drafter):
+        super().__init__(index, int(prompt.shape[1]), tokenizer)
+        self.context = prompt[0].tolist()
+        self.drafter = drafter
+        self.lp: torch.Tensor | None = None  # log-probs for the row's next position
+        self.own: int | None = None  # the model's own next token, when already drawn
+        self.exact = False  # decide the next position by candidate scoring
+        self.slots: list[int] = []
+        self.star = False  # this round's slots are alternatives (a pool), not a chain
+        self.draft_len = 0
+        self.watcher = None  # told of every committed token; True: the row leaves the batch
+        self.stats = {"forwards": 0, "rounds": 0, "drafted": 0, "accepted": 0, "exact_steps": 0}
+
+
+def _round_mask(past: torch.Tensor, rows: list[_SpecRow], width: int, dtype) -> torch.Tensor:
+    """Additive 4D mask (B, 1, width, C + width) for one round (see the module text)."""
+    bsz, c = past.shape
+    allowed = torch.zeros((bsz, width, c + width), dtype=torch.bool, device=past.device)
+    allowed[:, :, :c] = past.bool()[:, None, :]
+    idx = torch.arange(width, device=past.device)
+    allowed[:, idx, c + idx] = True
+    causal = torch.tril(torch.ones((width, width), dtype=torch.bool, device=past.device))
+    for b, row in enumerate(rows):
+        n = len(row.slots)
+        allowed[b, n:, :c] = False
+        if not row.star:
+            allowed[b, :n, c:c + n] = causal[:n, :n]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=past.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _trim(cache, past: torch.Tensor) -> torch.Tensor:
+    """Drop trailing cache columns that no row kept; returns the trimmed ``past``."""
+    used = past.any(dim=0).nonzero()
+    keep = int(used[-1, 0]) + 1 if used.numel() else 0
+    if keep < past.shape[1]:
+        for layer in cache.layers:
+            if getattr(layer, "keys", None) is None or layer.keys.shape[-2] != past.shape[1]:
+                raise ModelError(f"{type(layer).__name__} cache layers are not supported by batched speculation")
+            layer.keys = layer.keys[:, :, :keep]
+            layer.values = layer.values[:, :, :keep]
+        past = past[:, :keep]
+    return past
+
+
+class BatchSpeculativeDecoder:
+    """Decode several prompts at once with drafts (one copy of ``drafter`` per prompt, from
+    :meth:`Drafter.fresh`), an optional probe and an optional threshold rule."""
+
+    def __init__(self, model, tokenizer, drafter: Drafter, probe=None, rule: Rule | None = None,
+                 eos_token_ids: list[int] | None = None, max_draft: int = 8):
+        if rule is not None and probe is None:
+            raise ValueError("a decision rule needs a probe to score candidates")
+        if rule is not None and not isinstance(rule, ThresholdRule):
+            raise InputError(f"speculative decoding supports the threshold rule only (got '{rule.name}')")
+        if max_draft < 0:
+            raise InputError(f"max_draft must be >= 0, got {max_draft}")
+        if getattr(drafter, "needs_target_features", False):
+            raise InputError(f"the {drafter.name} drafter reads the target's single-stream features and cannot "
+                             "draft for a batch; use prompt lookup ('ngram') or a draft model for batches")
+        self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
+        self.probe, self.rule, self.max_draft = probe, rule, max_draft
+        self.eos = set(eos_token_ids or [])
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else (eos_token_ids or [0])[0])
+
+    def _harmful(self, harm: float | None) -> bool:
+        return self.rule is not None and harm >= self.rule.tau
+
+    @torch.no_grad()
+    def generate(self, prompts: list[torch.Tensor], cfg: GenerationConfig, watch=None) -> list[Generation | None]:
+        """As :meth:`rootdefense.decoding.batched.BatchDecoder.generate` (same ``watch``)."""
+        if not prompts:
+            return []
+        device = next(self.model.parameters()).device
+        rng = sampling_rng(cfg)
+        layer = self.probe.layer if self.probe is not None else None
+        rows = [_SpecRow(i, p, self.tokenizer, self.drafter.fresh()) for i, p in enumerate(prompts)]
+        for r in rows:
+            r.watcher = watch() if watch is not None else None
+        ids, past = _pad_left(prompts, self.pad_id, device)
+        positions = (past.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        t0 = time.perf_counter()
+        out = self.model(input_ids=ids, attention_mask=past, position_ids=positions, cache=cache, use_cache=True,
+                         logits_to_keep=1)
+        t_prefill = time.perf_counter() - t0
+        for b, r in enumerate(rows):
+            r.lp = step_logprobs(out.logits[b, -1].float(), cfg)
+        next_pos = past.sum(-1)
+        live = list(rows)
+        t1 = time.perf_counter()
+        while live:
+            # propose: each row's chain (own token + draft) or, where it must, its candidate pool
+            for r in live:
+                if r.own is None:
+                    r.own = own_choice(r.lp, cfg, rng)
+                r.star = r.exact and self.rule is not None
+                if r.star:
+                    r.slots = candidate_pool(r.lp, r.own, cfg).tolist()
+                    r.draft_len = 0
+                else:
+                    room = min(self.max_draft, cfg.max_new_tokens - len(r.tokens) - 1)
+                    draft = r.drafter.propose(r.context + [r.own], room)[:room] if room > 0 else []
+                    r.slots, r.draft_len = [r.own] + draft, len(draft)
+            width = max(len(r.slots) for r in live)
+            slots = torch.tensor([r.slots + [r.slots[0]] * (width - len(r.slots)) for r in live], device=device)
+            pos = torch.stack([next_pos[b] + (torch.zeros(width, dtype=torch.long, device=device) if r.star
+                                              else torch.arange(width, device=device)) for b, r in enumerate(live)])
+            # verify / score: one forward for every row
+            step = self.model(input_ids=slots, position_ids=pos, cache=cache, use_cache=True,
+                              attention_mask=_round_mask(past, live, width, self.model.dtype),
+                              output_hidden_states=layer is not None)
+            harms = self.probe.score(step.hidden_states[layer].float()).cpu() if layer is not None else None
+            # choose / accept: per row, which slots it keeps
+            kept = torch.zeros((len(live), width), dtype=past.dtype, device=device)
+            for b, r in enumerate(live):
+                lps = step_logprobs(step.logits[b, :len(r.slots)].float(), cfg)
+                h = None if harms is None else harms[b, :len(r.slots)].tolist()
+                cols = self._exact(r, lps, h, rng, cfg) if r.star else self._verify(r, lps, h, rng, cfg)
+                kept[b, cols] = 1
+                r.stats["forwards"] += 1
+            past = _trim(cache, torch.cat([past, kept], dim=1))
+            next_pos = next_pos + kept.sum(-1)
+            keep = [b for b, r in enumerate(live) if not r.done]
+            if len(keep) < len(live):
+                idx = torch.tensor(keep, dtype=torch.long, device=device)
+                _select_rows(cache, idx)
+                past, next_pos = past[idx], next_pos[idx]
+                live = [live[b] for b in keep]
+                if live:
+                    past = _trim(cache, past)
+        elapsed = time.perf_counter() - t1
+        total = sum(len(r.tokens) for r in rows if not r.handed_over)
+        results: list[Generation | None] = []
+        for r in rows:
+            if r.handed_over:
+                results.append(None)
+                continue
+            timings = decode_timings(t_prefill, elapsed, len(r.tokens))
+            s = r.stats
+            timings.update(s, batch_size=len(prompts), batch_tokens=total,
+                           batch_tokens_per_s=round(total / elapsed, 2) if elapsed > 0 else None,
+                           mean_accepted=round(s["accepted"] / max(s["rounds"], 1), 3),
+                           tokens_per_forward=round(len(r.tokens) / max(s["forwards"], 1), 3))
+            results.append(Generation(text=final_text(r.detok.text, r.trace, cfg), token_ids=r.tokens, trace=r.trace,
+                                      prompt_tokens=r.prompt_len, timings=timings))
+        return results
+
+    # per-row decisions ------------------------------------------------------------------
+
+    def _commit(self, r: _SpecRow, token: int, own: int, lp, harm, own_harm, candidates: int, cfg) -> bool:
+        step, _ = emit(r.detok, token, own, lp, harm, own_harm, candidates)
+        r.trace.steps.append(step)
+        r.tokens.append(token)
+        r.context.append(token)
+        reason = end_reason(token, self.eos, r.detok.text, cfg)
+        if reason:
+            r.trace.finish_reason = reason
+        r.done = reason is not None or len(r.tokens) >= cfg.max_new_tokens
+        if r.watcher is not None and r.watcher.update(r.tokens, step.harm, loops=r.trace.finish_reason != "eos"):
+            r.done, r.handed_over = True, True
+        return r.done
+
+    def _exact(self, r: _SpecRow, lps, harms, rng, cfg) -> list[int]:
+        """The row's pool was scored: the rule chooses one candidate (kept slot j)."""
+        pool = torch.tensor(r.slots)
+        own_idx = r.slots.index(r.own)
+        j = self.rule.choose(Candidates(pool, r.lp[pool], torch.tensor(harms), own_idx), rng)
+        r.stats["exact_steps"] += 1
+        self._commit(r, r.slots[j], r.own, r.lp, harms[j], harms[own_idx], len(r.slots), cfg)
+        r.lp, r.own, r.exact = lps[j], None, j != own_idx  # after a correction, decide the next one exactly too
+        return [j]
+
+    def _verify(self, r: _SpecRow, lps, harms, rng, cfg) -> list[int]:
+        """The row's chain was run: keep its verified, harmless prefix (kept slots 0..n-1)."""
+        r.stats["rounds"] += 1
+        r.stats["drafted"] += r.draft_len
+        lp, matched, n = r.lp, 0, 0
+        own = r.own
+        stopped = False
+        for i, token in enumerate(r.slots):
+            if i > 0:
+                lp = lps[i - 1]
+                own = verified_choice(lp, token, cfg, rng)
+                if own != token:
+                    stopped = True
+                    break
+                matched += 1
+            if self._harmful(None if harms is None else harms[i]):
+                r.exact, stopped = True, True  # decide this position exactly next round
+                break
+            n += 1
+            h = None if harms is None else harms[i]
+            if self._commit(r, token, token, lp, h, h, 1, cfg):
+                break
+        r.stats["accepted"] += matched
+        r.drafter.accepted(r.draft_len, matched)
+        if stopped:  # the next position's distribution and own token are known already
+            r.lp, r.own = lp, own
+        else:
+            r.lp, r.own = lps[n - 1], None
+        return list(range(n))

@@ -1,0 +1,133 @@
+"""Batched speculative RDS: every row's answer equals its single-stream speculative answer
+(and the plain decoder's), greedy, with and without the threshold rule, whatever the
+drafter proposes, the prompt lengths and the finishing order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_drafting import (
+    PROMPTS,
+    REPETITIVE,
+    _tau_for,
+    make_drafter,
+    prompt_ids,
+    random_probe,
+)
+
+from rootdefense.decoding import Decoder, GenerationConfig, ThresholdRule, make_rule
+from rootdefense.drafting import PromptLookupDrafter, SpeculativeDecoder
+from rootdefense.drafting.batched import BatchSpeculativeDecoder
+from rootdefense.errors import InputError
+
+TEXTS = PROMPTS + [REPETITIVE, "hi"]
+
+
+@pytest.fixture(scope="module")
+def draft_model(tiny_tokenizer):
+    return make_tiny_model(tiny_tokenizer, seed=1, layers=2)
+
+
+def _same(got, want):
+    assert got.token_ids == want.token_ids
+    assert got.text == want.text and got.trace.finish_reason == want.trace.finish_reason
+    for a, b in zip(got.trace.steps, want.trace.steps, strict=True):
+        assert (a.token_id, a.original_id, a.replaced) == (b.token_id, b.original_id, b.replaced)
+        if b.harm is not None:
+            assert a.harm == pytest.approx(b.harm, abs=1e-4)
+            assert a.original_harm == pytest.approx(b.original_harm, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lookup", "draft-model", "self"])
+@pytest.mark.parametrize("n", [1, 9, 40])
+def test_undefended_batch_equals_plain(tiny_model, tiny_tokenizer, draft_model, kind, n):
+    tok = tiny_tokenizer
+    ids = [prompt_ids(tok, t) for t in TEXTS]
+    cfg = GenerationConfig(max_new_tokens=n)
+    eos = [tok.eos_token_id]
+    dec = BatchSpeculativeDecoder(tiny_model, tok, make_drafter(kind, tok, tiny_model, draft_model),
+                                  eos_token_ids=eos, max_draft=5)
+    batch = dec.generate(ids, cfg)
+    for i, g in zip(ids, batch, strict=True):
+        _same(g, Decoder(tiny_model, tok, eos_token_ids=eos).generate(i, cfg))
+    t = batch[TEXTS.index(REPETITIVE)].timings
+    assert t["batch_size"] == len(TEXTS) and 0 <= t["accepted"] <= t["drafted"]
+    if n == 40 and kind in ("lookup", "self"):
+        assert t["tokens_per_forward"] > 1.2, "drafts were accepted inside the batch"
+
+
+@pytest.mark.parametrize(("layer", "seed"), [(3, 1), (2, 2), (1, 4)])
+@pytest.mark.parametrize("kind", ["lookup", "self"])
+def test_defended_batch_equals_single_speculative(tiny_model, tiny_tokenizer, draft_model, layer, seed, kind):
+    """The threshold rule inside a batch: rows that draft and rows that score candidates
+    share one forward; every row corrects exactly the tokens it corrects alone."""
+    tok = tiny_tokenizer
+    ids = [prompt_ids(tok, t) for t in TEXTS]
+    probe = random_probe(tiny_model.config.hidden_size, layer=layer, seed=seed)
+    rule = ThresholdRule(_tau_for(tiny_model, tok, probe, ids[0]))
+    cfg = GenerationConfig(max_new_tokens=30, top_m=8)
+    single = [SpeculativeDecoder(tiny_model, tok, make_drafter(kind, tok, tiny_model, draft_model), probe=probe,
+                                 rule=rule).generate(i, cfg) for i in ids]
+    plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
+    batch = BatchSpeculativeDecoder(tiny_model, tok, make_drafter(kind, tok, tiny_model, draft_model),
+                                    probe=probe, rule=rule).generate(ids, cfg)
+    assert sum(g.trace.replaced for g in plain) > 0, "tau chosen so that the rule intervenes"
+    for b, s, p in zip(batch, single, plain, strict=True):
+        _same(b, s)
+        _same(b, p)
+        assert b.timings["exact_steps"] == s.timings["exact_steps"]
+
+
+def test_rows_finish_at_different_times(tiny_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = [prompt_ids(tok, t) for t in TEXTS]
+    free = Decoder(tiny_model, tok).generate(ids[0], GenerationConfig(max_new_tokens=20))
+    stop = next(free.text[i:i + 3] for i in range(2, len(free.text) - 3) if free.text[i:i + 3].strip())
+    cfg = GenerationConfig(max_new_tokens=20, stop=[stop])
+    gens = BatchSpeculativeDecoder(tiny_model, tok, PromptLookupDrafter()).generate(ids, cfg)
+    want = [Decoder(tiny_model, tok).generate(i, cfg) for i in ids]
+    assert [g.token_ids for g in gens] == [w.token_ids for w in want]
+    assert gens[0].trace.finish_reason == "stop" and len({len(g.token_ids) for g in gens}) > 1
+    assert BatchSpeculativeDecoder(tiny_model, tok, PromptLookupDrafter()).generate([], cfg) == []
+
+
+def test_watch_hands_rows_over(tiny_model, tiny_tokenizer):
+    """A watcher that flags a row takes it out of the batch (None), the others go on."""
+    tok = tiny_tokenizer
+    ids = [prompt_ids(tok, t) for t in TEXTS]
+
+    class After:
+        def __init__(self):
+            self.n = 0
+
+        def update(self, tokens, harm, loops=True):
+            return len(tokens) >= 7 and tokens[0] == first[0]
+
+    first = Decoder(tiny_model, tok).generate(ids[1], GenerationConfig(max_new_tokens=3)).token_ids
+    cfg = GenerationConfig(max_new_tokens=25)
+    gens = BatchSpeculativeDecoder(tiny_model, tok, PromptLookupDrafter()).generate(ids, cfg, watch=After)
+    plain = [Decoder(tiny_model, tok).generate(i, cfg) for i in ids]
+    for g, p in zip(gens, plain, strict=True):
+        if p.token_ids[0] == first[0] and len(p.token_ids) >= 7:
+            assert g is None
+        else:
+            assert g is not None and g.token_ids == p.token_ids
+    assert gens[1] is None
+
+
+def test_bad_settings_are_refused(tiny_model, tiny_tokenizer):
+    probe = random_probe(tiny_model.config.hidden_size, layer=2)
+    with pytest.raises(InputError, match="threshold rule only"):
+        BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), probe=probe,
+                                rule=make_rule("paper", tau=0.5))
+    with pytest.raises(InputError, match="max_draft"):
+        BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), max_draft=-1)
+
+    class Featured(PromptLookupDrafter):
+        name = "feature-drafter"
+        needs_target_features = True
+
+    with pytest.raises(InputError, match="cannot draft for a batch"):
+        BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, Featured())
+    assert torch.is_grad_enabled()
