@@ -49,6 +49,12 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
         assert got[("rds-spec-head", s)]["accepted_len"] is not None
         assert got[("rds-expert-exact", s)]["accepted_len"] is None
         assert got[("rds-batch", s)]["ratio_vs_single"] > 0 and got[("rds-batch", s)]["batch_size"] == 3
+        for batched in ("rds-spec-threshold-ngram-batch", "rds-spec-ngram-batch"):
+            assert got[(batched, s)]["accepted_len"] is not None and got[(batched, s)]["ratio_vs_rds_exact"] > 0
+    prof = report["profile"]
+    assert set(prof["chain_forward_ms"]) == {"1", "2", "3", "4", "6", "8", "12"}
+    assert all(v > 0 for v in prof["chain_forward_ms"].values()) and prof["chain_cost_vs_one_token"]["1"] == 1.0
+    assert prof["candidate_forward_ms"]["ms"] > 0 and prof["probe_ms"] > 0
 
 
 @pytest.mark.parametrize("kwargs, needle", [

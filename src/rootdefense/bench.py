@@ -22,7 +22,15 @@ Methods (skipped, with the reason, when a part is missing):
 - ``rds-batch`` / ``rds-expert-batch``: ``rds-exact`` / ``rds-expert-exact`` answering
   ``--batch-size`` prompts of the set together (cycled when the set is smaller); their
   tokens/s is the batch's total throughput, and ``ratio_vs_single`` compares it with the
-  single-stream method's median.
+  single-stream method's median (``ratio_vs_rds_exact``: with single-stream ``rds-exact``);
+- ``rds-spec-threshold-ngram-batch`` / ``rds-spec-ngram-batch``: the speculative methods
+  of the same names, batched (each prompt drafts its own chain; one forward per round).
+
+The profile (``profile`` in the JSON) explains the figures: the median cost of one target
+forward over a chain of T new tokens after a cached context (what verification pays per
+round), of one candidate-scoring forward (what every exact RDS step pays), and of one probe
+call. Speculation gains when the tokens kept per forward outgrow the chain's cost relative
+to a one-token forward.
 
 Wall time covers the whole answer (prefill included) for every method alike. Peak RSS is
 the process's largest resident set seen while the method ran (sampled every 5 ms); the
@@ -45,11 +53,13 @@ from .errors import InputError
 
 METHODS = ("hf-generate", "hf-prompt-lookup", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
            "rds-expert-exact", "rds-spec-ngram", "rds-spec-head", "rds-spec-model", "rds-spec-threshold-ngram",
-           "rds-spec-threshold-head", "rds-batch", "rds-expert-batch")
+           "rds-spec-threshold-head", "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch",
+           "rds-spec-ngram-batch")
 DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "plain", "plain-spec-head", "rds-exact", "rds-expert-exact",
                    "rds-spec-ngram", "rds-spec-head", "rds-spec-threshold-ngram", "rds-spec-threshold-head",
-                   "rds-batch", "rds-expert-batch")
-BATCH_METHODS = {"rds-batch": "rds-exact", "rds-expert-batch": "rds-expert-exact"}  # -> its single-stream peer
+                   "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch", "rds-spec-ngram-batch")
+BATCH_METHODS = {"rds-batch": "rds-exact", "rds-expert-batch": "rds-expert-exact",  # -> its single-stream peer
+                 "rds-spec-threshold-ngram-batch": "rds-spec-threshold-ngram", "rds-spec-ngram-batch": "rds-spec-ngram"}
 
 
 @dataclass
@@ -117,8 +127,9 @@ def bench_prompts(n: int) -> dict[str, list[str]]:
 
 
 def _hf_runner(lm, extra: dict):
-    gen_cfg = {"do_sample": False, "eos_token_id": lm.eos_token_ids, "pad_token_id": lm.tokenizer.pad_token_id
-               or lm.eos_token_ids[0], **extra}
+    pad = lm.tokenizer.pad_token_id
+    gen_cfg = {"do_sample": False, "eos_token_id": lm.eos_token_ids,
+               "pad_token_id": pad if pad is not None else lm.eos_token_ids[0], **extra}
 
     def run(ids, n):
         out = lm.model.generate(ids, max_new_tokens=n, min_new_tokens=0, **gen_cfg)
@@ -144,7 +155,8 @@ def _batch_runner(defender):
 
     def run(items, n):
         gens = defender.generate_batch(items, GenerationConfig(max_new_tokens=n))
-        return [g.token_ids for g in gens], {}
+        tpf = [g.timings["tokens_per_forward"] for g in gens if "tokens_per_forward" in g.timings]
+        return [g.token_ids for g in gens], ({"accepted_len": statistics.mean(tpf)} if tpf else {})
 
     return run
 
@@ -176,6 +188,11 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
                 runners[name] = _batch_runner(Defender.load(lm=lm, defense="rds", rule="threshold"))
             elif name == "rds-expert-batch":
                 runners[name] = _batch_runner(Defender.load(lm=lm))  # the tuned default defense
+            elif name == "rds-spec-threshold-ngram-batch":
+                runners[name] = _batch_runner(Defender.load(lm=lm, defense="rds", rule="threshold", drafter="ngram",
+                                                            max_draft=spec.max_draft))
+            elif name == "rds-spec-ngram-batch":
+                runners[name] = _batch_runner(Defender.load(lm=lm, drafter="ngram", max_draft=spec.max_draft))
             elif name == "plain-spec-head":
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="none", monitor=False, drafter="head",
                                                                max_draft=spec.max_draft))
@@ -194,6 +211,50 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
             skipped[name] = str(exc)
             log(f"skipping {name}: {exc}")
     return runners, skipped
+
+
+@torch.no_grad()
+def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 6, 8, 12), candidates: int = 10,
+                     reps: int = 9) -> dict:
+    """Median ms of target forwards after a cached ``context``: a chain of T tokens for each
+    T in ``lengths`` (speculative verification), ``candidates`` alternatives at one position
+    (exact RDS scoring), and a probe call over the chain's hidden states."""
+    from transformers import DynamicCache
+
+    from .decoding.candidates import forward_candidates
+    from .decoding.verify import crop_to, forward_chain
+    from .probes.base import LinearProbe
+
+    g = torch.Generator().manual_seed(0)
+    vocab = int(lm.model.get_output_embeddings().weight.shape[0])
+    cache = DynamicCache(config=lm.model.config)
+    lm.model(input_ids=torch.randint(0, vocab, (1, context), generator=g).to(lm.device), cache=cache, use_cache=True)
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+            crop_to(cache, context)
+        return round(statistics.median(times), 2)
+
+    def ids(n):
+        return torch.randint(0, vocab, (n,), generator=g).to(lm.device)
+
+    layer = lm.num_layers // 2
+    chain = {str(n): timed(lambda n=n: forward_chain(lm.model, cache, ids(n), context, layer)) for n in lengths}
+    pool = timed(lambda: forward_candidates(lm.model, cache, ids(candidates), context, layer))
+    probe = LinearProbe(torch.randn(lm.hidden_size, generator=g), 0.0, layer=layer, threshold=0.5, meta={}).to(lm.device)
+    hidden = torch.randn(max(lengths), lm.hidden_size, generator=g).to(lm.device)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        probe.score(hidden)
+    base = chain["1"]
+    return {"context_tokens": context, "chain_forward_ms": chain,
+            "chain_cost_vs_one_token": {k: round(v / base, 2) for k, v in chain.items()},
+            "candidate_forward_ms": {"candidates": candidates, "ms": pool, "vs_one_token": round(pool / base, 2)},
+            "probe_ms": round(10 * (time.perf_counter() - t0), 3)}
 
 
 def run_bench(spec: BenchSpec, log=print) -> dict:
@@ -235,21 +296,26 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             items = [ps[i % len(ps)] for i in range(spec.batch_size)]
             with _PeakRSS() as rss, torch.no_grad():
                 t0 = time.perf_counter()
-                tokens, _ = runners[name](items, spec.max_new_tokens)
+                tokens, extra = runners[name](items, spec.max_new_tokens)
                 wall = time.perf_counter() - t0
-            batches[(name, set_name)] = {"tokens": sum(map(len, tokens)), "wall_s": wall,
+            batches[(name, set_name)] = {"tokens": sum(map(len, tokens)), "wall_s": wall, **extra,
                                          "peak_rss_mb": rss.peak / 2 ** 20}
     results = []
     for (name, set_name), b in batches.items():
         ref = statistics.median(it["tokens"] / it["wall_s"] for it in per[("hf-generate", set_name)] if it["tokens"])
         peer = per.get((BATCH_METHODS[name], set_name))
         single = statistics.median(it["tokens"] / it["wall_s"] for it in peer if it["tokens"]) if peer else None
+        exact_runs = per.get(("rds-exact", set_name))
+        exact = statistics.median(it["tokens"] / it["wall_s"] for it in exact_runs if it["tokens"]) \
+            if exact_runs else None
         tps = b["tokens"] / b["wall_s"]
         results.append({"method": name, "set": set_name, "prompts": spec.batch_size, "batch_size": spec.batch_size,
                         "tokens_per_s": round(tps, 2), "ms_per_token": round(1000 * b["wall_s"] / b["tokens"], 2),
                         "ratio_vs_generate": round(tps / ref, 3),
                         "ratio_vs_single": round(tps / single, 3) if single else None,
-                        "accepted_len": None, "peak_rss_mb": round(b["peak_rss_mb"], 1),
+                        "ratio_vs_rds_exact": round(tps / exact, 3) if exact else None,
+                        "accepted_len": round(b["accepted_len"], 3) if "accepted_len" in b else None,
+                        "peak_rss_mb": round(b["peak_rss_mb"], 1),
                         "tokens_mean": round(b["tokens"] / spec.batch_size, 1), "same_as_generate": None})
     for (name, set_name), items in per.items():
         tps = [it["tokens"] / it["wall_s"] for it in items if it["tokens"]]
@@ -266,7 +332,8 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             "tokens_mean": round(statistics.mean(it["tokens"] for it in items), 1),
             "same_as_generate": round(sum(it["same_as_generate"] for it in items) / len(items), 3),
         })
-    return {"results": results, "skipped": skipped, "spec": asdict(spec),
+    log("profiling target forwards ...")
+    return {"results": results, "skipped": skipped, "spec": asdict(spec), "profile": profile_forwards(lm),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "device": str(lm.device), "dtype": str(lm.dtype),
                         "torch": torch.__version__},
