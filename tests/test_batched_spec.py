@@ -106,7 +106,7 @@ def test_watch_hands_rows_over(tiny_model, tiny_tokenizer):
 
     first = Decoder(tiny_model, tok).generate(ids[1], GenerationConfig(max_new_tokens=3)).token_ids
     cfg = GenerationConfig(max_new_tokens=25)
-    gens = BatchSpeculativeDecoder(tiny_model, tok, PromptLookupDrafter()).generate(ids, cfg, watch=After)
+    gens = BatchSpeculativeDecoder(tiny_model, tok, PromptLookupDrafter()).generate(ids, cfg, watch=lambda i: After())
     plain = [Decoder(tiny_model, tok).generate(i, cfg) for i in ids]
     for g, p in zip(gens, plain, strict=True):
         if p.token_ids[0] == first[0] and len(p.token_ids) >= 7:

@@ -290,3 +290,71 @@ def test_speculative_watch_equals_plain_watch(setup, tau_kind):
     assert max(abs(x.harm - y.harm) for x, y in zip(a.trace.steps, b.trace.steps, strict=True)) < 1e-4
     if tau_kind in ("never", "late"):  # the tiny model loops, so lookup drafts are taken
         assert b.timings["accepted"] > 0
+
+
+# ---- a forced opening (assistant prefill) and the gated monitor ---------------------------
+
+def _with_prefill(tok, text):
+    request = encode_chat(tok, [{"role": "user", "content": PROMPT}])
+    forced = encode_chat(tok, [{"role": "user", "content": PROMPT}], prefill=text)
+    assert torch.equal(forced[0, :request.shape[1]], request[0])
+    return request, forced
+
+
+@pytest.mark.parametrize("retract", [True, False])
+def test_a_flag_retracts_the_forced_opening(setup, tiny_tokenizer, retract):
+    """Flagged at the first token after a forced opening: with retraction the expert answers
+    the request afresh (the same answer as a flagged answer without any prefill); without,
+    it can only continue after the forced text."""
+    lm, expert, probe, ids, _ = setup
+    request, forced = _with_prefill(tiny_tokenizer, "Sure, here is a tutorial")
+    cfg = GenerationConfig(max_new_tokens=10)
+    d = decoder(lm, expert, probe, tau=1e-6, k=1, window=1, loop_repeats=99, retract_prefill=retract)
+    seen = []
+    gen = d.generate(forced, cfg, on_event=seen.append, query_len=request.shape[1])
+    fresh = d.generate(request, cfg)
+    ev = gen.trace.events[0]
+    assert ev["reason"] == "harm" and {s.source for s in gen.trace.steps} == {"expert"}
+    if retract:
+        assert ev["type"] == "correction" and ev["retracted_prefill"]
+        assert ev["retracted_prefill_text"] == "Sure, here is a tutorial" and seen == [ev]
+        assert gen.token_ids == fresh.token_ids and gen.trace.summary()["prefill_retracted"]
+        assert gen.prompt_tokens == request.shape[1]
+    else:
+        assert "retracted_prefill" not in ev and not gen.trace.summary()["prefill_retracted"]
+        assert gen.token_ids != fresh.token_ids  # it continued after the forced text
+    with pytest.raises(InputError, match="query_len"):
+        d.generate(forced, cfg, query_len=0)
+
+
+def _query_probe(seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return LinearProbe(torch.randn(48, generator=g), 0.0, layer=1, threshold=0.5,
+                       meta={"model_id": MODEL_ID, "kind": "query"})
+
+
+def test_the_gate_picks_the_monitor_from_the_request(setup):
+    """gate 0: every request is watched by the strict monitor, so the answer equals the one
+    the strict setting gives as the normal monitor; gate ~1: the normal monitor."""
+    lm, expert, probe, ids, _ = setup
+    cfg = GenerationConfig(max_new_tokens=16)
+    tau = min(0.999, max(1e-3, first_harm(lm, probe, ids) - 1e-4))
+    strict = {"strict_tau": tau, "strict_window": 1, "strict_k": 1}
+    base = {"tau": 0.999999, "window": 8, "k": 8, "loop_repeats": 99}
+
+    def run(gate, **kw):
+        return CorrectingDecoder(lm.model, lm.tokenizer, probe, expert, CorrectionSettings(**kw, gate=gate),
+                                 eos_token_ids=lm.eos_token_ids, query_probe=_query_probe()).generate(ids, cfg)
+
+    all_strict, none_strict = run(0.0, **base, **strict), run(0.999999, **base, **strict)
+    assert all_strict.trace.gate["strict"] and not none_strict.trace.gate["strict"]
+    assert 0 < all_strict.trace.gate["query_score"] < 1
+    assert all_strict.token_ids == decoder(lm, expert, probe, tau=tau, k=1, window=1, loop_repeats=99).generate(
+        ids, cfg).token_ids
+    assert all_strict.trace.summary()["flags"] == 1 and none_strict.trace.summary()["flags"] == 0
+    assert none_strict.token_ids == plain(lm, ids, 16).token_ids
+    assert all_strict.trace.summary()["strict_monitor"] is True
+    with pytest.raises(InputError, match="needs a query probe"):
+        decoder(lm, expert, probe, gate=0.5)
+    with pytest.raises(InputError, match="strict_k <= strict_window"):
+        CorrectionSettings(gate=0.5, strict_k=5, strict_window=4).validate()

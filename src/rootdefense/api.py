@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import torch
+
 from . import defaults, paths
 from .decoding import Decoder, Generation, GenerationConfig, make_rule
 from .decoding.batched import BatchDecoder
@@ -139,9 +141,14 @@ class Defender:
                                     **settings.correction)
             if cs.use_expert:
                 self.expert = expert if expert is not None else attach_expert(lm, settings.expert)
+            query_probe = None
+            if cs.gate is not None:
+                query_probe = find_probe(lm.model_id, "query")
+                query_probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
+                query_probe.to(lm.device)
             self.decoder = CorrectingDecoder(lm.model, lm.tokenizer, probe, self.expert, cs,
                                              eos_token_ids=lm.eos_token_ids, drafter=make_drafter(settings.drafter, lm),
-                                             max_draft=settings.max_draft)
+                                             max_draft=settings.max_draft, query_probe=query_probe)
             return
         if settings.defense == "rds":
             if probe is None:
@@ -212,11 +219,22 @@ class Defender:
         the correcting decoder alone (its watched prefix recomputed: flags come early)."""
         cfg = config or GenerationConfig()
         ids = [self.encode(*((x, None) if isinstance(x, str) else (None, x)), cfg) for x in items]
-        watch = self.decoder.watcher if isinstance(self.decoder, CorrectingDecoder) else None
+        watch = None
+        if isinstance(self.decoder, CorrectingDecoder):
+            strict = [self._strict(i) for i in ids]
+            watch = lambda row: self.decoder.watcher(strict[row])
         out = self._batch_decoder().generate(ids, cfg, watch=watch)
         # rds-expert: answers the monitor flags (or the loop guard would cut) leave the batch
         # and are answered by the correcting decoder itself, from the start
         return [g if g is not None else self.decoder.generate(i, cfg) for g, i in zip(out, ids, strict=True)]
+
+    @torch.no_grad()
+    def _strict(self, ids) -> bool:
+        """Whether the gate puts the request ``ids`` (1, T) under the strict monitor."""
+        if self.decoder.settings.gate is None:
+            return False
+        out = self.lm.model(input_ids=ids.to(self.lm.device), output_hidden_states=True, logits_to_keep=1)
+        return self.decoder.gate(out.hidden_states, ids.shape[1] - 1)["strict"]
 
     def _batch_decoder(self):
         """Batched speculation with the defender's drafter (one copy per prompt); the draft
@@ -234,10 +252,17 @@ class Defender:
                  config: GenerationConfig | None = None, on_token=None, prefill: str = "",
                  on_event=None) -> Generation:
         """Answer ``prompt`` (or ``messages``); with ``prefill`` the answer continues that
-        text and the returned text is the continuation only. ``on_event(event)`` (rds-expert)
+        text and the returned text is the continuation only, unless ``rds-expert`` withdrew
+        the forced opening (a correction event with ``retracted_prefill``; the trace summary's
+        ``prefill_retracted``): then it is a whole new answer. ``on_event(event)`` (rds-expert)
         is told about rollbacks, and about corrections of text already sent to ``on_token``."""
         cfg = config or GenerationConfig()
         ids = self.encode(prompt, messages, cfg, prefill=prefill)
         if isinstance(self.decoder, CorrectingDecoder):
-            return self.decoder.generate(ids, cfg, on_token=on_token, on_event=on_event)
+            query_len = None
+            if prefill:  # where the request ends and the forced opening begins
+                request = self.encode(prompt, messages, cfg)[0]
+                n = min(len(request), ids.shape[1])
+                query_len = next((i for i in range(n) if int(ids[0, i]) != int(request[i])), n)
+            return self.decoder.generate(ids, cfg, on_token=on_token, on_event=on_event, query_len=query_len)
         return self.decoder.generate(ids, cfg, on_token=on_token)

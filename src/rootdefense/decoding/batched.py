@@ -110,7 +110,7 @@ class BatchDecoder:
     def generate(self, prompts: list[torch.Tensor], cfg: GenerationConfig, watch=None) -> list[Generation | None]:
         """``prompts``: (1, T_i) id tensors. Returns one Generation per prompt, in order.
 
-        ``watch`` (optional) makes a watcher per row: ``watch().update(tokens, harm)`` is
+        ``watch`` (optional) makes a watcher per row: ``watch(i).update(tokens, harm)`` (row i) is
         told of every committed token and returns True when the row must leave the batch
         (e.g. the correcting decoder's monitor flagged it); such rows come back as None,
         for the caller to answer on its own."""
@@ -120,7 +120,7 @@ class BatchDecoder:
         rng = sampling_rng(cfg)
         layer = self.probe.layer if self.probe is not None else None
         rows = [_Row(i, int(p.shape[1]), self.tokenizer) for i, p in enumerate(prompts)]
-        watchers = [watch() for _ in rows] if watch is not None else None
+        watchers = [watch(r.index) for r in rows] if watch is not None else None
         ids, past = _pad_left(prompts, self.pad_id, device)
         positions = (past.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)

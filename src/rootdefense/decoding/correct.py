@@ -67,6 +67,15 @@ class CorrectionSettings:
     loops is failing too). While watching, the expert then answers instead, from the
     rollback point (a ``loop`` event); a steered answer that loops is cut to its first copy
     and ends (a ``degeneration`` event).
+
+    ``gate`` (needs a query probe): a request whose query-probe score is at or above
+    ``gate`` is watched by a stricter monitor (``strict_tau``, ``strict_window``,
+    ``strict_k``; each defaults to the normal one). A request that reads as harmful needs
+    less evidence from the answer; a benign one keeps the normal monitor.
+    ``retract_prefill``: when the answer was forced to open with text (an assistant
+    prefill) and the monitor flags it, the expert answers from the start of the assistant
+    turn, withdrawing the forced opening (an explicit correction event with
+    ``retracted_prefill``); off, it can only restart the continuation after that text.
     """
 
     tau: float | None = None
@@ -81,6 +90,11 @@ class CorrectionSettings:
     loop_repeats: int = 3
     loop_span: int = 12
     hold_back: int = 0
+    gate: float | None = None
+    strict_tau: float | None = None
+    strict_window: int | None = None
+    strict_k: int | None = None
+    retract_prefill: bool = True
     # ablation switches: each part can be turned off to measure what it adds
     use_expert: bool = True  # off: steer with the base model's own candidates only
     recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
@@ -100,6 +114,20 @@ class CorrectionSettings:
             raise InputError(f"max_rollbacks must be 0 or 1 (steering lasts to the end), got {self.max_rollbacks}")
         if self.hold_back < 0:
             raise InputError(f"hold_back must be >= 0, got {self.hold_back}")
+        if self.gate is not None and not 0 <= self.gate < 1:
+            raise InputError(f"gate must lie in [0, 1), got {self.gate}")
+        if self.strict_tau is not None and not 0 < self.strict_tau < 1:
+            raise InputError(f"strict_tau must lie strictly between 0 and 1, got {self.strict_tau}")
+        window, k = self.strict_window or self.window, self.strict_k or self.k
+        if not 1 <= k <= window:
+            raise InputError(f"the strict monitor needs 1 <= strict_k <= strict_window, got k={k}, window={window}")
+
+    def monitor(self, tau: float, strict: bool) -> RecoveryMonitor:
+        """The recovery monitor for a request (``strict``: the gate let it through as harmful)."""
+        if not strict:
+            return RecoveryMonitor(tau, self.window, self.k)
+        return RecoveryMonitor(self.strict_tau if self.strict_tau is not None else tau,
+                               self.strict_window or self.window, self.strict_k or self.k)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -230,11 +258,14 @@ class CorrectingDecoder:
     """
 
     def __init__(self, model, tokenizer, probe, expert, settings: CorrectionSettings | None = None,
-                 eos_token_ids: list[int] | None = None, drafter=None, max_draft: int = 8):
+                 eos_token_ids: list[int] | None = None, drafter=None, max_draft: int = 8, query_probe=None):
         self.model, self.tokenizer, self.probe, self.expert = model, tokenizer, probe, expert
-        self.drafter, self.max_draft = drafter, max_draft
+        self.drafter, self.max_draft, self.query_probe = drafter, max_draft, query_probe
         self.settings = settings or CorrectionSettings()
         self.settings.validate()
+        if self.settings.gate is not None and query_probe is None:
+            raise InputError("a gated monitor (correction setting 'gate') needs a query probe; train one with "
+                             "`rootdefense probe train --kind query` or drop the gate")
         self.tau = self.settings.tau if self.settings.tau is not None else probe.threshold
         self.eos = set(eos_token_ids or [])
         self.guard = DegenerationGuard(self.settings.loop_ngram, self.settings.loop_repeats, self.settings.loop_span)
@@ -281,12 +312,22 @@ class CorrectingDecoder:
         out = self._forward(ids.expand(rows, -1), cache, rows=rows, last_only=True)
         return cache, out.logits[:, -1].float()
 
-    def watcher(self) -> _Watcher:
+    def watcher(self, strict: bool = False) -> _Watcher:
         """What watch mode reacts to, for a batch decoding this answer undefended: the
         answer must go to this decoder once the monitor would flag it or the loop guard
-        would cut it (from there on the two differ)."""
-        return _Watcher(RecoveryMonitor(self.tau, self.settings.window, self.settings.k),
-                        self.guard if self.settings.guard else None, self.settings.max_rollbacks > 0)
+        would cut it (from there on the two differ). ``strict``: see :meth:`gate`."""
+        return _Watcher(self.settings.monitor(self.tau, strict), self.guard if self.settings.guard else None,
+                        self.settings.max_rollbacks > 0)
+
+    def gate(self, hidden_states, query_at: int) -> dict | None:
+        """The gate's verdict on a request from a forward's hidden states: the query probe's
+        score at the request's last token (``query_at``) and whether the strict monitor
+        applies. None when no gate is set."""
+        if self.settings.gate is None:
+            return None
+        h = hidden_states[self.query_probe.layer][0, query_at].float()[None]
+        score = float(self.query_probe.score(h)[0])
+        return {"query_score": round(score, 4), "strict": score >= self.settings.gate}
 
     def _watch_chain(self, cache, logits, prefix_len: int, context: list[int], room: int, cfg, rng,
                      pending: int | None, stats: dict):
@@ -323,17 +364,27 @@ class CorrectingDecoder:
     # ------------------------------------------------------------------ decoding
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, cfg: GenerationConfig, on_token=None, on_event=None) -> Generation:
+    def generate(self, input_ids: torch.Tensor, cfg: GenerationConfig, on_token=None, on_event=None,
+                 query_len: int | None = None) -> Generation:
+        """``query_len``: how many of ``input_ids`` are the request (default: all); the rest
+        is an opening forced into the answer (an assistant prefill)."""
         s = self.settings
         device = next(self.model.parameters()).device
         input_ids = input_ids.to(device)
         rng = sampling_rng(cfg)
         prompt_len = int(input_ids.shape[1])
+        query_len = prompt_len if query_len is None else query_len
+        if not 1 <= query_len <= prompt_len:
+            raise InputError(f"query_len must lie in 1..{prompt_len} (the prompt's length), got {query_len}")
         t0 = time.perf_counter()
-        cache, logits = self._prefill(input_ids, rows=1)
+        cache = DynamicCache(config=self.model.config)
+        out = self._forward(input_ids, cache, last_only=True)
+        logits = out.logits[:, -1].float()
+        gate = self.gate(out.hidden_states, query_len - 1)
+        del out
         t_prefill = time.perf_counter() - t0
         st = _State()
-        monitor = RecoveryMonitor(self.tau, s.window, s.k)
+        monitor = s.monitor(self.tau, gate is not None and gate["strict"])
         stream = _Stream(on_token, on_event, s.hold_back)
         trace = Trace()
         detok = Detokenizer(self.tokenizer)
@@ -366,7 +417,7 @@ class CorrectingDecoder:
                 step_logits, harms = self._candidates(cache, pool.to(device), prefix_len, rows=self.rows)
                 stats["forwards"] += 1
                 floor = s.min_base_logprob if s.guard else -math.inf
-                j = _steer_choice(pool, lp_e, lp_b, harms, self.tau, floor, rng)
+                j = _steer_choice(pool, lp_e, lp_b, harms, monitor.tau, floor, rng)
                 keep_candidate(cache, prefix_len, len(pool), j)
                 token = int(pool[j])
                 own_j = (pool == own).nonzero()
@@ -381,15 +432,23 @@ class CorrectingDecoder:
                 verified, rejected = [], None  # the cache is rebuilt below: nothing verified ahead survives
             if flagged and rollbacks < s.max_rollbacks and not s.recover:
                 events.append({"type": "steer", "reason": "harm", "at_token": len(st.tokens),
-                               "harms": [round(h, 4) for h in monitor.harms[-s.window:]]})
+                               "harms": [round(h, 4) for h in monitor.harms[-monitor.window:]]})
                 rollbacks += 1
                 detok, cache, logits = self._steer_from(st, len(st.tokens), input_ids)
             elif flagged and rollbacks < s.max_rollbacks:
-                keep = self._rollback_point(st.tokens)
+                retract = s.retract_prefill and query_len < prompt_len
+                keep = 0 if retract else self._rollback_point(st.tokens)
+                info = {}
+                if retract:  # the forced opening goes too: the expert answers the request afresh
+                    info = {"retracted_prefill": True, "type": "correction", "retracted_prefill_text": self.tokenizer.decode(
+                        input_ids[0, query_len:], skip_special_tokens=True)}
+                    input_ids, prompt_len = input_ids[:, :query_len], query_len
+                    context = input_ids[0].tolist()
                 event = stream.rollback(
-                    keep, reason="harm", at_token=len(st.tokens), harms=[round(h, 4) for h in monitor.harms[-s.window:]],
+                    keep, reason="harm", at_token=len(st.tokens), harms=[round(h, 4) for h in monitor.harms[-monitor.window:]],
                     dropped_text=self.tokenizer.decode(st.tokens[keep:], skip_special_tokens=True),
                     answer_tokens_dropped=len(st.tokens) - keep)  # incl. the flagged token, never streamed
+                event.update(info)
                 events.append(event)
                 rollbacks += 1
                 detok, cache, logits = self._steer_from(st, keep, input_ids)
@@ -420,7 +479,7 @@ class CorrectingDecoder:
                 trace.finish_reason = reason
                 break
         elapsed = time.perf_counter() - t1
-        trace.steps, trace.events = st.steps, events
+        trace.steps, trace.events, trace.gate = st.steps, events, gate
         stream.flush()
         timings = decode_timings(t_prefill, elapsed, len(st.tokens))
         if self.drafter is not None:

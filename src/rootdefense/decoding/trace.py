@@ -36,6 +36,7 @@ class Trace:
     steps: list[TokenStep] = field(default_factory=list)
     finish_reason: str = "length"  # "eos" | "stop" | "length" | "degenerate"
     events: list[dict] = field(default_factory=list)  # rollbacks, corrections, degeneration stops
+    gate: dict | None = None  # rds-expert with a gate: the request's query score and the monitor chosen
 
     @property
     def replaced(self) -> int:
@@ -54,13 +55,16 @@ class Trace:
                              for e in self.events),
             "degeneration_stops": sum(e.get("reason") == "degeneration" for e in self.events),
             "loop_restarts": sum(e.get("reason") == "loop" for e in self.events),
+            "prefill_retracted": any(e.get("retracted_prefill") for e in self.events),
+            "strict_monitor": None if self.gate is None else self.gate["strict"],
         }
 
     def to_dict(self) -> dict:
-        return {"summary": self.summary(), "steps": [s.to_dict() for s in self.steps], "events": self.events}
+        return {"summary": self.summary(), "steps": [s.to_dict() for s in self.steps], "events": self.events,
+                "gate": self.gate}
 
     @classmethod
     def from_dict(cls, data: dict) -> Trace:
         steps = [TokenStep(**s) for s in data.get("steps", [])]
         return cls(steps=steps, finish_reason=data.get("summary", {}).get("finish_reason", "length"),
-                   events=list(data.get("events", [])))
+                   events=list(data.get("events", [])), gate=data.get("gate"))
