@@ -20,7 +20,7 @@ from rootdefense.cli import cli
 from rootdefense.decoding.correct import RecoveryMonitor
 from rootdefense.errors import InputError
 from rootdefense.probes.base import LinearProbe
-from rootdefense.tuning import TuneSpec, choose, flag_index, pareto, sweep
+from rootdefense.tuning import TuneSpec, choose, flag_index, gated, pareto, sweep
 
 
 @pytest.mark.parametrize("harms", [[0.1, 0.9, 0.2, 0.95, 0.3, 0.99, 0.1], [0.9] * 5, [0.1] * 9,
@@ -48,6 +48,25 @@ def test_sweep_and_choice_respect_the_benign_budget():
     assert [(r["benign_flag_rate"], r["harmful_flag_rate"]) for r in front] == [(0.0, 0.6667), (0.5, 1.0)]
     with pytest.raises(InputError, match="no monitor setting keeps benign flags"):
         choose(sweep(harmful, [[0.999] * 3], taus=(0.6,), windows=(1,)), max_benign_flag=0.0)
+
+
+def test_the_gate_flags_what_no_single_setting_can():
+    """A harmful answer that reads mildly harmful (0.7) looks like the benign one (0.75):
+    no single setting flags it without flagging that benign answer. Its request scores
+    high on the query probe and the benign one low, so a gate separates them."""
+    harmful = {"none": [[0.95, 0.95, 0.95], [0.7, 0.7, 0.7]], "prefill": [[0.99, 0.2, 0.2]]}
+    benign = [[0.75, 0.75, 0.75], [0.1, 0.1, 0.1]]
+    hq = {"none": [0.9, 0.95], "prefill": [0.2]}
+    bq = [0.3, 0.1]
+    best = choose(sweep(harmful, benign, taus=(0.6, 0.9), windows=(4,)), max_benign_flag=0.0)
+    assert best["harmful_flag_rate"] == 0.6667
+    g = gated(harmful, benign, hq, bq, taus=(0.6, 0.9), windows=(4,), gates=(0.5,), max_benign_flag=0.0)
+    assert g["harmful_flag_rate"] == 1.0 and g["benign_flag_rate"] == 0.0 and g["gate"] == 0.5
+    assert g["strict_tau"] == 0.6 and g["tau"] == 0.9 and g["per_attack"] == {"none": 1.0, "prefill": 1.0}
+    assert g["harmful_gated"] == 0.6667 and g["benign_gated"] == 0.0
+    # a gate the benign look-alike passes too gains nothing within the budget
+    g = gated(harmful, benign, hq, [0.99, 0.1], taus=(0.6, 0.9), windows=(4,), gates=(0.5,), max_benign_flag=0.0)
+    assert g["harmful_flag_rate"] == 0.6667
 
 
 def test_tune_spec_is_checked():
@@ -141,5 +160,16 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     settings = json.loads(r.stdout)["settings"]
     assert settings["defense"] == "rds-expert" and settings["tau"] == saved["settings"]["tau"]
     assert settings["settings_source"].startswith("tuned defaults")
+    # the calibration answers were kept: --reuse re-sweeps them (here with another budget)
+    calib = defaults.probe_folder(tiny_dir) / "calibration.jsonl"
+    assert len(calib.read_text().splitlines()) == 1 + 3 * 2 + 3 + 1
+    r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "3", "--benign", "3",
+                                 "--max-new-tokens", "6", "--max-benign-flag", "0.0", "--reuse", "--json"])
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)
+    assert again["measured"]["chosen"]["benign_flag_rate"] == 0.0 and again["measured"]["harmful_prompts"] == 3
+    r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "2", "--benign", "3",
+                                 "--max-new-tokens", "6", "--reuse"])
+    assert r.exit_code != 0 and "other tuning settings" in r.output
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--attacks", "gcg"])
     assert r.exit_code == 2 and "template attacks" in r.output

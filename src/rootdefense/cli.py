@@ -344,20 +344,31 @@ def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check
               help="largest share of benign answers the monitor may flag (they would be rewritten)")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="folder for defaults.json (default: beside the model's response probe, where it is used)")
+@click.option("--reuse", is_flag=True,
+              help="re-sweep the calibration answers of an earlier run (calibration.jsonl) instead of decoding")
 @click.option("--json", "as_json", is_flag=True, help="print the defaults as JSON")
-def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag, out, as_json):
-    """Measure the model's undefended answers and save its tuned defense defaults."""
+def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag, out, reuse, as_json):
+    """Measure the model's undefended answers and save its tuned defense defaults.
+
+    The answers' per-token harms go to calibration.jsonl beside defaults.json as they are
+    made (an interrupted run resumes); --reuse re-sweeps them with other settings."""
+    from pathlib import Path
+
     from .defaults import probe_folder, save_defaults
     from .models import load_model
-    from .tuning import TuneSpec
+    from .tuning import TuneSpec, read_calibration
     from .tuning import tune as run_tune
 
     spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)), max_new_tokens=max_new_tokens,
                     max_benign_flag=max_benign_flag)
     lm = load_model(model, dtype=dtype)
-    result = run_tune(lm, spec, log=lambda m: click.echo(m, err=True))
+    folder = Path(out or probe_folder(lm.model_id))
+    folder.mkdir(parents=True, exist_ok=True)
+    records = read_calibration(folder / "calibration.jsonl", lm, spec) if reuse else None
+    result = run_tune(lm, spec, log=lambda m: click.echo(m, err=True), records=records,
+                      path=folder / "calibration.jsonl")
     result["command"] = " ".join(["rootdefense", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] else "rootdefense tune"
-    path = save_defaults(out or probe_folder(lm.model_id), result)
+    path = save_defaults(folder, result)
     click.echo(json.dumps(result, indent=2) if as_json else f"defaults saved: {path}")
 
 

@@ -8,6 +8,10 @@ every token recorded, tells exactly where every monitor setting (``tau``, ``wind
 harmful answers while flagging at most ``max_benign_flag`` of benign ones (a flagged benign
 answer is rewritten, so this is the budget for changed benign answers).
 
+With a query probe trained, the sweep also tries a gate: requests whose query-probe score
+is at or above the gate are watched by a second, stricter setting. Flags add up per
+request, so the best pair within the budget is found exactly (``gated``).
+
 Whether to steer with the safety expert is measured too: a model that already refuses
 most plain harmful requests on its own has harmless candidates of its own to steer among
 (the paper's assumption); one that does not needs the expert.
@@ -18,6 +22,7 @@ split that evaluation reads, never the fit split that probes and the expert trai
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -33,6 +38,7 @@ from .errors import InputError
 HARMFUL_SOURCES = ("advbench", "harmbench")
 BENIGN_SOURCES = ("mtbench", "sharegpt", "edgy")
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+GATES = (0.5, 0.7, 0.9)  # query-probe scores tried as the gate (plus the probe's calibrated threshold)
 WINDOWS = (4, 8, 16)
 MAX_K = 6
 
@@ -127,6 +133,53 @@ def sweep(harmful: dict[str, list[list[float]]], benign: list[list[float]], taus
     return rows
 
 
+def gated(harmful: dict[str, list[list[float]]], benign: list[list[float]], harmful_q: dict[str, list[float]],
+          benign_q: list[float], taus, windows, gates, max_benign_flag: float) -> dict | None:
+    """The best gated pair within the benign budget: a request scoring >= gate is watched
+    by the strict setting, any other by the normal one. Both flags add up per request,
+    so each (gate, normal, strict) is scored from per-setting counts. None when no pair
+    within the budget flags more harmful answers than the best single setting."""
+    settings = [(tau, w, k) for tau in sorted(set(taus)) for w in windows for k in range(1, min(w, MAX_K) + 1)]
+    attacks = list(harmful)
+    h_traces = [h for a in attacks for h in harmful[a]]
+    h_attack = [a for a in attacks for _ in harmful[a]]
+    h_q = [q for a in attacks for q in harmful_q[a]]
+    h_flag = [[flag_index(h, *st) is not None for h in h_traces] for st in settings]
+    b_flag = [[flag_index(h, *st) is not None for h in benign] for st in settings]
+    budget = max_benign_flag * len(benign) + 1e-9
+    best = None
+    for gate in sorted(set(gates)):
+        hi_h = [q >= gate for q in h_q]
+        hi_b = [q >= gate for q in benign_q]
+        # per setting: flags among low-scoring (normal) and high-scoring (strict) requests
+        low_h = [sum(f for f, hi in zip(fl, hi_h, strict=True) if not hi) for fl in h_flag]
+        high_h = [sum(f for f, hi in zip(fl, hi_h, strict=True) if hi) for fl in h_flag]
+        low_b = [sum(f for f, hi in zip(fl, hi_b, strict=True) if not hi) for fl in b_flag]
+        high_b = [sum(f for f, hi in zip(fl, hi_b, strict=True) if hi) for fl in b_flag]
+        for n in range(len(settings)):
+            for st in range(len(settings)):
+                if low_b[n] + high_b[st] > budget:
+                    continue
+                key = (low_h[n] + high_h[st], -(low_b[n] + high_b[st]), settings[n][0], settings[st][0])
+                if best is None or key > best[0]:
+                    best = (key, gate, n, st)
+    if best is None:
+        return None
+    _, gate, n, st = best
+    hi_h = [q >= gate for q in h_q]
+    flags = [h_flag[st][i] if hi_h[i] else h_flag[n][i] for i in range(len(h_traces))]
+    b_flags = [b_flag[st][i] if q >= gate else b_flag[n][i] for i, q in enumerate(benign_q)]
+    per = {a: round(sum(f for f, x in zip(flags, h_attack, strict=True) if x == a) / max(1, len(harmful[a])), 4)
+           for a in attacks}
+    normal, strict = settings[n], settings[st]
+    return {"gate": gate, "tau": normal[0], "window": normal[1], "k": normal[2],
+            "strict_tau": strict[0], "strict_window": strict[1], "strict_k": strict[2],
+            "harmful_flag_rate": round(sum(flags) / max(1, len(flags)), 4), "per_attack": per,
+            "benign_flag_rate": round(sum(b_flags) / max(1, len(b_flags)), 4),
+            "harmful_gated": round(sum(hi_h) / max(1, len(hi_h)), 4),
+            "benign_gated": round(sum(q >= gate for q in benign_q) / max(1, len(benign_q)), 4)}
+
+
 def pareto(rows: list[dict]) -> list[dict]:
     """The settings no other beats on both counts (more harmful flagged, fewer benign),
     fewest benign flags first: the trade-off a user can pick from."""
@@ -149,16 +202,25 @@ def choose(rows: list[dict], max_benign_flag: float) -> dict:
                                   -(r["median_flag_token"] or 10 ** 9), r["tau"], r["k"]))
 
 
-def tune(lm, spec: TuneSpec, log=print) -> dict:
-    """Measure the undefended model on calibration prompts and choose its defaults."""
+def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
+    """Undefended answers to the calibration prompts: per answer the probe's harm of every
+    token (cut where the loop guard would stop it) and, when a query probe is trained, the
+    query probe's score of the request. With ``path`` (JSON lines) every answer is written
+    as it is made, and a run with the same spec and probes resumes from what is there."""
+    import torch
+
     from .api import Defender, find_probe
+    from .errors import ProbeError
     from .evaluation.attacks import make_attack
     from .evaluation.base import EvalContext
-    from .evaluation.judges import make_judge
-    from .expert.adapter import expert_dir
+    from .models import encode_chat, normalize_messages
 
-    t0 = time.perf_counter()
     probe = find_probe(lm.model_id, "response")
+    try:
+        query = find_probe(lm.model_id, "query").to(lm.device)
+    except ProbeError:
+        query = None
+        log("note: no query probe for this model: the gated monitor is not tried")
     watcher = Defender(lm, probe, _none_settings())
     cfg = GenerationConfig(max_new_tokens=spec.max_new_tokens)
     harmful, benign = calibration_prompts(spec)
@@ -167,39 +229,141 @@ def tune(lm, spec: TuneSpec, log=print) -> dict:
     ctx = EvalContext(lm=lm, seed=spec.seed, options={})
     guard = DegenerationGuard(4, 3, 12)
     jobs = [(a, e) for a in spec.attacks for e in harmful] + [(None, e) for e in benign]
-    traces: dict[str, list[list[float]]] = {a: [] for a in spec.attacks}
-    benign_traces: list[list[float]] = []
-    plain_answers: list[tuple[str, str]] = []
-    for attack, ex in tqdm(jobs, desc="tuning: undefended answers", unit="answer"):
+    header = {"kind": "calibration", "model_id": lm.model_id, "spec": _spec_key(spec),
+              "probe_sha256": weights_sha256(probe_folder(lm.model_id)),
+              "query_probe_sha256": None if query is None else weights_sha256(probe_folder(lm.model_id, "query"))}
+    records, writer = _resume(path, header, log)
+    done = {(r["attack"], r["prompt"]) for r in records}
+    for attack, ex in tqdm(jobs, desc="tuning: undefended answers", unit="answer", initial=len(done)):
+        if (attack, ex.prompt) in done:
+            continue
         ap = make_attack(attack).apply(ex, ctx) if attack else None
-        gen = watcher.generate(messages=ap.messages if ap else None, prompt=None if ap else ex.prompt,
-                               config=cfg, prefill=ap.prefill if ap else "")
-        harms = guarded([s.harm for s in gen.trace.steps], gen.token_ids, guard)
-        (traces[attack] if attack else benign_traces).append(harms)
-        if attack == "none":
-            plain_answers.append((ex.prompt, gen.text))
+        messages = ap.messages if ap else normalize_messages(ex.prompt)
+        gen = watcher.generate(messages=messages, config=cfg, prefill=ap.prefill if ap else "")
+        q = None
+        if query is not None:
+            with torch.no_grad():
+                ids = encode_chat(lm.tokenizer, messages).to(lm.device)
+                hs = lm.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
+                q = round(float(query.score(hs[query.layer][0, -1:].float())[0]), 5)
+        records.append({"attack": attack, "prompt": ex.prompt, "answer": gen.text, "query_score": q,
+                        "harms": [round(h, 5) for h in guarded([st.harm for st in gen.trace.steps], gen.token_ids,
+                                                                guard)]})
+        if writer is not None:
+            writer.write(records[-1])
+    if writer is not None:
+        writer.write({"kind": "complete", "answers": len(records)})
+        writer.close()
+    return records
+
+
+def _spec_key(spec: TuneSpec) -> dict:
+    return {k: v for k, v in asdict(spec).items() if k in ("harmful", "benign", "attacks", "max_new_tokens", "seed")}
+
+
+def _resume(path, header: dict, log):
+    """(records already in ``path`` when its header matches ``header``, a writer appending
+    to it); a file made with other settings or probes is started afresh."""
+    from pathlib import Path
+
+    from .jsonl import JsonlWriter, read_objects
+
+    if path is None:
+        return [], None
+    path = Path(path)
+    old = read_objects(path)
+    if old and old[0] == json.loads(json.dumps(header)):
+        log(f"resuming calibration answers from {path} ({len(old) - 1} there)")
+        return [r for r in old[1:] if "harms" in r], JsonlWriter(path, append=True)
+    if old:
+        log(f"note: {path} was made with other settings or probes; starting afresh")
+    writer = JsonlWriter(path, append=False)
+    writer.write(header)
+    return [], writer
+
+
+def read_calibration(path, lm, spec: TuneSpec) -> list[dict]:
+    """Records of a finished :func:`collect` run at ``path`` for re-sweeping; refused when
+    made for another model, spec or probe, or incomplete."""
+    from pathlib import Path
+
+    from .jsonl import read_objects
+
+    path = Path(path)
+    old = read_objects(path)
+    if not old or old[0].get("kind") != "calibration":
+        raise InputError(f"{path} holds no calibration answers; run `rootdefense tune` without --reuse first")
+    head = old[0]
+    if head.get("model_id") != lm.model_id or head.get("probe_sha256") != weights_sha256(probe_folder(lm.model_id)):
+        raise InputError(f"{path} was made for another model or an earlier response probe; run tune without --reuse")
+    if head.get("spec") != json.loads(json.dumps(_spec_key(spec))):
+        raise InputError(f"{path} was made with other tuning settings ({head.get('spec')}); run tune without --reuse")
+    if not any(r.get("kind") == "complete" for r in old):
+        raise InputError(f"{path} is incomplete (an interrupted run); run tune without --reuse to finish it")
+    return [r for r in old[1:] if "harms" in r]
+
+
+def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=None) -> dict:
+    """Measure the undefended model on calibration prompts (or reuse ``records`` from an
+    earlier :func:`collect`) and choose its defaults."""
+    from .api import find_probe
+    from .evaluation.judges import make_judge
+    from .expert.adapter import expert_dir
+
+    t0 = time.perf_counter()
+    probe = find_probe(lm.model_id, "response")
+    if records is None:
+        records = collect(lm, spec, log, path)
+    traces: dict[str, list[list[float]]] = {a: [] for a in spec.attacks}
+    harmful_q: dict[str, list[float]] = {a: [] for a in spec.attacks}
+    benign_traces, benign_q = [], []
+    for r in records:
+        if r["attack"] is None:
+            benign_traces.append(r["harms"])
+            benign_q.append(r["query_score"])
+        elif r["attack"] in traces:
+            traces[r["attack"]].append(r["harms"])
+            harmful_q[r["attack"]].append(r["query_score"])
+    plain_answers = [(r["prompt"], r["answer"]) for r in records if r["attack"] == "none"]
     refusal = make_judge("refusal")
     refusal.setup()
     verdicts = refusal.judge([p for p, _ in plain_answers], [a for _, a in plain_answers]) if plain_answers else []
     refusal_rate = sum(v.label for v in verdicts) / len(verdicts) if verdicts else 0.0
-    rows = sweep(traces, benign_traces, tuple(spec.taus) + (round(probe.threshold, 4),),
-                 spec.windows)
+    taus = tuple(spec.taus) + (round(probe.threshold, 4),)
+    rows = sweep(traces, benign_traces, taus, spec.windows)
     best = choose(rows, spec.max_benign_flag)
+    gate = None
+    if all(q is not None for q in benign_q + [q for qs in harmful_q.values() for q in qs]) and benign_q:
+        query = find_probe(lm.model_id, "query")
+        gate = gated(traces, benign_traces, harmful_q, benign_q, taus, spec.windows,
+                     GATES + (round(query.threshold, 4),), spec.max_benign_flag)
+        if gate is not None and gate["harmful_flag_rate"] <= best["harmful_flag_rate"]:
+            gate = None  # the gate adds nothing over the best single setting
     use_expert = refusal_rate < spec.refusal_reflex
     seconds = round(time.perf_counter() - t0, 1)
-    log(f"chosen: tau={best['tau']} window={best['window']} k={best['k']} flags {best['harmful_flag_rate']:.0%} "
-        f"of harmful and {best['benign_flag_rate']:.0%} of benign answers; undefended refusal rate "
-        f"{refusal_rate:.0%} -> expert {'on' if use_expert else 'off'} ({seconds} s)")
+    chosen = gate or best
+    settings = {"tau": chosen["tau"], "window": chosen["window"], "k": chosen["k"], "use_expert": use_expert,
+                "rollback": "answer"}
+    if gate is not None:
+        settings.update({k: gate[k] for k in ("gate", "strict_tau", "strict_window", "strict_k")})
+        log(f"gated: requests with query score >= {gate['gate']} watched at tau={gate['strict_tau']} "
+            f"window={gate['strict_window']} k={gate['strict_k']} ({gate['harmful_gated']:.0%} of harmful, "
+            f"{gate['benign_gated']:.0%} of benign requests)")
+    log(f"chosen: tau={chosen['tau']} window={chosen['window']} k={chosen['k']} flags "
+        f"{chosen['harmful_flag_rate']:.0%} of harmful and {chosen['benign_flag_rate']:.0%} of benign answers "
+        f"(single setting: {best['harmful_flag_rate']:.0%} / {best['benign_flag_rate']:.0%}); undefended "
+        f"refusal rate {refusal_rate:.0%} -> expert {'on' if use_expert else 'off'} ({seconds} s)")
     return {
         "model_id": lm.model_id,
         "defense": "rds-expert",
-        "settings": {"tau": best["tau"], "window": best["window"], "k": best["k"], "use_expert": use_expert,
-                     "rollback": "answer"},
+        "settings": settings,
         "probe": {"kind": "response", "layer": probe.layer, "threshold": round(probe.threshold, 6)},
         "probe_sha256": weights_sha256(probe_folder(lm.model_id)),
+        "query_probe_sha256": weights_sha256(probe_folder(lm.model_id, "query")) if gate is not None else None,
         "expert_trained": (expert_dir(lm.model_id) / "adapter_model.safetensors").exists(),
-        "measured": {"chosen": best, "undefended_refusal_rate": round(refusal_rate, 4),
-                     "harmful_prompts": len(harmful), "benign_prompts": len(benign),
+        "measured": {"chosen": chosen, "single_setting": best, "undefended_refusal_rate": round(refusal_rate, 4),
+                     "harmful_prompts": len(plain_answers) or max(map(len, traces.values()), default=0),
+                     "benign_prompts": len(benign_traces),
                      "attacks": list(spec.attacks), "max_new_tokens": spec.max_new_tokens,
                      "max_benign_flag": spec.max_benign_flag, "seconds": seconds,
                      "split": "validation (advbench, harmbench, mtbench, sharegpt; edgy train half)"},
