@@ -71,16 +71,37 @@ def make_drafter(kind, tok, model, draft_model):
     ([3], 2, []),
 ])
 def test_prompt_lookup_proposes_what_followed(context, k, want):
-    assert PromptLookupDrafter(max_ngram=3).propose(context, k) == want
+    assert PromptLookupDrafter(max_ngram=3, adaptive=False).propose(context, k) == want
 
 
 def test_prompt_lookup_min_ngram_and_max_k():
-    assert PromptLookupDrafter(min_ngram=2).propose([1, 5, 1], 3) == []
-    assert PromptLookupDrafter(min_ngram=1).propose([1, 5, 1], 3) == [5, 1, 5]
-    assert PromptLookupDrafter(max_k=2).propose([1, 2, 3, 4, 1], 5) == [2, 3]
-    for bad in ({"min_ngram": 0}, {"min_ngram": 3, "max_ngram": 2}, {"max_k": 0}):
+    assert PromptLookupDrafter(min_ngram=2, adaptive=False).propose([1, 5, 1], 3) == []
+    assert PromptLookupDrafter(min_ngram=1, adaptive=False).propose([1, 5, 1], 3) == [5, 1, 5]
+    assert PromptLookupDrafter(max_k=2, adaptive=False).propose([1, 2, 3, 4, 1], 5) == [2, 3]
+    for bad in ({"min_ngram": 0}, {"min_ngram": 3, "max_ngram": 2}, {"max_k": 0}, {"start_k": 11}):
         with pytest.raises(InputError):
             PromptLookupDrafter(**bad)
+
+
+def test_prompt_lookup_draft_length_adapts():
+    """+2 after a fully accepted draft, -1 after a rejection, within 1..max_k; reset and
+    fresh copies start again at start_k."""
+    d = PromptLookupDrafter(max_k=6, start_k=2)
+    ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1]
+    assert d.propose(ctx, 8) == [2, 3]
+    d.accepted(2, 2)
+    assert d.propose(ctx, 8) == [2, 3, 4, 5]
+    d.accepted(4, 4)
+    d.accepted(6, 6)
+    assert len(d.propose(ctx, 8)) == 6  # capped at max_k
+    for _ in range(9):
+        d.accepted(6, 0)
+    assert d.propose(ctx, 8) == [2]
+    d.accepted(0, 0)  # nothing proposed: no change
+    assert d.k == 1
+    assert d.fresh().k == 2 and d.fresh().describe()["adaptive"]
+    d.reset()
+    assert d.k == 2
 
 
 def _lookup_by_scan(context, k, max_ngram=3, min_ngram=1):
@@ -99,7 +120,7 @@ def test_prompt_lookup_index_matches_a_backward_scan():
     """One drafter kept across growing, cut back and diverging contexts (as decoding with
     rejections and replacements gives it) proposes what a fresh scan finds."""
     rnd = random.Random(0)
-    drafter = PromptLookupDrafter()
+    drafter = PromptLookupDrafter(adaptive=False)
     context = [rnd.randrange(6) for _ in range(5)]
     for _ in range(300):
         r = rnd.random()
