@@ -37,8 +37,7 @@ def main() -> None:
     kept = [o for o in lines if o.get("kind") == "result" and o.get("defense") in keep]
     args.out.mkdir(parents=True, exist_ok=True)
     with open(target, "w", encoding="utf-8") as fh:
-        for o in [runs[0], part, *kept]:
-            fh.write(json.dumps(o, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(o, ensure_ascii=False) + "\n" for o in [runs[0], part, *kept])
     print(f"{target}: {len(kept)} results of {', '.join(sorted(keep))} copied from {args.results}")
 
 
