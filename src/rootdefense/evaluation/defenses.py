@@ -470,11 +470,17 @@ class RDSExpertDefense(DefenderDefense):
 
     def __init__(self, tau: float | None = None, rollback: str | None = None, expert: str | None = None,
                  window: int | None = None, k: int | None = None, use_expert: bool | None = None,
-                 recover: bool | None = None, guard: bool | None = None, preset: str = "tuned") -> None:
+                 recover: bool | None = None, guard: bool | None = None, preset: str = "tuned",
+                 gate: bool | None = None, retract_prefill: bool | None = None) -> None:
+        """``gate: false`` drops the tuned query-probe gate (one monitor for every request);
+        ``retract_prefill: false`` keeps a forced opening when a flagged answer restarts."""
         super().__init__()
         self.given = {"tau": tau, "rollback": rollback, "expert": expert, "preset": preset}
         self.correction = {key: v for key, v in (("window", window), ("k", k), ("use_expert", use_expert),
-                                                 ("recover", recover), ("guard", guard)) if v is not None}
+                                                 ("recover", recover), ("guard", guard),
+                                                 ("retract_prefill", retract_prefill)) if v is not None}
+        if gate is False:
+            self.correction.update(gate=None, strict_tau=None, strict_window=None, strict_k=None)
         DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback or "answer",
                         correction=self.correction)  # validates now, before any model is loaded
         self._settings: DefenseSettings | None = None
@@ -508,6 +514,8 @@ class RDSExpertDefense(DefenderDefense):
         if self._defender is not None:
             out["correction"] = self._defender.decoder.describe()
             out["settings_source"] = self._settings.source
+            if self._defender.decoder.query_probe is not None:
+                out["query_probe"] = _probe_info(self._defender.decoder.query_probe)
             if self._defender.expert is not None:
                 out["expert"] = expert_identity(self._defender.expert)
         return out

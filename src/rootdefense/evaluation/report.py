@@ -175,7 +175,9 @@ def render_report(s: dict, results: list[dict], samples_per_cell: int = 2) -> st
                         ("degenerate", "Degenerate answers on harmful prompts (repetition / no letters)"),
                         ("rolled_back", "Answers rolled back by recovery (rds-expert)"),
                         ("loop_restarted", "Looping answers handed to the expert (rds-expert guard)"),
-                        ("loop_cut", "Steered answers cut because they looped (rds-expert guard)")):
+                        ("loop_cut", "Steered answers cut because they looped (rds-expert guard)"),
+                        ("prefill_retracted", "Forced openings withdrawn by recovery (rds-expert)"),
+                        ("strict_monitor", "Requests the query-probe gate put under the strict monitor (rds-expert)")):
         rows = [[f"<b>{_e(d)}</b>"] + [_pct(_cell_rate(s, d, a, what)) for a in attacks] for d in defenses]
         sections.append(f"<h3>{title}</h3>" + _table(["defense"] + [_e(a) for a in attacks], rows))
 

@@ -147,7 +147,9 @@ def _loops(rs) -> dict:
     """What the degeneration guard did: answers handed to the expert because they looped,
     and answers cut because a steered answer looped."""
     return {"loop_restarted": _rate([bool((r.get("trace") or {}).get("loop_restarts")) for r in rs]),
-            "loop_cut": _rate([bool((r.get("trace") or {}).get("degeneration_stops")) for r in rs])}
+            "loop_cut": _rate([bool((r.get("trace") or {}).get("degeneration_stops")) for r in rs]),
+            "prefill_retracted": _rate([bool((r.get("trace") or {}).get("prefill_retracted")) for r in rs]),
+            "strict_monitor": _rate([bool((r.get("trace") or {}).get("strict_monitor")) for r in rs])}
 
 
 def _benign_cell(rs, plain) -> dict:
