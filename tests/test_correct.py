@@ -179,6 +179,19 @@ def test_monitor_guard_and_stream_units():
     assert p.periodic([9, 8] + [1, 2, 3, 4] * 2) is None  # two copies are not a loop
     assert p.periodic([5] * 11) is None and p.periodic([5] * 12) == 1  # short spans repeat more
     assert p.periodic([1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 7, 1, 2, 3, 4, 5, 6]) is None
+    # repetition with variation: "Step k: the same long sentence." for k = 1, 2, ...
+    steps = [t for k in range(1, 7) for t in (60 + k, *range(1, 24))]
+    near = DegenerationGuard(4, 3, 12, near_window=64, near_share=0.8)
+    assert near.periodic(steps) is None
+    cut = near.near_repeat(steps)
+    assert cut is not None and near.loop_cut(steps) == cut
+    start = len(steps) - 64  # the cut is the second occurrence of the window's first repeated 4-gram
+    first = next(i for i in range(start, len(steps) - 3)
+                 if any(steps[j:j + 4] == steps[i:i + 4] for j in range(i + 1, len(steps) - 3)))
+    assert steps[cut:cut + 4] == steps[first:first + 4] and first < cut
+    assert near.near_repeat(list(range(100))) is None  # no repetition
+    assert near.near_repeat(steps[:40]) is None  # shorter than the window
+    assert DegenerationGuard(4, 3, 12, near_window=0).loop_cut(steps) is None
     sent = []
     s = _Stream(lambda step, p: sent.append(p), None, hold_back=2)
     for p in "abcde":

@@ -104,7 +104,7 @@ def flag_index(harms: list[float], tau: float, window: int, k: int) -> int | Non
 def guarded(harms: list[float], token_ids: list[int], guard: DegenerationGuard) -> list[float]:
     """The harms the monitor would see: an answer the loop guard stops ends at the cut."""
     for n in range(1, len(token_ids) + 1):
-        cut = guard.periodic(token_ids[:n])
+        cut = guard.loop_cut(token_ids[:n])
         if cut is not None:
             return harms[:cut]
     return harms

@@ -63,7 +63,8 @@ class CorrectionSettings:
     gives a lower log-probability than this is only taken when nothing else passes.
     ``loop_ngram`` / ``loop_repeats``: a steered tail repeating an n-gram this often stops.
     ``loop_span``: in any mode, an answer whose tail is ``loop_repeats`` back-to-back copies
-    of one span, covering at least ``loop_span`` tokens, is looping (an undefended model that
+    of one span, covering at least ``loop_span`` tokens, or whose last ``near_window`` tokens
+    are more than ``near_share`` repeated 4-grams, is looping (an undefended model that
     loops is failing too). While watching, the expert then answers instead, from the
     rollback point (a ``loop`` event); a steered answer that loops is cut to its first copy
     and ends (a ``degeneration`` event).
@@ -89,6 +90,8 @@ class CorrectionSettings:
     loop_ngram: int = 4
     loop_repeats: int = 3
     loop_span: int = 12
+    near_window: int = 64  # near-repeat loop test over the last tokens (0: off)
+    near_share: float = 0.8
     hold_back: int = 0
     gate: float | None = None
     strict_tau: float | None = None
@@ -114,6 +117,9 @@ class CorrectionSettings:
             raise InputError(f"max_rollbacks must be 0 or 1 (steering lasts to the end), got {self.max_rollbacks}")
         if self.hold_back < 0:
             raise InputError(f"hold_back must be >= 0, got {self.hold_back}")
+        if self.near_window < 0 or not 0 < self.near_share < 1:
+            raise InputError(f"near_window must be >= 0 and near_share in (0, 1), got {self.near_window}, "
+                             f"{self.near_share}")
         if self.gate is not None and not 0 <= self.gate < 1:
             raise InputError(f"gate must lie in [0, 1), got {self.gate}")
         if self.strict_tau is not None and not 0 < self.strict_tau < 1:
@@ -150,19 +156,33 @@ class RecoveryMonitor:
 
 
 class DegenerationGuard:
-    """Two loop detectors.
+    """Three loop detectors.
 
     :meth:`looping` (steered tail): the last ``ngram`` tokens already occurred ``repeats``
     times within the tail. :meth:`periodic` (whole answer): the answer ends in ``repeats``
     back-to-back copies of one span, together at least ``span`` tokens long (a short span
     must repeat more often: "please, please, please, ..." needs ``span`` tokens of it).
-    Measured on the undefended embedded model's answers, the periodic test fired on 2 of
-    30 benign answers at 128 tokens, both real loops, and on most answers the cheap
-    repetition metric calls degenerate.
+    :meth:`near_repeat` (whole answer): in the last ``near_window`` tokens, more than
+    ``near_share`` of the 4-grams occur more than once (repetition with variation, such as
+    "Step 5: X. Step 6: X." or a period longer than the exact test looks for).
+    :meth:`loop_cut` is the first of the two whole-answer tests that fires.
+
+    Replayed on the undefended embedded model's answers of the first full correction run
+    (60 benign, 180 harmful, 128 tokens): the periodic test fired on 3 benign answers and
+    caught 74 of the 102 harmful answers the repetition metric calls degenerate; with
+    near_repeat(64, 0.8) the guard fires on 4 benign answers (all 4 that the metric calls
+    degenerate, one a runaway list of dates) and catches 90 of the 102.
     """
 
-    def __init__(self, ngram: int, repeats: int, span: int = 12, max_period: int = 64):
+    def __init__(self, ngram: int, repeats: int, span: int = 12, max_period: int = 64, near_window: int = 64,
+                 near_share: float = 0.8):
         self.ngram, self.repeats, self.span, self.max_period = ngram, repeats, span, max_period
+        self.near_window, self.near_share = near_window, near_share
+
+    def loop_cut(self, tokens: list[int]) -> int | None:
+        """Where a looping answer is cut (its length to keep), or None."""
+        cut = self.periodic(tokens)
+        return cut if cut is not None else self.near_repeat(tokens)
 
     def periodic(self, tokens: list[int]) -> int | None:
         """The answer length to keep (up to the end of the first copy) when the tail loops;
@@ -175,6 +195,25 @@ class DegenerationGuard:
             tail = tokens[n - period:]
             if all(tokens[n - (i + 1) * period:n - i * period] == tail for i in range(1, copies)):
                 return n - (copies - 1) * period
+        return None
+
+    def near_repeat(self, tokens: list[int]) -> int | None:
+        """When the last ``near_window`` tokens are mostly repeated 4-grams: the answer
+        length to keep, up to the second occurrence of the window's first repeated 4-gram
+        (the first round of the repetition stays); None otherwise (or when off: window 0)."""
+        w, n = self.near_window, len(tokens)
+        if w < 8 or n < w:
+            return None
+        start = n - w
+        grams = [tuple(tokens[i:i + 4]) for i in range(start, n - 3)]
+        counts = Counter(grams)
+        if sum(c for c in counts.values() if c > 1) / len(grams) <= self.near_share:
+            return None
+        first: dict[tuple, int] = {}
+        for i, g in enumerate(grams):
+            if g in first and counts[g] > 1:
+                return start + i
+            first.setdefault(g, i)
         return None
 
     def looping(self, tail: list[int]) -> bool:
@@ -195,7 +234,7 @@ class _Watcher:
         """True when watch mode would act after this token: a flag (always checked first),
         or, unless the token ended the answer with eos, a loop to cut."""
         flagged = self.monitor.update(harm) and self.may_flag
-        return flagged or (loops and self.guard is not None and self.guard.periodic(tokens) is not None)
+        return flagged or (loops and self.guard is not None and self.guard.loop_cut(tokens) is not None)
 
 
 class _Stream:
@@ -268,7 +307,8 @@ class CorrectingDecoder:
                              "`rootdefense probe train --kind query` or drop the gate")
         self.tau = self.settings.tau if self.settings.tau is not None else probe.threshold
         self.eos = set(eos_token_ids or [])
-        self.guard = DegenerationGuard(self.settings.loop_ngram, self.settings.loop_repeats, self.settings.loop_span)
+        self.guard = DegenerationGuard(self.settings.loop_ngram, self.settings.loop_repeats, self.settings.loop_span,
+                                       near_window=self.settings.near_window, near_share=self.settings.near_share)
         self.rows = 2 if self.settings.use_expert else 1  # steered forwards: base (+ expert)
 
     def describe(self) -> dict:
@@ -515,7 +555,7 @@ class CorrectingDecoder:
         """Where to cut a looping answer (None: not looping). Any answer ending in back-to-back
         copies keeps the first copy; a steered tail repeating an n-gram keeps what came before
         the n-gram's second occurrence (the first round of the loop, whole)."""
-        cut = self.guard.periodic(st.tokens)
+        cut = self.guard.loop_cut(st.tokens)
         if cut is not None or st.mode != "steer" or not self.guard.looping(st.tokens[st.steer_from:]):
             return cut
         n = self.settings.loop_ngram
