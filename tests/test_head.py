@@ -103,6 +103,14 @@ def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
                                  "--epochs", "1", "--draft-vocab", "100"])
     assert r.exit_code == 0, r.output
     assert "draft head saved" in r.output and "answer tokens" in r.output
+    # the answers and features were saved: training again (other epochs, lr) reuses them
+    r = CliRunner().invoke(cli, ["draft", "train", "--model", str(d), "--prompts", "4", "--answer-tokens", "8",
+                                 "--epochs", "2", "--lr", "0.003", "--draft-vocab", "100"])
+    assert r.exit_code == 0, r.output
+    assert "reusing the saved answers" in r.output and "data reused s" in r.output
+    r = CliRunner().invoke(cli, ["draft", "train", "--model", str(d), "--prompts", "4", "--answer-tokens", "6",
+                                 "--epochs", "1", "--draft-vocab", "100"])
+    assert r.exit_code == 0 and "reusing" not in r.output  # another answer length: decoded afresh
     r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter", "auto",
                                  "--max-new-tokens", "6", "--json"])
     assert r.exit_code == 0, r.output

@@ -417,10 +417,17 @@ def draft():
 @click.option("--prompts", type=int, default=240, show_default=True, help="ShareGPT prompts (fit split) answered")
 @click.option("--answer-tokens", type=int, default=128, show_default=True)
 @click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--draft-vocab", type=int, default=8192, show_default=True, help="tokens the head may propose")
+@click.option("--fresh-data", is_flag=True, help="decode the answers again even when a matching set is saved")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's draft-head cache")
-def draft_train(model, prompts, answer_tokens, epochs, draft_vocab, out):
-    """Self-distil a one-layer draft head (EAGLE-style) from the model's own answers."""
+def draft_train(model, prompts, answer_tokens, epochs, lr, draft_vocab, fresh_data, out):
+    """Self-distil a one-layer draft head (EAGLE-style) from the model's own answers.
+
+    The answers and features are saved beside the head (distill-*.safetensors), so training
+    again with other epochs or learning rate reuses them."""
+    from pathlib import Path
+
     from .data.loaders import load_dataset
     from .data.split import split_of
     from .drafting.head import (
@@ -428,23 +435,35 @@ def draft_train(model, prompts, answer_tokens, epochs, draft_vocab, out):
         distillation_data,
         head_dir,
         head_meta,
+        load_rows,
         save_head,
+        save_rows,
         train_head,
     )
     from .models import load_model
 
-    spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab)
+    spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab, lr=lr)
     lm = load_model(model)
+    folder = Path(out or head_dir(lm.model_id))
     texts = [e.prompt for e in load_dataset("sharegpt") if split_of(e.prompt) == "fit"][:spec.prompts]
+    data_meta = {"model_id": lm.model_id, "prompts": len(texts), "answer_tokens": spec.answer_tokens,
+                 "source": "sharegpt fit split, the target's greedy answers"}
+    data_path = folder / f"distill-{len(texts)}x{spec.answer_tokens}.safetensors"
     t0 = time.perf_counter()
-    rows = distillation_data(lm, spec, texts, log=click.echo)
-    gen_s = round(time.perf_counter() - t0, 1)
+    rows = None if fresh_data else load_rows(data_path, data_meta)
+    if rows is not None:
+        click.echo(f"reusing the saved answers and features: {data_path}")
+        gen_s = None
+    else:
+        rows = distillation_data(lm, spec, texts, log=click.echo)
+        gen_s = round(time.perf_counter() - t0, 1)
+        save_rows(rows, data_path, data_meta)
     head, metrics = train_head(lm, spec, rows, log=click.echo)
     metrics["data_seconds"] = gen_s
-    folder = save_head(head, out or head_dir(lm.model_id), head_meta(lm, spec, metrics, len(texts)))
+    folder = save_head(head, folder, head_meta(lm, spec, metrics, len(texts)))
     click.echo(f"draft head saved: {folder} ({len(texts)} prompts, {metrics['fit_tokens']} answer tokens; "
-               f"data {gen_s} s, training {metrics['seconds']} s; held-out top-1 {metrics['val_top1']:.2f}, "
-               f"mean accepted of 4: {metrics['val_mean_accepted_of_4']})")
+               f"data {gen_s if gen_s is not None else 'reused'} s, training {metrics['seconds']} s; held-out "
+               f"top-1 {metrics['val_top1']:.2f}, mean accepted of 4: {metrics['val_mean_accepted_of_4']})")
 
 
 @cli.group(cls=Group)

@@ -293,6 +293,39 @@ def distillation_data(lm, spec: HeadSpec, prompts: list[str], log=print) -> list
     return rows
 
 
+def save_rows(rows: list[dict], path: str | Path, meta: dict) -> Path:
+    """Distillation rows (the target's answers and features) as one safetensors file, so a
+    head can be retrained (more epochs, another learning rate) without decoding again."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lengths = torch.tensor([int(r["ids"].shape[0]) for r in rows], dtype=torch.long)
+    tensors = {"ids": torch.cat([r["ids"] for r in rows]).long().contiguous(),
+               "features": torch.cat([r["features"] for r in rows]).float().contiguous(),
+               "lengths": lengths, "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], dtype=torch.long)}
+    save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
+    return path
+
+
+def load_rows(path: str | Path, meta: dict) -> list[dict] | None:
+    """Rows saved by :func:`save_rows` when their metadata equals ``meta``; else None."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        saved = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
+        if saved != json.loads(json.dumps(meta)):
+            return None
+        ids, feats = fh.get_tensor("ids"), fh.get_tensor("features")
+        lengths, prompt_lens = fh.get_tensor("lengths").tolist(), fh.get_tensor("prompt_lens").tolist()
+    rows, start = [], 0
+    for n, p in zip(lengths, prompt_lens, strict=True):
+        rows.append({"ids": ids[start:start + n], "features": feats[start:start + n], "prompt_len": int(p)})
+        start += n
+    return rows
+
+
 def pick_vocab(rows: list[dict], size: int, vocab_size: int) -> torch.Tensor:
     """The ``size`` tokens the target used most in its answers (ids sorted)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
