@@ -45,7 +45,7 @@ def test_candidate_scoring_matches_recompute_on_smollm(smollm):
 
 
 def test_prepared_probes_are_real(smollm):
-    for kind in ("response", "paper"):
+    for kind in ("response", "paper", "query"):
         probe = find_probe(smollm.model_id, kind)
         assert probe.meta["kind"] == kind and probe.hidden_size == 576
         assert probe.meta["metrics"]["test_auroc"] > 0.7, probe.meta["metrics"]
@@ -92,7 +92,7 @@ def test_cli_demo(smollm, tmp_path):
 
 def test_cli_prepare_is_cached(smollm):
     r = run("prepare")
-    assert r.exit_code == 0 and r.output.count("probe ready") == 2 and "harm judge ready" in r.output
+    assert r.exit_code == 0 and r.output.count("probe ready") == 3 and "harm judge ready" in r.output
 
 
 def test_cli_judge_train_reports_cached_metrics(smollm):

@@ -109,6 +109,21 @@ def test_settings_resolve_from_tuned_defaults_presets_and_flags(rd_home):
         resolve_settings(model, preset="fast")
 
 
+def test_a_tuned_gate_needs_the_query_probe(rd_home):
+    """Defaults with a gate: without a query probe the gate is dropped (one monitor, said in
+    the source); with one it is kept, and a flag still overrides a gate setting."""
+    model = "gated/model"
+    gate = {"gate": 0.5, "strict_tau": 0.6, "strict_window": 8, "strict_k": 5}
+    _write_defaults(rd_home, model, **gate)
+    s = resolve_settings(model)
+    assert "gate" not in s.correction and "query probe not trained, no gate" in s.source
+    folder = rd_home / "probes" / paths.model_slug(model) / "query"
+    folder.mkdir(parents=True)
+    (folder / "probe.json").write_text("{}")
+    s = resolve_settings(model, correction={"strict_k": 4})
+    assert {k: s.correction[k] for k in gate} == {**gate, "strict_k": 4} and "no gate" not in s.source
+
+
 def test_a_broken_defaults_file_is_a_clear_error(rd_home):
     path = _write_defaults(rd_home, "m")
     path.write_text("{not json")

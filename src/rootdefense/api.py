@@ -112,6 +112,11 @@ def resolve_settings(model_id: str, preset: str = "tuned", **given) -> DefenseSe
                               f"(train it with `rootdefense expert train --model {model_id}`)"
             else:
                 source_note = ""
+            if t.get("gate") is not None and not (probe_dir(model_id, "query") / "probe.json").exists():
+                for key in ("gate", "strict_tau", "strict_window", "strict_k"):
+                    t.pop(key, None)  # one monitor for every request until a query probe is trained
+                source_note += "; query probe not trained, no gate (train it with `rootdefense probe train " \
+                               f"--model {model_id} --kind query`)"
             base["correction"] = {**t, **given.pop("correction", {})}
             source = f"tuned defaults: {tuned['source']}" + ("" if tuned.get("probe_matches", True)
                                                               else " (tuned for an earlier probe)") + source_note

@@ -122,7 +122,7 @@ def prepare(model, probes):
     click.echo(f"model ready: {lm.model_id} ({lm.num_layers} layers, hidden {lm.hidden_size})")
     if not probes:
         return
-    for kind in ("response", "paper"):
+    for kind in ("response", "paper", "query"):  # query: the tuned defaults' gate
         folder = probe_dir(lm.model_id, kind)
         if (folder / "probe.json").exists():
             click.echo(f"probe ready: {folder}")
