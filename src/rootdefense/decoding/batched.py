@@ -88,6 +88,25 @@ def _keep_slots(cache, c: int, width: int, chosen: torch.Tensor) -> None:
         layer.values = torch.cat([values[:, :, :c], values[rows, :, c + chosen][:, :, None]], dim=2)
 
 
+def batch_results(rows: list[_Row], cfg: GenerationConfig, t_prefill: float, elapsed: float,
+                  extra=None) -> list[Generation | None]:
+    """One Generation per row (None for a row handed over), timed as part of the batch;
+    ``extra(row)`` adds a row's own timing fields."""
+    total = sum(len(r.tokens) for r in rows if not r.handed_over)
+    out: list[Generation | None] = []
+    for r in rows:
+        if r.handed_over:
+            out.append(None)
+            continue
+        timings = decode_timings(t_prefill, elapsed, len(r.tokens))
+        timings.update(batch_size=len(rows), batch_tokens=total,
+                       batch_tokens_per_s=round(total / elapsed, 2) if elapsed > 0 else None,
+                       **(extra(r) if extra is not None else {}))
+        out.append(Generation(text=final_text(r.detok.text, r.trace, cfg), token_ids=r.tokens, trace=r.trace,
+                              prompt_tokens=r.prompt_len, timings=timings))
+    return out
+
+
 def _select_rows(cache, keep: torch.Tensor) -> None:
     for layer in cache.layers:
         layer.keys = layer.keys[keep]
@@ -176,19 +195,7 @@ class BatchDecoder:
                 _select_rows(cache, idx)
                 logits, past, next_pos = logits[idx], past[idx], next_pos[idx]
                 live = [live[b] for b in keep]
-        elapsed = time.perf_counter() - t1
-        total = sum(len(r.tokens) for r in rows if not r.handed_over)
-        out: list[Generation | None] = []
-        for r in rows:
-            if r.handed_over:
-                out.append(None)
-                continue
-            timings = decode_timings(t_prefill, elapsed, len(r.tokens))
-            timings.update(batch_size=len(prompts), batch_tokens=total,
-                           batch_tokens_per_s=round(total / elapsed, 2) if elapsed > 0 else None)
-            out.append(Generation(text=final_text(r.detok.text, r.trace, cfg), token_ids=r.tokens, trace=r.trace,
-                                  prompt_tokens=r.prompt_len, timings=timings))
-        return out
+        return batch_results(rows, cfg, t_prefill, time.perf_counter() - t1)
 
     def _commit(self, row: _Row, pool, j: int, own_idx: int, lp, harms, cfg) -> None:
         token, own = int(pool[j]), int(pool[own_idx])

@@ -28,15 +28,13 @@ import time
 import torch
 from transformers import DynamicCache
 
-from ..decoding.batched import _pad_left, _Row, _select_rows
+from ..decoding.batched import _pad_left, _Row, _select_rows, batch_results
 from ..decoding.config import GenerationConfig
 from ..decoding.loop import (
     Generation,
     candidate_pool,
-    decode_timings,
     emit,
     end_reason,
-    final_text,
     own_choice,
     sampling_rng,
 )
@@ -127,7 +125,7 @@ class BatchSpeculativeDecoder:
         layer = self.probe.layer if self.probe is not None else None
         rows = [_SpecRow(i, p, self.tokenizer, self.drafter.fresh()) for i, p in enumerate(prompts)]
         for r in rows:
-            r.watcher = watch() if watch is not None else None
+            r.watcher = watch(r.index) if watch is not None else None
         ids, past = _pad_left(prompts, self.pad_id, device)
         positions = (past.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
@@ -180,22 +178,9 @@ class BatchSpeculativeDecoder:
                 live = [live[b] for b in keep]
                 if live:
                     past = _trim(cache, past)
-        elapsed = time.perf_counter() - t1
-        total = sum(len(r.tokens) for r in rows if not r.handed_over)
-        results: list[Generation | None] = []
-        for r in rows:
-            if r.handed_over:
-                results.append(None)
-                continue
-            timings = decode_timings(t_prefill, elapsed, len(r.tokens))
-            s = r.stats
-            timings.update(s, batch_size=len(prompts), batch_tokens=total,
-                           batch_tokens_per_s=round(total / elapsed, 2) if elapsed > 0 else None,
-                           mean_accepted=round(s["accepted"] / max(s["rounds"], 1), 3),
-                           tokens_per_forward=round(len(r.tokens) / max(s["forwards"], 1), 3))
-            results.append(Generation(text=final_text(r.detok.text, r.trace, cfg), token_ids=r.tokens, trace=r.trace,
-                                      prompt_tokens=r.prompt_len, timings=timings))
-        return results
+        return batch_results(rows, cfg, t_prefill, time.perf_counter() - t1, extra=lambda r: {
+            **r.stats, "mean_accepted": round(r.stats["accepted"] / max(r.stats["rounds"], 1), 3),
+            "tokens_per_forward": round(len(r.tokens) / max(r.stats["forwards"], 1), 3)})
 
     # per-row decisions ------------------------------------------------------------------
 
