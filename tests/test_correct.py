@@ -319,7 +319,7 @@ def test_a_flag_retracts_the_forced_opening(setup, tiny_tokenizer, retract):
     """Flagged at the first token after a forced opening: with retraction the expert answers
     the request afresh (the same answer as a flagged answer without any prefill); without,
     it can only continue after the forced text."""
-    lm, expert, probe, ids, _ = setup
+    lm, expert, probe, _, _ = setup
     request, forced = _with_prefill(tiny_tokenizer, "Sure, here is a tutorial")
     cfg = GenerationConfig(max_new_tokens=10)
     d = decoder(lm, expert, probe, tau=1e-6, k=1, window=1, loop_repeats=99, retract_prefill=retract)
@@ -371,3 +371,31 @@ def test_the_gate_picks_the_monitor_from_the_request(setup):
         decoder(lm, expert, probe, gate=0.5)
     with pytest.raises(InputError, match="strict_k <= strict_window"):
         CorrectionSettings(gate=0.5, strict_k=5, strict_window=4).validate()
+
+
+def test_defender_withdraws_a_forced_opening(tiny_tokenizer, tmp_path):
+    """Through the API: a prefilled answer that is flagged comes back as a whole new answer
+    (the forced text withdrawn, said in the trace), equal to the flagged answer to the bare
+    request; a benign prefill that is never flagged is continued as before."""
+    from test_defenses import write_expert
+
+    from rootdefense.api import Defender, DefenseSettings
+
+    tok = tiny_tokenizer
+    lm = LoadedModel(make_tiny_model(tok, seed=MODEL_SEED), tok, MODEL_ID, torch.float32, torch.device("cpu"))
+    g = torch.Generator().manual_seed(11)
+    probe = LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                        meta={"model_id": MODEL_ID, "kind": "response"})
+    expert = str(write_expert(tok, tmp_path / "expert"))
+    cfg = GenerationConfig(max_new_tokens=8)
+    flag_all = Defender(lm, probe, DefenseSettings(defense="rds-expert", tau=1e-6, expert=expert,
+                                                   correction={"k": 1, "window": 1, "loop_repeats": 99}))
+    got = flag_all.generate(PROMPT, config=cfg, prefill="Sure, here is")
+    assert got.trace.summary()["prefill_retracted"] and got.trace.events[0]["retracted_prefill_text"] == "Sure, here is"
+    assert got.token_ids == flag_all.generate(PROMPT, config=cfg).token_ids
+    never = Defender(lm, probe, DefenseSettings(defense="rds-expert", tau=0.999999, expert=expert,
+                                                correction={"k": 8, "window": 8, "loop_repeats": 99}))
+    kept = never.generate(PROMPT, config=cfg, prefill="Sure, here is")
+    assert not kept.trace.summary()["prefill_retracted"] and kept.trace.events == []
+    forced = encode_chat(tok, [{"role": "user", "content": PROMPT}], prefill="Sure, here is")
+    assert kept.token_ids == plain(lm, forced, 8).token_ids
