@@ -111,10 +111,24 @@ def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
     r = CliRunner().invoke(cli, ["draft", "train", "--model", str(d), "--prompts", "4", "--answer-tokens", "6",
                                  "--epochs", "1", "--draft-vocab", "100"])
     assert r.exit_code == 0 and "reusing" not in r.output  # another answer length: decoded afresh
-    r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter", "auto",
+    r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter", "head",
                                  "--max-new-tokens", "6", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["settings"]["drafter"] == "draft-head"
+    # auto takes the head only when its held-out acceptance pays for its drafting pass
+    from rootdefense.drafting.factory import HEAD_MIN_ACCEPTED, head_pays
+    from rootdefense.drafting.head import head_dir
+
+    folder = head_dir(str(d))
+    meta = json.loads((folder / "head.json").read_text())
+    for accepted, want in ((HEAD_MIN_ACCEPTED + 0.5, "draft-head"), (HEAD_MIN_ACCEPTED - 0.5, "prompt-lookup")):
+        meta["train"]["val_mean_accepted_of_4"] = accepted
+        (folder / "head.json").write_text(json.dumps(meta))
+        assert head_pays(folder) == (want == "draft-head")
+        r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter", "auto",
+                                     "--max-new-tokens", "6", "--json"])
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.output)["settings"]["drafter"] == want
     r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter",
                                  f"head:{tmp_path / 'missing'}"])
     assert r.exit_code == 2 and "no draft head at" in r.output

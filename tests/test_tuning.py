@@ -98,6 +98,11 @@ def test_settings_resolve_from_tuned_defaults_presets_and_flags(rd_home):
     (rd_home / "experts" / paths.model_slug(model) / "adapter_config.json").write_text("{}")
     s = resolve_settings(model, tau=0.5, correction={"k": 3})  # flags win over the tuned file
     assert s.tau == 0.5 and s.correction == {"window": 4, "k": 3, "use_expert": True}
+    # the tuned preset drafts (lossless); an explicit drafter, the paper preset and undefended decoding do not change
+    assert s.drafter == "auto" and resolve_settings(model, drafter="none").drafter == "none"
+    assert resolve_settings(model, preset="paper").drafter is None
+    assert resolve_settings(model, defense="none").drafter is None
+    assert resolve_settings(model, rule="weighted").drafter is None
     assert resolve_settings(model, defense="rds").defense == "rds"  # another defense: no tuned settings
     r = resolve_settings(model, rule="weighted")  # a rule alone asks for the token rule
     assert (r.defense, r.rule) == ("rds", "weighted")

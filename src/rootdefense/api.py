@@ -123,8 +123,16 @@ def resolve_settings(model_id: str, preset: str = "tuned", **given) -> DefenseSe
         elif "rule" in given and "defense" not in given:
             base["defense"] = "rds"
     settings = DefenseSettings(**{**base, **given})
+    if preset == "tuned" and "drafter" not in given and tuned_drafts(settings):
+        settings.drafter = "auto"  # lossless: the same answers, fewer forwards (see drafting/)
     settings.source = source
     return settings
+
+
+def tuned_drafts(settings: DefenseSettings) -> bool:
+    """Whether the tuned preset drafts for these settings: the defenses whose decoder verifies
+    drafts (the threshold rule, rds-expert); undefended decoding stays the plain reference."""
+    return settings.defense == "rds-expert" or (settings.defense == "rds" and settings.rule == "threshold")
 
 
 class Defender:

@@ -183,11 +183,11 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
             elif name == "plain":
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="none", monitor=False))
             elif name == "rds-exact":
-                runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold"))
+                runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold", drafter="none"))
             elif name == "rds-batch":
-                runners[name] = _batch_runner(Defender.load(lm=lm, defense="rds", rule="threshold"))
+                runners[name] = _batch_runner(Defender.load(lm=lm, defense="rds", rule="threshold", drafter="none"))
             elif name == "rds-expert-batch":
-                runners[name] = _batch_runner(Defender.load(lm=lm))  # the tuned default defense
+                runners[name] = _batch_runner(Defender.load(lm=lm, drafter="none"))  # the tuned default, no drafts
             elif name == "rds-spec-threshold-ngram-batch":
                 runners[name] = _batch_runner(Defender.load(lm=lm, defense="rds", rule="threshold", drafter="ngram",
                                                             max_draft=spec.max_draft))
@@ -201,7 +201,7 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
                                                                drafter=name.rsplit("-", 1)[1],
                                                                max_draft=spec.max_draft))
             else:
-                drafter = {"rds-expert-exact": None, "rds-spec-ngram": "ngram", "rds-spec-head": "head",
+                drafter = {"rds-expert-exact": "none", "rds-spec-ngram": "ngram", "rds-spec-head": "head",
                            "rds-spec-model": f"model:{spec.draft_model}"}[name]
                 d = Defender.load(lm=lm, drafter=drafter, max_draft=spec.max_draft)  # the tuned default defense
                 if d.settings.defense != "rds-expert":

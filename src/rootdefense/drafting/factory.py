@@ -5,8 +5,9 @@
 - ``model:NAME``: a small causal LM sharing the target's tokenizer (embedded name, hub id
   or local folder), loaded with the target's dtype and device.
 - ``head`` / ``head:FOLDER``: the model's trained draft head (``rootdefense draft train``).
-- ``auto``: the model's draft head when one is trained, else prompt lookup (so nothing
-  ever waits for a training).
+- ``auto``: the model's draft head when one is trained and its held-out acceptance is at
+  least ``HEAD_MIN_ACCEPTED`` tokens of 4 (a weaker head costs more than it saves), else
+  prompt lookup (so nothing ever waits for a training). The tuned defaults draft with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,22 @@ from .model import DraftModelDrafter
 from .ngram import PromptLookupDrafter
 
 DRAFTER_NAMES = ("none", "auto", "ngram", "head", "head:FOLDER", "model:NAME")
+HEAD_MIN_ACCEPTED = 1.0  # held-out tokens accepted of 4 for ``auto`` to prefer the head over prompt lookup
+
+
+def head_pays(folder) -> bool:
+    """Whether the trained head in ``folder`` drafts well enough for ``auto``."""
+    import json
+    from pathlib import Path
+
+    meta = Path(folder) / "head.json"
+    if not meta.exists():
+        return False
+    try:
+        accepted = json.loads(meta.read_text()).get("train", {}).get("val_mean_accepted_of_4")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return accepted is not None and accepted >= HEAD_MIN_ACCEPTED
 
 
 def check_drafter_name(name: str | None) -> None:
@@ -37,8 +54,7 @@ def make_drafter(name: str | None, lm) -> Drafter | None:
 
     if name == "auto":
         folder = head_dir(lm.model_id)
-        return HeadDrafter(lm.model, load_head(folder, lm)[0]) if (folder / "head.json").exists() \
-            else PromptLookupDrafter()
+        return HeadDrafter(lm.model, load_head(folder, lm)[0]) if head_pays(folder) else PromptLookupDrafter()
     if name == "ngram":
         return PromptLookupDrafter()
     if name == "head" or name.startswith("head:"):
