@@ -60,6 +60,18 @@ def _pad_left(prompts: list[torch.Tensor], pad_id: int, device):
     return ids, mask
 
 
+def prefill_batch(model, prompts: list[torch.Tensor], pad_id: int, device):
+    """Forward the left-padded prompts into a fresh cache: (cache, last logits (B, vocab),
+    the (B, T) 0/1 mask of real tokens, seconds)."""
+    ids, past = _pad_left(prompts, pad_id, device)
+    positions = (past.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    t0 = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=past, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    return cache, out.logits[:, -1].float(), past, time.perf_counter() - t0
+
+
 def _step_mask(past: torch.Tensor, sizes: list[int], width: int, dtype) -> torch.Tensor:
     """Additive 4D mask (B, 1, width, C + width): row b's slot j sees row b's real past
     (``past`` is the (B, C) 0/1 mask) and itself; slots past ``sizes[b]`` see only
@@ -140,14 +152,7 @@ class BatchDecoder:
         layer = self.probe.layer if self.probe is not None else None
         rows = [_Row(i, int(p.shape[1]), self.tokenizer) for i, p in enumerate(prompts)]
         watchers = [watch(r.index) for r in rows] if watch is not None else None
-        ids, past = _pad_left(prompts, self.pad_id, device)
-        positions = (past.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        t0 = time.perf_counter()
-        out = self.model(input_ids=ids, attention_mask=past, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        t_prefill = time.perf_counter() - t0
-        logits = out.logits[:, -1].float()
+        cache, logits, past, t_prefill = prefill_batch(self.model, prompts, self.pad_id, device)
         next_pos = past.sum(-1)  # (B,) each row's next position id
         live = list(rows)  # rows still decoding, in cache-row order
         temp = cfg.temperature if not cfg.greedy else 1.0

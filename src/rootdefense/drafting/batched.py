@@ -26,9 +26,8 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache
 
-from ..decoding.batched import _pad_left, _Row, _select_rows, batch_results
+from ..decoding.batched import _Row, _select_rows, batch_results, prefill_batch
 from ..decoding.config import GenerationConfig
 from ..decoding.loop import (
     Generation,
@@ -126,15 +125,9 @@ class BatchSpeculativeDecoder:
         rows = [_SpecRow(i, p, self.tokenizer, self.drafter.fresh()) for i, p in enumerate(prompts)]
         for r in rows:
             r.watcher = watch(r.index) if watch is not None else None
-        ids, past = _pad_left(prompts, self.pad_id, device)
-        positions = (past.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        t0 = time.perf_counter()
-        out = self.model(input_ids=ids, attention_mask=past, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        t_prefill = time.perf_counter() - t0
+        cache, logits, past, t_prefill = prefill_batch(self.model, prompts, self.pad_id, device)
         for b, r in enumerate(rows):
-            r.lp = step_logprobs(out.logits[b, -1].float(), cfg)
+            r.lp = step_logprobs(logits[b], cfg)
         next_pos = past.sum(-1)
         live = list(rows)
         t1 = time.perf_counter()
