@@ -158,6 +158,14 @@ def test_probe_retrained_since_tuning_is_noticed(rd_home):
     LinearProbe(torch.ones(4), 0.0, layer=1, threshold=0.5, meta={"model_id": model}).save(folder)
     assert defaults.load_defaults(model)["probe_matches"] is False
     assert "earlier probe" in resolve_settings(model).source
+    # tuned with a gate: a retrained query probe is noticed too
+    query = rd_home / "probes" / paths.model_slug(model) / "query"
+    LinearProbe(torch.zeros(4), 0.0, layer=1, threshold=0.5, meta={"model_id": model}).save(query)
+    data.update(probe_sha256=defaults.weights_sha256(folder), query_probe_sha256=defaults.weights_sha256(query))
+    (folder / defaults.FILE).write_text(json.dumps(data))
+    assert defaults.load_defaults(model)["probe_matches"] is True
+    LinearProbe(torch.ones(4), 0.0, layer=1, threshold=0.5, meta={"model_id": model}).save(query)
+    assert defaults.load_defaults(model)["probe_matches"] is False
 
 
 @pytest.fixture(scope="module")

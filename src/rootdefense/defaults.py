@@ -74,8 +74,8 @@ def shipped_defaults(model_id: str) -> dict | None:
 
 def load_defaults(model_id: str) -> dict | None:
     """The model's tuned defaults: the file beside its response probe, else the shipped one,
-    else None. Adds ``source`` and ``probe_matches`` (False when the probe was retrained
-    since tuning)."""
+    else None. Adds ``source`` and ``probe_matches`` (False when the response probe, or the
+    query probe of a gate, was retrained since tuning)."""
     folder = probe_folder(model_id)
     path = folder / FILE
     data = {**_read(path), "source": str(path)} if path.exists() else shipped_defaults(model_id)
@@ -83,4 +83,7 @@ def load_defaults(model_id: str) -> dict | None:
         return None
     current = weights_sha256(folder)
     data["probe_matches"] = current is None or data.get("probe_sha256") in (None, current)
+    if data.get("query_probe_sha256"):  # tuned with a gate: the query probe counts too
+        query = weights_sha256(probe_folder(model_id, "query"))
+        data["probe_matches"] = data["probe_matches"] and query in (None, data["query_probe_sha256"])
     return data
