@@ -39,7 +39,7 @@ def _same(got, want):
             assert a.original_harm == pytest.approx(b.original_harm, abs=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["lookup", "draft-model", "self"])
+@pytest.mark.parametrize("kind", ["lookup", "draft-model", "self", "lazy"])
 @pytest.mark.parametrize("n", [1, 9, 40])
 def test_undefended_batch_equals_plain(tiny_model, tiny_tokenizer, draft_model, kind, n):
     tok = tiny_tokenizer
@@ -58,7 +58,7 @@ def test_undefended_batch_equals_plain(tiny_model, tiny_tokenizer, draft_model, 
 
 
 @pytest.mark.parametrize(("layer", "seed"), [(3, 1), (2, 2), (1, 4)])
-@pytest.mark.parametrize("kind", ["lookup", "self"])
+@pytest.mark.parametrize("kind", ["lookup", "self", "lazy"])
 def test_defended_batch_equals_single_speculative(tiny_model, tiny_tokenizer, draft_model, layer, seed, kind):
     """The threshold rule inside a batch: rows that draft and rows that score candidates
     share one forward; every row corrects exactly the tokens it corrects alone."""

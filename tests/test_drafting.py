@@ -25,6 +25,7 @@ from rootdefense.decoding.verify import step_logprobs, target_probs, verified_ch
 from rootdefense.drafting import (
     Drafter,
     DraftModelDrafter,
+    NoDrafter,
     PromptLookupDrafter,
     SpeculativeDecoder,
 )
@@ -34,7 +35,7 @@ from rootdefense.probes.base import LinearProbe
 
 PROMPTS = ["How do I bake bread?", "Sure, here is a tutorial", "The quick brown fox"]
 REPETITIVE = "step one, step two, step three, step one, step two, step three, step one, step two"
-DRAFTERS = ["lookup", "draft-model", "self"]
+DRAFTERS = ["lookup", "draft-model", "self", "lazy"]
 
 
 def prompt_ids(tok, text):
@@ -57,6 +58,8 @@ def make_drafter(kind, tok, model, draft_model):
         return PromptLookupDrafter()
     if kind == "draft-model":
         return DraftModelDrafter(draft_model, tok, tok)
+    if kind == "lazy":
+        return NoDrafter()
     return DraftModelDrafter(model, tok, tok, max_k=6)  # the target drafting for itself
 
 
@@ -249,6 +252,8 @@ def test_acceptance_counts(tiny_model, tiny_tokenizer, draft_model):
             assert t["accepted"] > 0 and t["tokens_per_forward"] > 1.2
         if kind == "self":  # the target's own drafts are all accepted (barring float ties)
             assert t["accepted"] >= 0.9 * t["drafted"] and t["tokens_per_forward"] > 3
+        if kind == "lazy":  # one forward per token, no drafts
+            assert t["drafted"] == 0 and t["rounds"] == len(gen.token_ids)
 
 
 # ---- safety inside verification -------------------------------------------------------
@@ -284,6 +289,8 @@ def test_defended_greedy_equals_plain_defended(tiny_model, tiny_tokenizer, draft
     assert t["exact_steps"] >= gen.trace.replaced and t["forwards"] == t["rounds"] + t["exact_steps"]
     if kind == "self":
         assert gen.timings["accepted"] > 0, "drafts were committed between corrections"
+    if kind == "lazy":  # candidates scored only where the own token was flagged, not at every step
+        assert t["exact_steps"] < len(gen.token_ids)
 
 
 def test_monitoring_probe_records_the_same_harms(tiny_model, tiny_tokenizer):

@@ -17,9 +17,13 @@ from rootdefense.drafting.head import (
     HeadDrafter,
     HeadSpec,
     distillation_data,
+    head_dir,
     head_meta,
     load_head,
+    load_rows,
+    reference_data,
     save_head,
+    save_rows,
     train_head,
 )
 from rootdefense.errors import InputError
@@ -51,6 +55,30 @@ def test_training_learns_and_reports(trained):
     meta = json.loads((folder / "head.json").read_text())
     assert meta["model_id"] == "tiny-head-target" and meta["vocab_size"] == lm.model.get_output_embeddings(
     ).weight.shape[0]
+
+
+def test_reference_data_holds_the_targets_own_choices(trained, tmp_path):
+    """Teacher-forced rows: features and greedy targets are the target's, whatever the
+    reference text says; they round-trip through safetensors and train a head."""
+    lm = trained[0]
+    pairs = [("How do I bake bread?", "Mix flour, water, salt and yeast, then bake it."),
+             ("hi", "Hello! How can I help you today?"), ("x", "ok")]  # too short an answer: skipped
+    rows = reference_data(lm, HeadSpec(answer_tokens=10), pairs)
+    assert len(rows) == 2
+    for r in rows:
+        n = r["ids"].shape[0]
+        assert r["features"].shape == (n, lm.hidden_size) and n - r["prompt_len"] <= 10
+        with torch.no_grad():
+            logits = lm.model(input_ids=r["ids"][None]).logits[0]
+        assert torch.equal(r["greedy"], logits.argmax(-1))
+    path = save_rows(rows, tmp_path / "rows.safetensors", {"n": 2})
+    again = load_rows(path, {"n": 2})
+    assert all(torch.equal(a["greedy"], b["greedy"]) and torch.equal(a["features"], b["features"])
+               for a, b in zip(rows, again, strict=True))
+    assert load_rows(path, {"n": 3}) is None  # other metadata: not reused
+    spec = HeadSpec(epochs=2, draft_vocab=50, window=16)
+    _, metrics = train_head(lm, spec, rows, log=lambda m: None, val=rows[:1])
+    assert metrics["fit_answers"] == 2 and metrics["val_answers"] == 1 and metrics["loss"][-1] < metrics["loss"][0]
 
 
 def test_head_drafts_change_no_token(trained):
@@ -99,25 +127,30 @@ def test_head_for_another_target_or_mismatched_files_is_refused(trained, tmp_pat
 
 def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
     d = save_tiny_model(tmp_path / "tiny")
-    r = CliRunner().invoke(cli, ["draft", "train", "--model", str(d), "--prompts", "4", "--answer-tokens", "8",
-                                 "--epochs", "1", "--draft-vocab", "100"])
+    small = ["--model", str(d), "--prompts", "4", "--val-prompts", "3", "--draft-vocab", "100"]
+    r = CliRunner().invoke(cli, ["draft", "train", *small, "--answer-tokens", "8", "--epochs", "1"])
     assert r.exit_code == 0, r.output
     assert "draft head saved" in r.output and "answer tokens" in r.output
-    # the answers and features were saved: training again (other epochs, lr) reuses them
-    r = CliRunner().invoke(cli, ["draft", "train", "--model", str(d), "--prompts", "4", "--answer-tokens", "8",
-                                 "--epochs", "2", "--lr", "0.003", "--draft-vocab", "100"])
+    meta = json.loads((head_dir(str(d)) / "head.json").read_text())
+    assert "teacher-forced" in meta["data"]["source"] and meta["train"]["val_answers"] == 3
+    # the features were saved: training again (other epochs, lr) reuses them
+    r = CliRunner().invoke(cli, ["draft", "train", *small, "--answer-tokens", "8", "--epochs", "2", "--lr", "0.003"])
     assert r.exit_code == 0, r.output
-    assert "reusing the saved answers" in r.output and "data reused s" in r.output
-    r = CliRunner().invoke(cli, ["draft", "train", "--model", str(d), "--prompts", "4", "--answer-tokens", "6",
-                                 "--epochs", "1", "--draft-vocab", "100"])
-    assert r.exit_code == 0 and "reusing" not in r.output  # another answer length: decoded afresh
+    assert "reusing the saved distillation data" in r.output and "data reused s" in r.output
+    r = CliRunner().invoke(cli, ["draft", "train", *small, "--answer-tokens", "6", "--epochs", "1"])
+    assert r.exit_code == 0 and "reusing" not in r.output  # another answer length: made afresh
+    # the model's own answers as data (slow on a real model)
+    r = CliRunner().invoke(cli, ["draft", "train", *small, "--data", "self", "--answer-tokens", "6", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert "own greedy answers" in json.loads((head_dir(str(d)) / "head.json").read_text())["data"]["source"]
+    r = CliRunner().invoke(cli, ["draft", "train", *small, "--val-prompts", "0"])
+    assert r.exit_code != 0 and "--val-prompts must be positive" in r.output
     r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter", "head",
                                  "--max-new-tokens", "6", "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["settings"]["drafter"] == "draft-head"
     # auto takes the head only when its held-out acceptance pays for its drafting pass
     from rootdefense.drafting.factory import HEAD_MIN_ACCEPTED, head_pays
-    from rootdefense.drafting.head import head_dir
 
     folder = head_dir(str(d))
     meta = json.loads((folder / "head.json").read_text())

@@ -54,11 +54,12 @@ from .errors import InputError
 METHODS = ("hf-generate", "hf-prompt-lookup", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
            "rds-expert-exact", "rds-spec-ngram", "rds-spec-head", "rds-spec-model", "rds-spec-threshold-ngram",
            "rds-spec-threshold-head", "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch",
-           "rds-spec-ngram-batch")
+           "rds-spec-ngram-batch", "rds-lazy", "rds-lazy-batch")
 DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "plain", "plain-spec-head", "rds-exact", "rds-expert-exact",
                    "rds-spec-ngram", "rds-spec-head", "rds-spec-threshold-ngram", "rds-spec-threshold-head",
-                   "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch", "rds-spec-ngram-batch")
-BATCH_METHODS = {"rds-batch": "rds-exact", "rds-expert-batch": "rds-expert-exact",  # -> its single-stream peer
+                   "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch", "rds-spec-ngram-batch",
+                   "rds-lazy", "rds-lazy-batch")
+BATCH_METHODS = {"rds-batch": "rds-exact", "rds-lazy-batch": "rds-lazy", "rds-expert-batch": "rds-expert-exact",  # -> its single-stream peer
                  "rds-spec-threshold-ngram-batch": "rds-spec-threshold-ngram", "rds-spec-ngram-batch": "rds-spec-ngram"}
 
 
@@ -184,6 +185,9 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="none", monitor=False))
             elif name == "rds-exact":
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold", drafter="none"))
+            elif name in ("rds-lazy", "rds-lazy-batch"):  # exact RDS, candidates scored only where flagged
+                d = Defender.load(lm=lm, defense="rds", rule="threshold", drafter="lazy")
+                runners[name] = (_batch_runner if name.endswith("-batch") else _defender_runner)(d)
             elif name == "rds-batch":
                 runners[name] = _batch_runner(Defender.load(lm=lm, defense="rds", rule="threshold", drafter="none"))
             elif name == "rds-expert-batch":

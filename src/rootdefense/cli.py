@@ -414,18 +414,23 @@ def draft():
 
 @draft.command("train")
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--prompts", type=int, default=240, show_default=True, help="ShareGPT prompts (fit split) answered")
-@click.option("--answer-tokens", type=int, default=128, show_default=True)
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--data", "source", type=click.Choice(["reference", "self"]), default="reference", show_default=True,
+              help="reference: one teacher-forced forward over each ShareGPT answer (as EAGLE trains; fast); "
+                   "self: the model decodes its own answers (slow)")
+@click.option("--prompts", type=int, default=1500, show_default=True, help="ShareGPT conversations (fit split)")
+@click.option("--answer-tokens", type=int, default=256, show_default=True)
+@click.option("--val-prompts", type=int, default=24, show_default=True,
+              help="--data reference: held-out prompts (val split) the model answers itself, to measure acceptance")
+@click.option("--epochs", type=int, default=6, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--draft-vocab", type=int, default=8192, show_default=True, help="tokens the head may propose")
-@click.option("--fresh-data", is_flag=True, help="decode the answers again even when a matching set is saved")
+@click.option("--fresh-data", is_flag=True, help="make the data again even when a matching set is saved")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's draft-head cache")
-def draft_train(model, prompts, answer_tokens, epochs, lr, draft_vocab, fresh_data, out):
-    """Self-distil a one-layer draft head (EAGLE-style) from the model's own answers.
+def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, draft_vocab, fresh_data, out):
+    """Fit a one-layer draft head (EAGLE-style) on the model's own features and greedy tokens.
 
-    The answers and features are saved beside the head (distill-*.safetensors), so training
-    again with other epochs or learning rate reuses them."""
+    The data (features and the model's greedy choices) is saved beside the head
+    (distill-*.safetensors), so training again with other epochs or learning rate reuses it."""
     from pathlib import Path
 
     from .data.loaders import load_dataset
@@ -435,35 +440,59 @@ def draft_train(model, prompts, answer_tokens, epochs, lr, draft_vocab, fresh_da
         distillation_data,
         head_dir,
         head_meta,
-        load_rows,
+        reference_data,
         save_head,
-        save_rows,
         train_head,
     )
     from .models import load_model
 
+    if val_prompts < 1:
+        raise InputError("--val-prompts must be positive")
     spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab, lr=lr)
     lm = load_model(model)
     folder = Path(out or head_dir(lm.model_id))
-    texts = [e.prompt for e in load_dataset("sharegpt") if split_of(e.prompt) == "fit"][:spec.prompts]
-    data_meta = {"model_id": lm.model_id, "prompts": len(texts), "answer_tokens": spec.answer_tokens,
-                 "source": "sharegpt fit split, the target's greedy answers"}
-    data_path = folder / f"distill-{len(texts)}x{spec.answer_tokens}.safetensors"
+    sharegpt = load_dataset("sharegpt")
+    fit = [e for e in sharegpt if split_of(e.prompt) == "fit"][:spec.prompts]
     t0 = time.perf_counter()
-    rows = None if fresh_data else load_rows(data_path, data_meta)
-    if rows is not None:
-        click.echo(f"reusing the saved answers and features: {data_path}")
-        gen_s = None
+    if source == "reference":
+        rows, made = _saved_rows(folder / f"distill-ref-{len(fit)}x{spec.answer_tokens}.safetensors",
+                                 {"model_id": lm.model_id, "prompts": len(fit), "answer_tokens": spec.answer_tokens,
+                                  "source": "sharegpt fit split, reference answers, teacher-forced"},
+                                 lambda: reference_data(lm, spec, [(e.prompt, e.answer) for e in fit]), fresh_data)
+        held = [e.prompt for e in sharegpt if split_of(e.prompt) == "val"][:val_prompts]
+        val_spec = HeadSpec(prompts=len(held), answer_tokens=min(spec.answer_tokens, 128))
+        val, _ = _saved_rows(folder / f"distill-val-{len(held)}x{val_spec.answer_tokens}.safetensors",
+                             {"model_id": lm.model_id, "prompts": len(held), "answer_tokens": val_spec.answer_tokens,
+                              "source": "sharegpt val split, the target's greedy answers"},
+                             lambda: distillation_data(lm, val_spec, held), fresh_data)
     else:
-        rows = distillation_data(lm, spec, texts, log=click.echo)
-        gen_s = round(time.perf_counter() - t0, 1)
-        save_rows(rows, data_path, data_meta)
-    head, metrics = train_head(lm, spec, rows, log=click.echo)
+        texts = [e.prompt for e in fit]
+        rows, made = _saved_rows(folder / f"distill-{len(texts)}x{spec.answer_tokens}.safetensors",
+                                 {"model_id": lm.model_id, "prompts": len(texts), "answer_tokens": spec.answer_tokens,
+                                  "source": "sharegpt fit split, the target's greedy answers"},
+                                 lambda: distillation_data(lm, spec, texts, log=click.echo), fresh_data)
+        val = None
+    gen_s = round(time.perf_counter() - t0, 1) if made else None
+    head, metrics = train_head(lm, spec, rows, log=click.echo, val=val)
     metrics["data_seconds"] = gen_s
-    folder = save_head(head, folder, head_meta(lm, spec, metrics, len(texts)))
-    click.echo(f"draft head saved: {folder} ({len(texts)} prompts, {metrics['fit_tokens']} answer tokens; "
+    folder = save_head(head, folder, head_meta(lm, spec, metrics, len(fit), source))
+    click.echo(f"draft head saved: {folder} ({len(fit)} prompts, {metrics['fit_tokens']} answer tokens; "
                f"data {gen_s if gen_s is not None else 'reused'} s, training {metrics['seconds']} s; held-out "
                f"top-1 {metrics['val_top1']:.2f}, mean accepted of 4: {metrics['val_mean_accepted_of_4']})")
+
+
+def _saved_rows(path, meta: dict, make, fresh: bool = False) -> tuple[list[dict], bool]:
+    """Distillation rows saved at ``path`` with metadata ``meta``, or made (and saved) now;
+    and whether they were made."""
+    from .drafting.head import load_rows, save_rows
+
+    rows = None if fresh else load_rows(path, meta)
+    if rows is not None:
+        click.echo(f"reusing the saved distillation data: {path}")
+        return rows, False
+    rows = make()
+    save_rows(rows, path, meta)
+    return rows, True
 
 
 @cli.group(cls=Group)

@@ -1,6 +1,8 @@
 """Drafters by name, as users and configs spell them.
 
 - ``none``: no speculation (one token per forward).
+- ``lazy``: no drafts, but the speculative loop: candidates are scored only where the
+  model's own token is flagged (threshold rule), not at every step. Same answers as ``none``.
 - ``ngram``: prompt lookup, no training.
 - ``model:NAME``: a small causal LM sharing the target's tokenizer (embedded name, hub id
   or local folder), loaded with the target's dtype and device.
@@ -13,11 +15,11 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from .base import Drafter
+from .base import Drafter, NoDrafter
 from .model import DraftModelDrafter
 from .ngram import PromptLookupDrafter
 
-DRAFTER_NAMES = ("none", "auto", "ngram", "head", "head:FOLDER", "model:NAME")
+DRAFTER_NAMES = ("none", "lazy", "auto", "ngram", "head", "head:FOLDER", "model:NAME")
 HEAD_MIN_ACCEPTED = 1.0  # held-out tokens accepted of 4 for ``auto`` to prefer the head over prompt lookup
 
 
@@ -37,7 +39,7 @@ def head_pays(folder) -> bool:
 
 
 def check_drafter_name(name: str | None) -> None:
-    if name is None or name in ("none", "auto", "ngram", "head"):
+    if name is None or name in ("none", "lazy", "auto", "ngram", "head"):
         return
     for prefix in ("model:", "head:"):
         if name.startswith(prefix) and name[len(prefix):].strip():
@@ -57,6 +59,8 @@ def make_drafter(name: str | None, lm) -> Drafter | None:
         return HeadDrafter(lm.model, load_head(folder, lm)[0]) if head_pays(folder) else PromptLookupDrafter()
     if name == "ngram":
         return PromptLookupDrafter()
+    if name == "lazy":
+        return NoDrafter()
     if name == "head" or name.startswith("head:"):
         folder = head_dir(lm.model_id) if name == "head" else name[len("head:"):].strip()
         return HeadDrafter(lm.model, load_head(folder, lm)[0])

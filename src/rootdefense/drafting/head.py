@@ -287,9 +287,37 @@ def distillation_data(lm, spec: HeadSpec, prompts: list[str], log=print) -> list
                            reserve=spec.answer_tokens) for p in chunk]
         for p_ids, gen in zip(ids, decoder.generate(ids, cfg), strict=True):
             seq = torch.cat([p_ids[0], torch.tensor(gen.token_ids, dtype=torch.long)])
-            out = lm.model(input_ids=seq[None].to(lm.device), output_hidden_states=True)
-            rows.append({"ids": seq, "features": out.hidden_states[-1][0].float().cpu(),
-                         "prompt_len": int(p_ids.shape[1])})
+            rows.append(_features_row(lm, seq, int(p_ids.shape[1])))
+    return rows
+
+
+def _features_row(lm, seq: torch.Tensor, prompt_len: int) -> dict:
+    """One teacher-forced target forward over ``seq``: its final features and, at every
+    position, the token the target itself would emit next (its greedy choice)."""
+    out = lm.model(input_ids=seq[None].to(lm.device), output_hidden_states=True)
+    return {"ids": seq, "features": out.hidden_states[-1][0].float().cpu(), "prompt_len": prompt_len,
+            "greedy": out.logits[0].argmax(-1).cpu()}
+
+
+@torch.no_grad()
+def reference_data(lm, spec: HeadSpec, pairs: list[tuple[str, str]], log=print) -> list[dict]:
+    """Teacher-forced distillation data, as EAGLE trains: one target forward over each
+    prompt + reference answer (ShareGPT's own), up to ``answer_tokens`` answer tokens. The
+    features are the target's and the token targets its greedy choices at each position, so
+    the head learns the target, not the reference's author. A forward per answer instead of
+    a decode per token: about 50 times more tokens per second than :func:`distillation_data`."""
+    from tqdm.auto import tqdm
+
+    from ..models import encode_chat
+
+    rows = []
+    for prompt, answer in tqdm(pairs, desc="draft head: target features", unit="answer"):
+        p_ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}])
+        a_ids = lm.tokenizer(answer, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        a_ids = a_ids[:spec.answer_tokens]
+        if a_ids.numel() < 4 or p_ids.shape[1] + a_ids.numel() > lm.max_context:
+            continue
+        rows.append(_features_row(lm, torch.cat([p_ids[0], a_ids]), int(p_ids.shape[1])))
     return rows
 
 
@@ -301,7 +329,8 @@ def save_rows(rows: list[dict], path: str | Path, meta: dict) -> Path:
     lengths = torch.tensor([int(r["ids"].shape[0]) for r in rows], dtype=torch.long)
     tensors = {"ids": torch.cat([r["ids"] for r in rows]).long().contiguous(),
                "features": torch.cat([r["features"] for r in rows]).float().contiguous(),
-               "lengths": lengths, "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], dtype=torch.long)}
+               "lengths": lengths, "prompt_lens": torch.tensor([r["prompt_len"] for r in rows], dtype=torch.long),
+               "greedy": torch.cat([r["greedy"] for r in rows]).long().contiguous()}
     save_file(tensors, str(path), metadata={k: json.dumps(v) for k, v in meta.items()})
     return path
 
@@ -317,20 +346,23 @@ def load_rows(path: str | Path, meta: dict) -> list[dict] | None:
         saved = {k: json.loads(v) for k, v in (fh.metadata() or {}).items()}
         if saved != json.loads(json.dumps(meta)):
             return None
-        ids, feats = fh.get_tensor("ids"), fh.get_tensor("features")
+        if "greedy" not in fh.keys():  # noqa: SIM118 (safe_open has no __contains__); saved before greedy targets
+            return None
+        ids, feats, greedy = fh.get_tensor("ids"), fh.get_tensor("features"), fh.get_tensor("greedy")
         lengths, prompt_lens = fh.get_tensor("lengths").tolist(), fh.get_tensor("prompt_lens").tolist()
     rows, start = [], 0
     for n, p in zip(lengths, prompt_lens, strict=True):
-        rows.append({"ids": ids[start:start + n], "features": feats[start:start + n], "prompt_len": int(p)})
+        rows.append({"ids": ids[start:start + n], "features": feats[start:start + n], "prompt_len": int(p),
+                     "greedy": greedy[start:start + n]})
         start += n
     return rows
 
 
 def pick_vocab(rows: list[dict], size: int, vocab_size: int) -> torch.Tensor:
-    """The ``size`` tokens the target used most in its answers (ids sorted)."""
+    """The ``size`` tokens the target chose most often in its answers (ids sorted)."""
     counts = torch.zeros(vocab_size, dtype=torch.long)
     for r in rows:
-        counts += torch.bincount(r["ids"][r["prompt_len"]:], minlength=vocab_size)[:vocab_size]
+        counts += torch.bincount(r["greedy"][r["prompt_len"] - 1:], minlength=vocab_size)[:vocab_size]
     order = torch.argsort(counts, descending=True)[:min(size, vocab_size)]
     return torch.sort(order).values
 
@@ -348,13 +380,18 @@ def _windows(rows: list[dict], window: int):
     return out
 
 
-def train_head(lm, spec: HeadSpec, rows: list[dict], log=print) -> tuple[DraftHead, dict]:
-    """Fit a head on distillation ``rows``; the last 10% of prompts are held out for the
-    acceptance estimate (greedy top-1 agreement of chained drafts)."""
+def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
+               val: list[dict] | None = None) -> tuple[DraftHead, dict]:
+    """Fit a head on distillation ``rows``; the acceptance estimate (greedy top-1 agreement
+    of chained drafts) is taken on ``val`` (the target's own answers to other prompts), or on
+    the last 10% of ``rows`` held out."""
     torch.manual_seed(spec.seed)
     vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
-    n_val = max(1, len(rows) // 10) if len(rows) > 1 else 0
-    fit, val = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
+    if val is None:
+        n_val = max(1, len(rows) // 10) if len(rows) > 1 else 0
+        fit, val = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
+    else:
+        fit = rows
     head = DraftHead(lm.model, pick_vocab(fit, spec.draft_vocab, vocab_size)).to(lm.device).float().train()
     remap = torch.full((vocab_size,), -100, dtype=torch.long)
     remap[head.vocab_ids] = torch.arange(head.vocab_ids.numel())
@@ -399,9 +436,8 @@ def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, devic
         feats[i, :n] = r["features"][start:end - 1]
         nxt[i, :n] = r["ids"][start + 1:end]
         tgt_f[i, :n] = r["features"][start + 1:end]
-        # the token after each predicted position (the target's greedy choice in its answer)
-        after = torch.full((n,), -100, dtype=torch.long)
-        after[:n - 1] = remap[r["ids"][start + 2:end]]
+        # the token the target emits after each predicted position (its greedy choice)
+        after = remap[r["greedy"][start + 1:end]].clone()
         after[: max(0, r["prompt_len"] - 1 - start)] = -100  # learn to draft answers, not prompts
         tgt_t[i, :n] = after
         pad[i, :n] = 1
@@ -434,10 +470,14 @@ def _acceptance(head, val, embed, rotary, lm, k: int = 4) -> dict:
                 pos = torch.arange(start, start + f.shape[1], device=lm.device)[None]
                 pred = head(f, embed(nxt)[None].float(), pos, rotary)
                 tok = int(head.vocab_ids[torch.argmax(draft_logits(head, lm.model, pred[0, -1]).float())])
+                want = int(r["greedy"][t + step])  # the target's own next token
                 if step == 0:
-                    hits1 += tok == int(ids[t + 1])
+                    hits1 += tok == want
                     total1 += 1
-                if tok != int(ids[t + 1 + step]):
+                if tok != want:
+                    break
+                if int(ids[t + 1 + step]) != want:  # the text leaves the target's own path
+                    ok += 1
                     break
                 ok += 1
                 f = torch.cat([f, pred[:, -1:]], dim=1)
@@ -447,8 +487,12 @@ def _acceptance(head, val, embed, rotary, lm, k: int = 4) -> dict:
             f"val_mean_accepted_of_{k}": round(chain_sum / max(1, chains), 3)}
 
 
-def head_meta(lm, spec: HeadSpec, metrics: dict, n_prompts: int) -> dict:
+DATA_SOURCES = {"self": "sharegpt (fit split) prompts, the target's own greedy answers",
+                "reference": "sharegpt (fit split) prompts and reference answers, teacher-forced through the target; "
+                             "token targets are the target's greedy choices"}
+
+
+def head_meta(lm, spec: HeadSpec, metrics: dict, n_prompts: int, source: str = "self") -> dict:
     return {"model_id": lm.model_id, "hidden_size": lm.hidden_size,
             "vocab_size": int(lm.model.get_output_embeddings().weight.shape[0]),
-            "spec": asdict(spec), "data": {"source": "sharegpt (fit split), the target's own greedy answers",
-                                           "prompts": n_prompts}, "train": metrics}
+            "spec": asdict(spec), "data": {"source": DATA_SOURCES[source], "prompts": n_prompts}, "train": metrics}
