@@ -105,6 +105,46 @@ def test_head_drafts_change_no_token(trained):
     assert accepted > 0  # the head learnt the tiny model's (repetitive) answers
 
 
+def _uncached_chain(drafter, context, k):
+    """The chain the head drafts when it recomputes every position from the start (its
+    training forward), for comparison with the cached drafter."""
+    head, n = drafter.head, len(context) - 1
+    feats = torch.stack([drafter.features[(p, context[p])] for p in range(n)])[None]
+    nxt = torch.tensor(context[1:n + 1])
+    out = []
+    for _ in range(k):
+        pos = torch.arange(feats.shape[1])[None]
+        pred = head(feats, drafter.embed(nxt)[None], pos, drafter.rotary)[0, -1]
+        tok = int(head.vocab_ids[torch.argmax(pred @ drafter.lm_rows.T)])
+        out.append(tok)
+        feats = torch.cat([feats, pred[None, None]], dim=1)
+        nxt = torch.cat([nxt, torch.tensor([tok])])
+    return out
+
+
+@torch.no_grad()
+def test_cached_head_drafts_what_a_full_recompute_drafts(trained):
+    """Round after round (drafts rejected, context grown), the head's own cache gives the
+    chain a recompute over the whole context gives."""
+    lm, folder, _ = trained
+    head, _ = load_head(folder, lm)
+    drafter = HeadDrafter(lm.model, head, window=1000)
+    try:
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
+        gen = SpeculativeDecoder(lm.model, lm.tokenizer, drafter, max_draft=3).generate(
+            ids, GenerationConfig(max_new_tokens=20))
+        assert gen.timings["rounds"] > 3
+        context = ids[0].tolist() + gen.token_ids[:-1]  # every token but the last was forwarded
+        while (len(context) - 2, context[-2]) not in drafter.features:
+            context.pop()
+        got = drafter.propose(context, 4)
+        assert got == _uncached_chain(drafter, context, len(got)) and len(got) >= 1
+        shorter = context[:-3]  # a rollback: the cache drops what no longer matches
+        assert drafter.propose(shorter, 3) == _uncached_chain(drafter, shorter, 3)
+    finally:
+        drafter.close()
+
+
 def test_head_for_another_target_or_mismatched_files_is_refused(trained, tmp_path):
     lm, folder, _ = trained
     other = LoadedModel(lm.model, lm.tokenizer, "another-model", torch.float32, torch.device("cpu"))

@@ -54,7 +54,7 @@ from .errors import InputError
 METHODS = ("hf-generate", "hf-prompt-lookup", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
            "rds-expert-exact", "rds-spec-ngram", "rds-spec-head", "rds-spec-model", "rds-spec-threshold-ngram",
            "rds-spec-threshold-head", "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch",
-           "rds-spec-ngram-batch", "rds-lazy", "rds-lazy-batch")
+           "rds-spec-ngram-batch", "rds-lazy", "rds-lazy-batch", "rds-spec-threshold-ngram+head")
 DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "plain", "plain-spec-head", "rds-exact", "rds-expert-exact",
                    "rds-spec-ngram", "rds-spec-head", "rds-spec-threshold-ngram", "rds-spec-threshold-head",
                    "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch", "rds-spec-ngram-batch",
@@ -200,7 +200,7 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
             elif name == "plain-spec-head":
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="none", monitor=False, drafter="head",
                                                                max_draft=spec.max_draft))
-            elif name in ("rds-spec-threshold-ngram", "rds-spec-threshold-head"):
+            elif name in ("rds-spec-threshold-ngram", "rds-spec-threshold-head", "rds-spec-threshold-ngram+head"):
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold",
                                                                drafter=name.rsplit("-", 1)[1],
                                                                max_draft=spec.max_draft))

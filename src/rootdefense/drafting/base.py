@@ -50,3 +50,46 @@ class NoDrafter(Drafter):
 
     def fresh(self) -> NoDrafter:
         return NoDrafter()
+
+
+class FirstOfDrafter(Drafter):
+    """Asks its drafters in order and takes the first non-empty proposal; only the drafter
+    that proposed hears how much of it was accepted. Prompt lookup first and the draft head
+    after it: copies cost nothing to find and are often long, the head covers the rest."""
+
+    def __init__(self, drafters: list[Drafter]):
+        if not drafters:
+            raise ValueError("FirstOfDrafter needs at least one drafter")
+        self.drafters = list(drafters)
+        self.name = "+".join(d.name for d in self.drafters)
+        self.needs_target_features = any(getattr(d, "needs_target_features", False) for d in self.drafters)
+        self._last: Drafter | None = None
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        self._last = None
+        for d in self.drafters:
+            draft = d.propose(context, k)
+            if draft:
+                self._last = d
+                return draft
+        return []
+
+    def accepted(self, n_proposed: int, n_accepted: int) -> None:
+        if self._last is not None:
+            self._last.accepted(n_proposed, n_accepted)
+
+    def reset(self) -> None:
+        self._last = None
+        for d in self.drafters:
+            d.reset()
+
+    def fresh(self) -> FirstOfDrafter:
+        return FirstOfDrafter([d.fresh() for d in self.drafters])
+
+    def close(self) -> None:
+        for d in self.drafters:
+            if hasattr(d, "close"):
+                d.close()
+
+    def describe(self) -> dict:
+        return {"drafter": self.name, "parts": [d.describe() for d in self.drafters]}

@@ -7,6 +7,7 @@
 - ``model:NAME``: a small causal LM sharing the target's tokenizer (embedded name, hub id
   or local folder), loaded with the target's dtype and device.
 - ``head`` / ``head:FOLDER``: the model's trained draft head (``rootdefense draft train``).
+- ``ngram+head``: prompt lookup where the context offers a copy, the draft head elsewhere.
 - ``auto``: the model's draft head when one is trained and its held-out acceptance is at
   least ``HEAD_MIN_ACCEPTED`` tokens of 4 (a weaker head costs more than it saves), else
   prompt lookup (so nothing ever waits for a training). The tuned defaults draft with it.
@@ -15,11 +16,11 @@
 from __future__ import annotations
 
 from ..errors import InputError
-from .base import Drafter, NoDrafter
+from .base import Drafter, FirstOfDrafter, NoDrafter
 from .model import DraftModelDrafter
 from .ngram import PromptLookupDrafter
 
-DRAFTER_NAMES = ("none", "lazy", "auto", "ngram", "head", "head:FOLDER", "model:NAME")
+DRAFTER_NAMES = ("none", "lazy", "auto", "ngram", "head", "ngram+head", "head:FOLDER", "model:NAME")
 HEAD_MIN_ACCEPTED = 1.0  # held-out tokens accepted of 4 for ``auto`` to prefer the head over prompt lookup
 
 
@@ -39,7 +40,7 @@ def head_pays(folder) -> bool:
 
 
 def check_drafter_name(name: str | None) -> None:
-    if name is None or name in ("none", "lazy", "auto", "ngram", "head"):
+    if name is None or name in ("none", "lazy", "auto", "ngram", "head", "ngram+head"):
         return
     for prefix in ("model:", "head:"):
         if name.startswith(prefix) and name[len(prefix):].strip():
@@ -61,6 +62,8 @@ def make_drafter(name: str | None, lm) -> Drafter | None:
         return PromptLookupDrafter()
     if name == "lazy":
         return NoDrafter()
+    if name == "ngram+head":
+        return FirstOfDrafter([PromptLookupDrafter(), HeadDrafter(lm.model, load_head(head_dir(lm.model_id), lm)[0])])
     if name == "head" or name.startswith("head:"):
         folder = head_dir(lm.model_id) if name == "head" else name[len("head:"):].strip()
         return HeadDrafter(lm.model, load_head(folder, lm)[0])

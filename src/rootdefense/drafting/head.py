@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import paths
+from ..decoding.verify import crop_to
 from ..errors import InputError, ModelError
 from .base import Drafter
 
@@ -68,6 +69,7 @@ class DraftHead(nn.Module):
         self.norm = type(decoder.norm)(h, eps=getattr(cfg, "rms_norm_eps", 1e-6))
         self.register_buffer("vocab_ids", vocab_ids.long().clone())
         self.hidden_size = h
+        self.config = cfg
 
     def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, position_ids: torch.Tensor,
                 rotary, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,6 +84,21 @@ class DraftHead(nn.Module):
         mask = torch.zeros(b, 1, t, t, dtype=x.dtype, device=x.device)
         mask.masked_fill_(~allowed[:, None], torch.finfo(x.dtype).min)
         out = self.layer(x, attention_mask=mask, position_ids=position_ids,
+                         position_embeddings=rotary(x, position_ids))
+        out = out[0] if isinstance(out, tuple) else out
+        return self.norm(out)
+
+
+    def extend(self, features: torch.Tensor, next_embeds: torch.Tensor, position_ids: torch.Tensor, rotary,
+               cache) -> torch.Tensor:
+        """:meth:`forward` for new positions after those in ``cache`` (a one-layer cache the
+        call extends): ``features``, ``next_embeds`` (1, T, H) at ``position_ids`` (1, T)."""
+        x = self.fc(torch.cat([features, next_embeds], dim=-1))
+        t, past = x.shape[1], cache.get_seq_length()
+        allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        mask = torch.zeros(1, 1, t, past + t, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~allowed[None, None], torch.finfo(x.dtype).min)
+        out = self.layer(x, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
                          position_embeddings=rotary(x, position_ids))
         out = out[0] if isinstance(out, tuple) else out
         return self.norm(out)
@@ -144,24 +161,32 @@ def load_head(folder: str | Path, lm) -> tuple[DraftHead, dict]:
 
 
 class HeadDrafter(Drafter):
-    """Greedy chains from a :class:`DraftHead`, fed by the target's recorded features."""
+    """Greedy chains from a :class:`DraftHead`, fed by the target's recorded features.
+
+    The head keeps its own key/value cache: each round it reads only the target features
+    that are new since the last round (the tokens just verified) and drafts one token per
+    one-position step. Drafted (predicted) entries are dropped from the cache before the
+    next round; when the cache spans more than ``2 * window`` positions it is rebuilt from
+    the last ``window`` (the head was trained on windows of that order)."""
 
     name = "draft-head"
     needs_target_features = True  # batched decoders cannot feed it
 
-    def __init__(self, target, head: DraftHead, window: int = 24, max_k: int = 6, start_k: int = 4):
+    def __init__(self, target, head: DraftHead, window: int = 48, max_k: int = 6, start_k: int = 4):
         if not 1 <= start_k <= max_k:
             raise InputError(f"need 1 <= start_k <= max_k, got {start_k} and {max_k}")
+        if window < 1:
+            raise InputError(f"window must be >= 1, got {window}")
         self.target, self.head, self.window, self.max_k, self.start_k = target, head, window, max_k, start_k
         decoder = _decoder(target)
         self.rotary, self.embed = decoder.rotary_emb, target.get_input_embeddings()
+        # the LM head rows of the draft vocabulary, gathered once
+        self.lm_rows = target.get_output_embeddings().weight.detach()[head.vocab_ids].to(head.fc.weight.dtype)
         self.features: dict[tuple[int, int], torch.Tensor] = {}
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._hooks = [decoder.register_forward_pre_hook(self._see_inputs, with_kwargs=True),
                        decoder.norm.register_forward_hook(self._see_features)]
         self.reset()
-
-    # the target's forwards -------------------------------------------------------------
 
     def _see_inputs(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -181,7 +206,7 @@ class HeadDrafter(Drafter):
         ids, pos = self._pending
         self._pending = None
         feats = output[0].detach()
-        keep = pos >= pos.max() - (self.window + 64)  # only recent positions can be asked for
+        keep = pos >= pos.max() - (2 * self.window + 64)  # only recent positions can be asked for
         for p, t, f in zip(pos[keep].tolist(), ids[keep].tolist(), feats[keep], strict=True):
             self.features[(p, t)] = f
 
@@ -195,6 +220,23 @@ class HeadDrafter(Drafter):
     def reset(self) -> None:
         self.k = self.start_k
         self.features.clear()
+        self._restart(0)
+
+    def _restart(self, start: int) -> None:
+        from transformers import DynamicCache
+
+        self._cache = DynamicCache(config=self.head.config)
+        self._start = start  # the position of the cache's first entry
+        self._keys: list[tuple[int, int]] = []  # (token at p, token at p + 1) of the true entries, in order
+
+    def _step(self, feats: torch.Tensor, next_ids: list[int], first: int) -> torch.Tensor:
+        """Extend the head's cache by positions ``first..`` (features ``feats`` (T, H) and
+        the tokens after them); the predicted feature after the last."""
+        dtype, device = self.head.fc.weight.dtype, feats.device
+        nxt = torch.tensor(next_ids, device=device)
+        pos = torch.arange(first, first + len(next_ids), device=device)[None]
+        pred = self.head.extend(feats[None].to(dtype), self.embed(nxt)[None].to(dtype), pos, self.rotary, self._cache)
+        return pred[0, -1]
 
     @torch.no_grad()
     def propose(self, context: list[int], k: int) -> list[int]:
@@ -204,35 +246,49 @@ class HeadDrafter(Drafter):
         n = len(context) - 1  # positions 0..n-1 were forwarded; context[n] is the pending own token
         if k < 1 or n < 1:
             return []
-        start = max(0, n - self.window)
+        # keep the cached true entries that still match the context; drop drafted ones
+        keep = 0
+        for i, (tok, nxt) in enumerate(self._keys):
+            p = self._start + i
+            if p >= n or context[p] != tok or context[p + 1] != nxt:
+                break
+            keep += 1
+        if keep == 0 or n - self._start > 2 * self.window:
+            self._restart(max(0, n - self.window))
+        else:
+            del self._keys[keep:]
+            crop_to(self._cache, keep)
+        first = self._start + len(self._keys)
         feats = []
-        for p in range(start, n):
+        for p in range(first, n):
             f = self.features.get((p, context[p]))
-            if f is None:
-                start = p + 1  # only a gap-free recent run of features is usable
-                feats = []
+            if f is None:  # only a gap-free run of features is usable: start again after the gap
+                self._restart(p + 1)
+                first, feats = p + 1, []
                 continue
             feats.append(f)
-        if not feats:
+        if not feats and not self._keys:
             return []
         self._prune(n)
-        device = feats[0].device
-        f = torch.stack(feats)[None]  # (1, T, H): features at positions start..n-1
-        nxt = torch.tensor(context[start + 1:n + 1], device=device)  # the token after each
+        if feats:
+            pred = self._step(torch.stack(feats), context[first + 1:n + 1], first)
+            self._keys.extend((context[p], context[p + 1]) for p in range(first, n))
+        else:  # nothing new since the last round (the own token was not forwarded yet): redo the last
+            self._keys.pop()
+            crop_to(self._cache, len(self._keys))
+            pred = self._step(self.features[(n - 1, context[n - 1])][None], [context[n]], n - 1)
+            self._keys.append((context[n - 1], context[n]))
         draft: list[int] = []
-        for _ in range(k):
-            pos = torch.arange(start, start + f.shape[1], device=device)[None]
-            pred = self.head(f.to(self.head.fc.weight.dtype), self.embed(nxt)[None].to(self.head.fc.weight.dtype),
-                             pos, self.rotary)
-            token = int(self.head.vocab_ids[torch.argmax(draft_logits(self.head, self.target, pred[0, -1]))])
+        for i in range(k):
+            token = int(self.head.vocab_ids[torch.argmax(pred.to(self.lm_rows.dtype) @ self.lm_rows.T)])
             draft.append(token)
-            f = torch.cat([f, pred[:, -1:].to(f.dtype)], dim=1)
-            nxt = torch.cat([nxt, torch.tensor([token], device=device)])
+            if i + 1 < k:
+                pred = self._step(pred[None], [token], n + i)
         return draft
 
     def _prune(self, n: int) -> None:
-        low = n - self.window - 64
-        if len(self.features) > 4 * (self.window + 64) * 8:
+        low = n - 2 * self.window - 64
+        if len(self.features) > 4 * (2 * self.window + 64) * 8:
             self.features = {key: v for key, v in self.features.items() if key[0] >= low}
 
     def accepted(self, n_proposed: int, n_accepted: int) -> None:
