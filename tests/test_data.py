@@ -14,12 +14,14 @@ from rootdefense.data import (
     Example,
     answer_pair_datasets,
     dataset_table,
+    imperative,
     imperative_prompts,
     load_answer_pairs,
     load_dataset,
+    loaders,
     refusal_for,
+    refusals,
 )
-from rootdefense.data import imperative, loaders, refusals
 from rootdefense.errors import DataError
 
 # name -> (min rows, max rows) after de-duplication
@@ -238,7 +240,7 @@ def test_imperative_prompts_distinct_and_benign(loaded):
     # no imperative prompt is also a harmful prompt; no obviously harmful words
     harmful = {e.prompt.lower() for n in ("advbench", "harmbench", "manyshot") for e in loaded[n]}
     assert not {p.lower() for p in prompts} & harmful
-    banned = re.compile(r"\b(explosive|weapon|malware|steal|poison|murder|suicide|drugs?)\b", re.I)
+    banned = re.compile(r"\b(explosive|weapon|malware|steal|poison|murder|suicide|drugs?)\b", re.IGNORECASE)
     assert not [p for p in prompts if banned.search(p)]
 
 

@@ -7,7 +7,13 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from rootdefense.decoding import Decoder, GenerationConfig, PaperRule, ThresholdRule, WeightedRule
+from rootdefense.decoding import (
+    Decoder,
+    GenerationConfig,
+    PaperRule,
+    ThresholdRule,
+    WeightedRule,
+)
 from rootdefense.decoding.candidates import forward_candidates, keep_candidate, prefill
 from rootdefense.decoding.rules import Candidates
 from rootdefense.errors import InputError

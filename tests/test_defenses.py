@@ -8,15 +8,23 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, make_tokenizer
+
 from rootdefense import api
 from rootdefense.decoding import Decoder, GenerationConfig
 from rootdefense.errors import ExpertError, InputError, ProbeError
 from rootdefense.evaluation.base import AttackedPrompt, EvalContext
-from rootdefense.evaluation.defenses import (DEFENSES, REMINDER_SYSTEM, REMINDER_USER, SafeDecodingGeneration,
-                                             add_reminders, make_defense, release_expert, safedecoding_choice,
-                                             top_k_intersection)
+from rootdefense.evaluation.defenses import (
+    DEFENSES,
+    REMINDER_SYSTEM,
+    REMINDER_USER,
+    SafeDecodingGeneration,
+    add_reminders,
+    make_defense,
+    release_expert,
+    safedecoding_choice,
+    top_k_intersection,
+)
 from rootdefense.expert import expert_dir
 from rootdefense.models import encode_chat, normalize_messages
 from rootdefense.models.loading import LoadedModel

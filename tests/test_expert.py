@@ -7,8 +7,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, make_tokenizer
+
 from rootdefense.errors import ExpertError, InputError
 from rootdefense.expert import ExpertSpec, load_expert, train_expert
 from rootdefense.models.loading import LoadedModel

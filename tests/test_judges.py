@@ -37,7 +37,11 @@ from rootdefense.evaluation.judging.llm import (
     judge_messages,
     parse_verdict,
 )
-from rootdefense.evaluation.judging.refusal import RefusalJudge, available_presets, preset_phrases
+from rootdefense.evaluation.judging.refusal import (
+    RefusalJudge,
+    available_presets,
+    preset_phrases,
+)
 
 # --------------------------------------------------------------------------- registry
 

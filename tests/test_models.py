@@ -7,7 +7,12 @@ import copy
 import pytest
 
 from rootdefense.errors import InputError, ModelError
-from rootdefense.models import encode_chat, load_model, normalize_messages, resolve_model_path
+from rootdefense.models import (
+    encode_chat,
+    load_model,
+    normalize_messages,
+    resolve_model_path,
+)
 
 
 def test_no_chat_template_is_named(tiny_tokenizer):

@@ -389,7 +389,7 @@ def test_page_renders_in_headless_chromium(tmp_path):
     rep = [a for a in spans if "rep" in _classes(a)]
     assert len(rep) == 2 and '"Sure"' in rep[0]["title"] and rep[0]["title"].startswith("model wanted")
 
-    m = re.search(r'<pre id="layout-probe">(.*?)</pre>', dom, re.S)
+    m = re.search(r'<pre id="layout-probe">(.*?)</pre>', dom, re.DOTALL)
     assert m, "layout probe did not run"
     import html as _html
     import json

@@ -167,12 +167,16 @@ class HeadDrafter(Drafter):
     that are new since the last round (the tokens just verified) and drafts one token per
     one-position step. Drafted (predicted) entries are dropped from the cache before the
     next round; when the cache spans more than ``2 * window`` positions it is rebuilt from
-    the last ``window`` (the head was trained on windows of that order)."""
+    the last ``window`` (the head was trained on windows of that order).
+
+    Chains are short by default (``max_k`` 2): on a CPU a verify forward over 4 new tokens
+    costs about 1.6x one token against 1.24x for 3 (``rootdefense bench``'s profile), and a
+    head whose first guess is right about half the time rarely gets a third token through."""
 
     name = "draft-head"
     needs_target_features = True  # batched decoders cannot feed it
 
-    def __init__(self, target, head: DraftHead, window: int = 48, max_k: int = 6, start_k: int = 4):
+    def __init__(self, target, head: DraftHead, window: int = 48, max_k: int = 2, start_k: int = 2):
         if not 1 <= start_k <= max_k:
             raise InputError(f"need 1 <= start_k <= max_k, got {start_k} and {max_k}")
         if window < 1:

@@ -5,5 +5,5 @@ tokens for correction, and the expert of the SafeDecoding baseline."""
 from .adapter import EXPERT_ADAPTER, ExpertInfo, expert_dir, load_expert
 from .train import ExpertSpec, build_examples, train_expert
 
-__all__ = ["EXPERT_ADAPTER", "ExpertInfo", "expert_dir", "load_expert", "ExpertSpec", "build_examples",
+__all__ = ["EXPERT_ADAPTER", "ExpertInfo", "ExpertSpec", "build_examples", "expert_dir", "load_expert",
            "train_expert"]

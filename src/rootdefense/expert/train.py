@@ -26,7 +26,7 @@ from ..probes.features import left_pad, prompt_ids, self_answers
 from .adapter import META
 
 REFUSAL_RE = re.compile(r"\b(I can(?:no|')t|I'm sorry|I am sorry|I won't|I will not|I'm not able|"
-                        r"I must decline|I'm unable|can't help|cannot help|not able to help)", re.I)
+                        r"I must decline|I'm unable|can't help|cannot help|not able to help)", re.IGNORECASE)
 
 
 @dataclass

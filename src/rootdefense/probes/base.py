@@ -39,7 +39,7 @@ class LinearProbe:
     def model_id(self) -> str | None:
         return self.meta.get("model_id")
 
-    def to(self, device) -> "LinearProbe":
+    def to(self, device) -> LinearProbe:
         self.weight = self.weight.to(device)
         return self
 
@@ -62,7 +62,7 @@ class LinearProbe:
         return folder
 
     @classmethod
-    def load(cls, path: str | Path) -> "LinearProbe":
+    def load(cls, path: str | Path) -> LinearProbe:
         folder = Path(path)
         if folder.is_file():
             folder = folder.parent

@@ -64,7 +64,7 @@ def evaluate_probe(lm, probe, limit: int | None = None) -> dict:
             "answer_flag_rate": per_answer,
             "edgy_token_fpr": rate(es, t),
             "edgy_answer_flag_rate": len(flagged) / max(len(edgy), 1),
-            "counts": {"answers": len(pairs), "tokens": int(len(y)), "edgy": len(edgy)},
+            "counts": {"answers": len(pairs), "tokens": len(y), "edgy": len(edgy)},
         })
     report["cross_dataset_tpr_at_training"] = probe.meta.get("metrics", {}).get("cross_tpr")
     return report

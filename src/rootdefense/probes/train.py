@@ -34,7 +34,7 @@ HARMFUL_SETS = ("advbench", "harmbench", "donotanswer", "uncensorbench")
 BENIGN_SETS = ("sharegpt", "mtbench", "gsm8k", "imperative")
 EDGY = "edgy"
 REFUSAL_RE = re.compile(r"\b(I can(?:no|')t|I'm sorry|I am sorry|I won't|I will not|As an AI|I'm not able|I apologi[sz]e)",
-                        re.I)
+                        re.IGNORECASE)
 
 
 @dataclass
@@ -239,7 +239,7 @@ def _train_response(lm, spec, harm, benign, edgy, t0, log):
     for p in pairs:
         counts[p[3]] = counts.get(p[3], 0) + 1
     meta = _meta(lm, spec, f"answer tokens (first {spec.answer_tokens})", layers[best], chosen, sweep,
-                 rows=int(len(y)), counts=counts, seconds=time.time() - t0)
+                 rows=len(y), counts=counts, seconds=time.time() - t0)
     meta["data"]["answers"] = {"sources": sorted(counts), "self_answer_tokens": spec.answer_tokens}
     meta["metrics"]["edgy_answer_flag_rate"] = chosen["edgy_answer_flag_rate"]
     probe = LinearProbe(torch.tensor(w, dtype=torch.float32), b, layers[best], chosen["threshold"], meta)

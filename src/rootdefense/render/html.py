@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable
 from html import escape
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-__all__ = ["render_trace_page", "write_trace_page", "harm_color"]
+__all__ = ["harm_color", "render_trace_page", "write_trace_page"]
 
 # Colour scale for harm in [0, 1]; the legend's gradient uses the same stops.
 _STOPS: tuple[tuple[float, tuple[int, int, int]], ...] = (
@@ -226,7 +227,7 @@ def _prompt_block(prompt: Any, cls: str = "prompt") -> str:
 
 def _entry(entry: dict, show_prompt: bool) -> str:
     trace = _trace_dict(entry.get("trace"))
-    steps = [s if isinstance(s, dict) else getattr(s, "to_dict", lambda: {})() for s in trace.get("steps") or []]
+    steps = [s if isinstance(s, dict) else getattr(s, "to_dict", dict)() for s in trace.get("steps") or []]
     summary = _summary({"summary": trace.get("summary"), "steps": steps})
     label = entry.get("label") or "answer"
     text = _clean(entry.get("text", ""))
