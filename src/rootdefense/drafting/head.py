@@ -15,9 +15,12 @@ and token id, from every target forward the decoder makes: prefill, verification
 scoring), so any decoder can use it unchanged; features of a context that changed (a
 rejected draft, a rollback) are dropped by position.
 
-``rootdefense draft train`` fits a head by self-distillation: the target answers ShareGPT
-prompts (fit split), and the head learns to predict the target's features and greedy
-tokens on those answers (smooth L1 on features + cross-entropy on tokens).
+``rootdefense draft train`` fits a head by distillation from the target: by default, as
+EAGLE does, one teacher-forced target forward over each ShareGPT (fit split) prompt +
+reference answer gives the target's features and its greedy choice at every position
+(:func:`reference_data`); or the target decodes its own answers (:func:`distillation_data`,
+slow). The head learns to predict the target's next feature and greedy token (smooth L1 on
+features + cross-entropy on tokens).
 """
 
 from __future__ import annotations
@@ -309,11 +312,11 @@ class HeadDrafter(Drafter):
 
 @dataclass
 class HeadSpec:
-    prompts: int = 240  # ShareGPT prompts (fit split) the target answers
-    answer_tokens: int = 128
-    draft_vocab: int = 8192  # most frequent answer tokens (plus every token seen, capped)
-    epochs: int = 3
-    lr: float = 1e-3
+    prompts: int = 1500  # ShareGPT conversations (fit split)
+    answer_tokens: int = 256
+    draft_vocab: int = 8192  # the tokens the target chose most often in the answers
+    epochs: int = 6
+    lr: float = 3e-3
     batch_size: int = 8
     window: int = 96  # training sequence length (tokens), ending inside the answer
     feature_weight: float = 1.0
