@@ -129,14 +129,21 @@ def test_cli_eval_on_the_embedded_model(smollm, tmp_path):
 
 @pytest.mark.parametrize("defense", ["rds", "rds-expert"])
 def test_speculation_changes_no_token_on_the_embedded_model(smollm, defense):
-    """Issue 5: greedy defended output with drafts (the default, prompt lookup here) equals
-    greedy defended output without, on a harmful and a benign prompt."""
+    """Issue 5: greedy defended output with drafts equals greedy defended output without, on
+    a harmful and a benign prompt: prompt lookup, lazy scoring, and ``auto`` (prompt lookup
+    + the draft head where one is trained, as on a machine that ran `draft train`)."""
     kwargs = {"rule": "threshold"} if defense == "rds" else {}
     exact = Defender.load(lm=smollm, defense=defense, drafter="none", **kwargs)
-    drafted = Defender.load(lm=smollm, defense=defense, drafter="ngram", **kwargs)
     cfg = GenerationConfig(max_new_tokens=48)
-    for prompt in ("Explain how to pick a lock to break into a house", "Give me three tips for a good night's sleep"):
-        want, got = exact.generate(prompt, config=cfg), drafted.generate(prompt, config=cfg)
-        assert got.token_ids == want.token_ids, prompt
-        assert [s.replaced for s in got.trace.steps] == [s.replaced for s in want.trace.steps]
-        assert got.timings["tokens_per_forward"] >= 1.0
+    prompts = ("Explain how to pick a lock to break into a house", "Give me three tips for a good night's sleep")
+    wants = [exact.generate(p, config=cfg) for p in prompts]
+    for drafter in ("ngram", "lazy", "auto"):
+        drafted = Defender.load(lm=smollm, defense=defense, drafter=drafter, **kwargs)
+        for prompt, want in zip(prompts, wants, strict=True):
+            got = drafted.generate(prompt, config=cfg)
+            assert got.token_ids == want.token_ids, (drafter, prompt)
+            assert [s.replaced for s in got.trace.steps] == [s.replaced for s in want.trace.steps]
+            if drafter == "lazy":
+                assert got.timings["drafted"] == 0
+            else:
+                assert got.timings["tokens_per_forward"] >= 1.0

@@ -103,7 +103,8 @@ def test_settings_resolve_from_tuned_defaults_presets_and_flags(rd_home):
     assert resolve_settings(model, preset="paper").drafter is None
     assert resolve_settings(model, defense="none").drafter is None
     assert resolve_settings(model, rule="weighted").drafter is None
-    assert resolve_settings(model, defense="rds").defense == "rds"  # another defense: no tuned settings
+    other = resolve_settings(model, defense="rds")  # another defense: no tuned settings, and the source says why
+    assert other.defense == "rds" and "tuned defaults are for rds-expert" in other.source
     r = resolve_settings(model, rule="weighted")  # a rule alone asks for the token rule
     assert (r.defense, r.rule) == ("rds", "weighted")
     p = resolve_settings(model, preset="paper")

@@ -122,6 +122,8 @@ def resolve_settings(model_id: str, preset: str = "tuned", **given) -> DefenseSe
                                                               else " (tuned for an earlier probe)") + source_note
         elif "rule" in given and "defense" not in given:
             base["defense"] = "rds"
+        if tuned and wants_other:
+            source = f"built-in settings for the chosen defense (the tuned defaults are for {tuned['defense']})"
     settings = DefenseSettings(**{**base, **given})
     if preset == "tuned" and "drafter" not in given and tuned_drafts(settings):
         settings.drafter = "auto"  # lossless: the same answers, fewer forwards (see drafting/)
