@@ -139,6 +139,7 @@ def test_cached_head_drafts_what_a_full_recompute_drafts(trained):
             context.pop()
         got = drafter.propose(context, 4)
         assert got == _uncached_chain(drafter, context, len(got)) and len(got) >= 1
+        assert drafter.propose(context, 4) == got  # asked again, nothing new: the same chain
         shorter = context[:-3]  # a rollback: the cache drops what no longer matches
         assert drafter.propose(shorter, 3) == _uncached_chain(drafter, shorter, 3)
     finally:

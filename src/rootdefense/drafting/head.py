@@ -281,9 +281,13 @@ class HeadDrafter(Drafter):
             pred = self._step(torch.stack(feats), context[first + 1:n + 1], first)
             self._keys.extend((context[p], context[p + 1]) for p in range(first, n))
         else:  # nothing new since the last round (the own token was not forwarded yet): redo the last
+            last = self.features.get((n - 1, context[n - 1]))
+            if last is None:
+                self._restart(n)
+                return []
             self._keys.pop()
             crop_to(self._cache, len(self._keys))
-            pred = self._step(self.features[(n - 1, context[n - 1])][None], [context[n]], n - 1)
+            pred = self._step(last[None], [context[n]], n - 1)
             self._keys.append((context[n - 1], context[n]))
         draft: list[int] = []
         for i in range(k):
