@@ -455,21 +455,18 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
     fit = [e for e in sharegpt if split_of(e.prompt) == "fit"][:spec.prompts]
     t0 = time.perf_counter()
     if source == "reference":
-        rows, made = _saved_rows(folder / f"distill-ref-{len(fit)}x{spec.answer_tokens}.safetensors",
-                                 {"model_id": lm.model_id, "prompts": len(fit), "answer_tokens": spec.answer_tokens,
-                                  "source": "sharegpt fit split, reference answers, teacher-forced"},
+        rows, made = _saved_rows(folder, "ref-", lm, len(fit), spec.answer_tokens,
+                                 "sharegpt fit split, reference answers, teacher-forced",
                                  lambda: reference_data(lm, spec, [(e.prompt, e.answer) for e in fit]), fresh_data)
         held = [e.prompt for e in sharegpt if split_of(e.prompt) == "val"][:val_prompts]
         val_spec = HeadSpec(prompts=len(held), answer_tokens=min(spec.answer_tokens, 128))
-        val, _ = _saved_rows(folder / f"distill-val-{len(held)}x{val_spec.answer_tokens}.safetensors",
-                             {"model_id": lm.model_id, "prompts": len(held), "answer_tokens": val_spec.answer_tokens,
-                              "source": "sharegpt val split, the target's greedy answers"},
+        val, _ = _saved_rows(folder, "val-", lm, len(held), val_spec.answer_tokens,
+                             "sharegpt val split, the target's greedy answers",
                              lambda: distillation_data(lm, val_spec, held), fresh_data)
     else:
         texts = [e.prompt for e in fit]
-        rows, made = _saved_rows(folder / f"distill-{len(texts)}x{spec.answer_tokens}.safetensors",
-                                 {"model_id": lm.model_id, "prompts": len(texts), "answer_tokens": spec.answer_tokens,
-                                  "source": "sharegpt fit split, the target's greedy answers"},
+        rows, made = _saved_rows(folder, "", lm, len(texts), spec.answer_tokens,
+                                 "sharegpt fit split, the target's greedy answers",
                                  lambda: distillation_data(lm, spec, texts, log=click.echo), fresh_data)
         val = None
     gen_s = round(time.perf_counter() - t0, 1) if made else None
@@ -481,11 +478,14 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
                f"top-1 {metrics['val_top1']:.2f}, mean accepted of 4: {metrics['val_mean_accepted_of_4']})")
 
 
-def _saved_rows(path, meta: dict, make, fresh: bool = False) -> tuple[list[dict], bool]:
-    """Distillation rows saved at ``path`` with metadata ``meta``, or made (and saved) now;
-    and whether they were made."""
+def _saved_rows(folder, kind: str, lm, prompts: int, answer_tokens: int, source: str, make,
+                fresh: bool = False) -> tuple[list[dict], bool]:
+    """Distillation rows saved in ``folder`` (``distill-{kind}{prompts}x{answer_tokens}``)
+    for the same model, sizes and source, or made (and saved) now; and whether they were made."""
     from .drafting.head import load_rows, save_rows
 
+    path = folder / f"distill-{kind}{prompts}x{answer_tokens}.safetensors"
+    meta = {"model_id": lm.model_id, "prompts": prompts, "answer_tokens": answer_tokens, "source": source}
     rows = None if fresh else load_rows(path, meta)
     if rows is not None:
         click.echo(f"reusing the saved distillation data: {path}")

@@ -26,6 +26,7 @@ DRAFTER_NAMES = ("none", "lazy", "auto", "ngram", "head", "ngram+head", "head:FO
 # (results/bench): a head at 0.38 made speculative RDS slower than no drafts; one at 0.72,
 # behind prompt lookup, made it faster than prompt lookup alone.
 HEAD_MIN_ACCEPTED = 0.6
+_PLAIN_NAMES = tuple(n for n in DRAFTER_NAMES if ":" not in n)  # the names without an argument
 
 
 def head_pays(folder) -> bool:
@@ -44,7 +45,7 @@ def head_pays(folder) -> bool:
 
 
 def check_drafter_name(name: str | None) -> None:
-    if name is None or name in ("none", "lazy", "auto", "ngram", "head", "ngram+head"):
+    if name is None or name in _PLAIN_NAMES:
         return
     for prefix in ("model:", "head:"):
         if name.startswith(prefix) and name[len(prefix):].strip():
@@ -60,10 +61,7 @@ def make_drafter(name: str | None, lm) -> Drafter | None:
     from .head import HeadDrafter, head_dir, load_head
 
     if name == "auto":
-        folder = head_dir(lm.model_id)
-        if not head_pays(folder):
-            return PromptLookupDrafter()
-        return FirstOfDrafter([PromptLookupDrafter(), HeadDrafter(lm.model, load_head(folder, lm)[0])])
+        return make_drafter("ngram+head" if head_pays(head_dir(lm.model_id)) else "ngram", lm)
     if name == "ngram":
         return PromptLookupDrafter()
     if name == "lazy":

@@ -84,13 +84,7 @@ class DraftHead(nn.Module):
         if pad_mask is not None:
             allowed = allowed & pad_mask.bool()[:, None, :]
             allowed = allowed | torch.eye(t, dtype=torch.bool, device=x.device)[None]  # no empty rows
-        mask = torch.zeros(b, 1, t, t, dtype=x.dtype, device=x.device)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(x.dtype).min)
-        out = self.layer(x, attention_mask=mask, position_ids=position_ids,
-                         position_embeddings=rotary(x, position_ids))
-        out = out[0] if isinstance(out, tuple) else out
-        return self.norm(out)
-
+        return self._attend(x, allowed, position_ids, rotary)
 
     def extend(self, features: torch.Tensor, next_embeds: torch.Tensor, position_ids: torch.Tensor, rotary,
                cache) -> torch.Tensor:
@@ -98,19 +92,19 @@ class DraftHead(nn.Module):
         call extends): ``features``, ``next_embeds`` (1, T, H) at ``position_ids`` (1, T)."""
         x = self.fc(torch.cat([features, next_embeds], dim=-1))
         t, past = x.shape[1], cache.get_seq_length()
-        allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        mask = torch.zeros(1, 1, t, past + t, dtype=x.dtype, device=x.device)
-        mask.masked_fill_(~allowed[None, None], torch.finfo(x.dtype).min)
-        out = self.layer(x, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
-                         position_embeddings=rotary(x, position_ids))
+        allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)[None]
+        return self._attend(x, allowed, position_ids, rotary, cache)
+
+    def _attend(self, x: torch.Tensor, allowed: torch.Tensor, position_ids: torch.Tensor, rotary,
+                cache=None) -> torch.Tensor:
+        """The decoder layer and norm over ``x`` (B, T, H); ``allowed`` (B, T, S) says which
+        of the S keys (cached, then these T) each position may attend to."""
+        mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        mask.masked_fill_(~allowed, torch.finfo(x.dtype).min)
+        out = self.layer(x, attention_mask=mask[:, None], position_ids=position_ids, cache=cache,
+                         use_cache=cache is not None, position_embeddings=rotary(x, position_ids))
         out = out[0] if isinstance(out, tuple) else out
         return self.norm(out)
-
-
-def draft_logits(head: DraftHead, target, predicted: torch.Tensor) -> torch.Tensor:
-    """Logits over the draft vocabulary: the target's LM head rows of ``head.vocab_ids``."""
-    weight = target.get_output_embeddings().weight[head.vocab_ids]
-    return predicted.to(weight.dtype) @ weight.T
 
 
 # --------------------------------------------------------------------------- save / load
@@ -173,7 +167,7 @@ class HeadDrafter(Drafter):
     the last ``window`` (the head was trained on windows of that order).
 
     Chains are short by default (``max_k`` 2): on a CPU a verify forward over 4 new tokens
-    costs about 1.6x one token against 1.24x for 3 (``rootdefense bench``'s profile), and a
+    costs about 1.35x one token against 1.14x for 3 (``rootdefense bench``'s profile), and a
     head whose first guess is right about half the time rarely gets a third token through."""
 
     name = "draft-head"
@@ -184,7 +178,8 @@ class HeadDrafter(Drafter):
             raise InputError(f"need 1 <= start_k <= max_k, got {start_k} and {max_k}")
         if window < 1:
             raise InputError(f"window must be >= 1, got {window}")
-        self.target, self.head, self.window, self.max_k, self.start_k = target, head, window, max_k, start_k
+        self.head, self.window, self.max_k, self.start_k = head, window, max_k, start_k
+        self.horizon = 2 * window + 64  # how far back features are kept (the cache spans <= 2 * window)
         decoder = _decoder(target)
         self.rotary, self.embed = decoder.rotary_emb, target.get_input_embeddings()
         # the LM head rows of the draft vocabulary, gathered once
@@ -213,7 +208,7 @@ class HeadDrafter(Drafter):
         ids, pos = self._pending
         self._pending = None
         feats = output[0].detach()
-        keep = pos >= pos.max() - (2 * self.window + 64)  # only recent positions can be asked for
+        keep = pos >= pos.max() - self.horizon  # only recent positions can be asked for
         for p, t, f in zip(pos[keep].tolist(), ids[keep].tolist(), feats[keep], strict=True):
             self.features[(p, t)] = f
 
@@ -298,8 +293,8 @@ class HeadDrafter(Drafter):
         return draft
 
     def _prune(self, n: int) -> None:
-        low = n - 2 * self.window - 64
-        if len(self.features) > 4 * (2 * self.window + 64) * 8:
+        low = n - self.horizon
+        if len(self.features) > 4 * self.horizon * 8:
             self.features = {key: v for key, v in self.features.items() if key[0] >= low}
 
     def accepted(self, n_proposed: int, n_accepted: int) -> None:
@@ -484,7 +479,7 @@ def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
     head.eval()
     metrics = {"loss": history, "seconds": round(time.perf_counter() - t0, 1), "fit_answers": len(fit),
                "val_answers": len(val), "fit_tokens": int(sum(r["ids"].shape[0] - r["prompt_len"] for r in fit)),
-               **_acceptance(head, val, embed, decoder.rotary_emb, lm)}
+               **_acceptance(head, val, embed, decoder.rotary_emb, weight, lm)}
     return head, metrics
 
 
@@ -522,7 +517,7 @@ def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, devic
 
 
 @torch.no_grad()
-def _acceptance(head, val, embed, rotary, lm, k: int = 4) -> dict:
+def _acceptance(head, val, embed, rotary, weight, lm, k: int = 4) -> dict:
     """On held-out answers: how often the head's greedy draft equals the target's next
     token, one step (teacher-forced) and chained (expected tokens accepted of ``k``)."""
     hits1, total1, chain_sum, chains = 0, 0, 0, 0
@@ -536,17 +531,16 @@ def _acceptance(head, val, embed, rotary, lm, k: int = 4) -> dict:
             for step in range(k):
                 pos = torch.arange(start, start + f.shape[1], device=lm.device)[None]
                 pred = head(f, embed(nxt)[None].float(), pos, rotary)
-                tok = int(head.vocab_ids[torch.argmax(draft_logits(head, lm.model, pred[0, -1]).float())])
+                tok = int(head.vocab_ids[torch.argmax(pred[0, -1] @ weight.T)])  # weight: the draft vocab's rows
                 want = int(r["greedy"][t + step])  # the target's own next token
                 if step == 0:
                     hits1 += tok == want
                     total1 += 1
                 if tok != want:
                     break
-                if int(ids[t + 1 + step]) != want:  # the text leaves the target's own path
-                    ok += 1
-                    break
                 ok += 1
+                if int(ids[t + 1 + step]) != want:  # the text leaves the target's own path
+                    break
                 f = torch.cat([f, pred[:, -1:]], dim=1)
                 nxt = torch.cat([nxt, ids[t + 1 + step:t + 2 + step].to(lm.device)])
             chain_sum, chains = chain_sum + ok, chains + 1
