@@ -207,3 +207,6 @@ def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
     r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter",
                                  f"head:{tmp_path / 'missing'}"])
     assert r.exit_code == 2 and "no draft head at" in r.output
+    bare = save_tiny_model(tmp_path / "bare")  # no head trained for this model: ngram+head says so
+    r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(bare), "--defense", "none", "--drafter", "ngram+head"])
+    assert r.exit_code == 2 and "no draft head at" in r.output and "draft train" in r.output
