@@ -223,15 +223,14 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 6, 8, 12), can
     """Median ms of target forwards after a cached ``context``: a chain of T tokens for each
     T in ``lengths`` (speculative verification), ``candidates`` alternatives at one position
     (exact RDS scoring), and a probe call over the chain's hidden states."""
-    from transformers import DynamicCache
-
     from .decoding.candidates import forward_candidates
+    from .decoding.kvcache import new_cache
     from .decoding.verify import crop_to, forward_chain
     from .probes.base import LinearProbe
 
     g = torch.Generator().manual_seed(0)
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-    cache = DynamicCache(config=lm.model.config)
+    cache = new_cache(lm.model)
     lm.model(input_ids=torch.randint(0, vocab, (1, context), generator=g).to(lm.device), cache=cache, use_cache=True)
 
     def timed(fn) -> float:

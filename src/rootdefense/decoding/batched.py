@@ -17,10 +17,10 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache
 
 from ..errors import ModelError
 from .config import GenerationConfig
+from .kvcache import new_cache
 from .loop import (
     Detokenizer,
     Generation,
@@ -65,7 +65,7 @@ def prefill_batch(model, prompts: list[torch.Tensor], pad_id: int, device):
     the (B, T) 0/1 mask of real tokens, seconds)."""
     ids, past = _pad_left(prompts, pad_id, device)
     positions = (past.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
+    cache = new_cache(model)
     t0 = time.perf_counter()
     out = model(input_ids=ids, attention_mask=past, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=1)
@@ -88,16 +88,26 @@ def _step_mask(past: torch.Tensor, sizes: list[int], width: int, dtype) -> torch
     return mask[:, None]
 
 
-def _keep_slots(cache, c: int, width: int, chosen: torch.Tensor) -> None:
-    """Shrink every cache layer from C + width entries to C + 1, keeping each row's chosen
-    slot at position C."""
+def move_slots(cache, c: int, width: int, rows: torch.Tensor, chosen: torch.Tensor) -> None:
+    """Copy slot ``chosen[i]`` of batch row ``rows[i]`` (cache column ``c + chosen[i]``) to
+    column ``c``, in place; the caller then keeps column ``c`` and crops what follows."""
+    if rows.numel() == 0:
+        return
     for layer in cache.layers:
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if keys is None or keys.shape[-2] != c + width:
             raise ModelError(f"{type(layer).__name__} cache layers are not supported by batch candidate scoring")
-        rows = torch.arange(keys.shape[0], device=keys.device)
-        layer.keys = torch.cat([keys[:, :, :c], keys[rows, :, c + chosen][:, :, None]], dim=2)
-        layer.values = torch.cat([values[:, :, :c], values[rows, :, c + chosen][:, :, None]], dim=2)
+        keys[rows, :, c] = keys[rows, :, c + chosen]
+        values[rows, :, c] = values[rows, :, c + chosen]
+
+
+def _keep_slots(cache, c: int, width: int, chosen: torch.Tensor) -> None:
+    """Shrink every cache layer from C + width entries to C + 1, keeping each row's chosen
+    slot at position C (moved in place: the cache is not copied)."""
+    moved = (chosen != 0).nonzero()[:, 0]
+    move_slots(cache, c, width, moved, chosen[moved])
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, :c + 1], layer.values[:, :, :c + 1]
 
 
 def batch_results(rows: list[_Row], cfg: GenerationConfig, t_prefill: float, elapsed: float,

@@ -28,11 +28,11 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from ..errors import InputError
 from .candidates import candidate_mask, keep_candidate
 from .config import GenerationConfig
+from .kvcache import new_cache
 from .loop import (
     Detokenizer,
     Generation,
@@ -348,7 +348,7 @@ class CorrectingDecoder:
 
     def _prefill(self, ids: torch.Tensor, rows: int):
         """A fresh cache over ``ids`` (1, T) in ``rows`` rows; last-position logits (rows, vocab)."""
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model)
         out = self._forward(ids.expand(rows, -1), cache, rows=rows, last_only=True)
         return cache, out.logits[:, -1].float()
 
@@ -417,7 +417,7 @@ class CorrectingDecoder:
         if not 1 <= query_len <= prompt_len:
             raise InputError(f"query_len must lie in 1..{prompt_len} (the prompt's length), got {query_len}")
         t0 = time.perf_counter()
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model)
         out = self._forward(input_ids, cache, last_only=True)
         logits = out.logits[:, -1].float()
         gate = self.gate(out.hidden_states, query_len - 1)

@@ -12,10 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from .candidates import forward_candidates, keep_candidate, prefill
 from .config import GenerationConfig
+from .kvcache import new_cache
 from .rules import Candidates, Rule
 from .trace import TokenStep, Trace
 
@@ -158,7 +158,7 @@ class Decoder:
         input_ids = input_ids.to(device)
         rng = sampling_rng(cfg)
         layer = self.probe.layer if self.probe is not None else None
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model)
         t0 = time.perf_counter()
         out = prefill(self.model, input_ids, cache)
         t_prefill = time.perf_counter() - t0

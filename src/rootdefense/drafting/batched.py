@@ -11,11 +11,13 @@ does for one prompt, and the forward that serves them all is shaped per row:
   all at position ``next`` (as :mod:`~rootdefense.decoding.candidates` does for one row);
 - slots past a row's width are padding and see only themselves.
 
-Rows keep different numbers of slots (a chain keeps its verified prefix, a pool keeps the
-chosen candidate), so the cache is not cut per row: each row's 0/1 ``past`` mask marks the
-entries it kept, and the others stay masked out for good. Position ids are given per row,
-so the holes change nothing; they are trimmed where no row kept anything, and finished rows
-leave the batch. Greedy output equals the single-stream decoder's for every row (tested).
+A pool's chosen candidate is moved to the round's first slot, in place, so every row keeps
+a prefix of its slots: a chain its verified part, a pool one slot. Rows keep different
+numbers, so the cache is not cut per row: each row's 0/1 ``past`` mask marks the entries it
+kept, and the others stay masked out for good. Position ids are given per row, so the holes
+change nothing; columns no row kept are cropped (in a round of pools and one-token chains,
+all but the first), and finished rows leave the batch. Greedy output equals the
+single-stream decoder's for every row (tested).
 
 Drafters are per row (one per prompt) and must draft from the context alone (prompt lookup,
 a draft model); the draft head reads the target's single-stream features and is refused.
@@ -27,7 +29,7 @@ import time
 
 import torch
 
-from ..decoding.batched import _Row, _select_rows, batch_results, prefill_batch
+from ..decoding.batched import _Row, _select_rows, batch_results, move_slots, prefill_batch
 from ..decoding.config import GenerationConfig
 from ..decoding.loop import (
     Generation,
@@ -155,12 +157,21 @@ class BatchSpeculativeDecoder:
             harms = self.probe.score(step.hidden_states[layer].float()).cpu() if layer is not None else None
             # choose / accept: per row, which slots it keeps
             kept = torch.zeros((len(live), width), dtype=past.dtype, device=device)
+            moved, chosen = [], []
             for b, r in enumerate(live):
                 lps = step_logprobs(step.logits[b, :len(r.slots)].float(), cfg)
                 h = None if harms is None else harms[b, :len(r.slots)].tolist()
-                cols = self._exact(r, lps, h, rng, cfg) if r.star else self._verify(r, lps, h, rng, cfg)
-                kept[b, cols] = 1
+                if r.star:  # the chosen candidate moves to the round's first slot: no hole is left
+                    j = self._exact(r, lps, h, rng, cfg)
+                    if j:
+                        moved.append(b)
+                        chosen.append(j)
+                    kept[b, 0] = 1
+                else:
+                    kept[b, :self._verify(r, lps, h, rng, cfg)] = 1
                 r.stats["forwards"] += 1
+            move_slots(cache, past.shape[1], width, torch.tensor(moved, dtype=torch.long, device=device),
+                       torch.tensor(chosen, dtype=torch.long, device=device))
             past = _trim(cache, torch.cat([past, kept], dim=1))
             next_pos = next_pos + kept.sum(-1)
             keep = [b for b, r in enumerate(live) if not r.done]
@@ -190,18 +201,18 @@ class BatchSpeculativeDecoder:
             r.done, r.handed_over = True, True
         return r.done
 
-    def _exact(self, r: _SpecRow, lps, harms, rng, cfg) -> list[int]:
-        """The row's pool was scored: the rule chooses one candidate (kept slot j)."""
+    def _exact(self, r: _SpecRow, lps, harms, rng, cfg) -> int:
+        """The row's pool was scored: the rule chooses one candidate, slot j (returned)."""
         pool = torch.tensor(r.slots)
         own_idx = r.slots.index(r.own)
         j = self.rule.choose(Candidates(pool, r.lp[pool], torch.tensor(harms), own_idx), rng)
         r.stats["exact_steps"] += 1
         self._commit(r, r.slots[j], r.own, r.lp, harms[j], harms[own_idx], len(r.slots), cfg)
         r.lp, r.own, r.exact = lps[j], None, j != own_idx  # after a correction, decide the next one exactly too
-        return [j]
+        return j
 
-    def _verify(self, r: _SpecRow, lps, harms, rng, cfg) -> list[int]:
-        """The row's chain was run: keep its verified, harmless prefix (kept slots 0..n-1)."""
+    def _verify(self, r: _SpecRow, lps, harms, rng, cfg) -> int:
+        """The row's chain was run: keep its verified, harmless prefix (slots 0..n-1; n returned)."""
         r.stats["rounds"] += 1
         r.stats["drafted"] += r.draft_len
         lp, matched, n = r.lp, 0, 0
@@ -228,4 +239,4 @@ class BatchSpeculativeDecoder:
             r.lp, r.own = lp, own
         else:
             r.lp, r.own = lps[n - 1], None
-        return list(range(n))
+        return n

@@ -23,10 +23,10 @@ from __future__ import annotations
 import time
 
 import torch
-from transformers import DynamicCache
 
 from ..decoding.candidates import forward_candidates, keep_candidate, prefill
 from ..decoding.config import GenerationConfig
+from ..decoding.kvcache import new_cache
 from ..decoding.loop import (
     Detokenizer,
     Generation,
@@ -79,7 +79,7 @@ class SpeculativeDecoder:
         input_ids = input_ids.to(device)
         rng = sampling_rng(cfg)
         layer = self.probe.layer if self.probe is not None else None
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model)
         self.drafter.reset()
         t0 = time.perf_counter()
         logits = prefill(self.model, input_ids, cache).logits[0]

@@ -4,8 +4,8 @@ tokenizer (e.g. a 135M model drafting for a 1.7B one of the same family)."""
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
+from ..decoding.kvcache import new_cache
 from ..errors import InputError, ModelError
 from .base import Drafter
 
@@ -48,7 +48,7 @@ class DraftModelDrafter(Drafter):
 
     def reset(self) -> None:
         self.k = self.start_k
-        self._cache = DynamicCache(config=self.model.config)
+        self._cache = new_cache(self.model)
         self._cached: list[int] = []  # the token ids whose keys/values the cache holds
 
     def _forward(self, ids: list[int]) -> torch.Tensor:

@@ -28,6 +28,7 @@ from transformers import DynamicCache
 
 from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings, resolve_settings
 from ..decoding import Generation, GenerationConfig, TokenStep, Trace
+from ..decoding.kvcache import new_cache
 from ..decoding.loop import (
     Detokenizer,
     decode_timings,
@@ -378,7 +379,7 @@ class SafeDecoder:
         device = next(self.base.parameters()).device
         input_ids = input_ids.to(device)
         rng = sampling_rng(cfg)
-        cache = DynamicCache(config=self.base.config)
+        cache = new_cache(self.base)
         t0 = time.perf_counter()
         logits = self._forward(input_ids, cache, mixed=self.m > 0)
         t_prefill = time.perf_counter() - t0
