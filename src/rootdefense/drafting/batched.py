@@ -29,7 +29,13 @@ import time
 
 import torch
 
-from ..decoding.batched import _Row, _select_rows, batch_results, move_slots, prefill_batch
+from ..decoding.batched import (
+    _Row,
+    _select_rows,
+    batch_results,
+    move_slots,
+    prefill_batch,
+)
 from ..decoding.config import GenerationConfig
 from ..decoding.loop import (
     Generation,
