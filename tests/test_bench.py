@@ -52,9 +52,12 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
         for batched in ("rds-spec-threshold-ngram-batch", "rds-spec-ngram-batch"):
             assert got[(batched, s)]["accepted_len"] is not None and got[(batched, s)]["ratio_vs_rds_exact"] > 0
     prof = report["profile"]
-    assert set(prof["chain_forward_ms"]) == {"1", "2", "3", "4", "6", "8", "12"}
+    assert set(prof["chain_forward_ms"]) == {"1", "2", "3", "4", "5", "6", "8", "12"}
     assert all(v > 0 for v in prof["chain_forward_ms"].values()) and prof["chain_cost_vs_one_token"]["1"] == 1.0
     assert prof["candidate_forward_ms"]["ms"] > 0 and prof["probe_ms"] > 0
+    assert prof["candidate_forward_ms"]["candidates"] == 20  # the decoders' default pool
+    rows = prof["batch_forward_ms"]
+    assert rows["rows"] == 3 and rows["one_token"] > 0 and rows["pool"] > 0 and rows["candidates"] == 20
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -28,9 +28,11 @@ Methods (skipped, with the reason, when a part is missing):
 
 The profile (``profile`` in the JSON) explains the figures: the median cost of one target
 forward over a chain of T new tokens after a cached context (what verification pays per
-round), of one candidate-scoring forward (what every exact RDS step pays), and of one probe
-call. Speculation gains when the tokens kept per forward outgrow the chain's cost relative
-to a one-token forward.
+round), of one candidate-scoring forward (what every exact RDS step pays), of the same two
+for a batch's rows at once (a batched round: one token per row, or every row's pool), and
+of one probe call. Speculation gains when the tokens kept per forward outgrow the chain's
+cost relative to a one-token forward; a batch gains what its rows' forward costs less than
+that many one-row forwards.
 
 Wall time covers the whole answer (prefill included) for every method alike. Peak RSS is
 the process's largest resident set seen while the method ran (sampled every 5 ms); the
@@ -218,29 +220,41 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
 
 
 @torch.no_grad()
-def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 6, 8, 12), candidates: int = 10,
-                     reps: int = 9) -> dict:
+def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), candidates: int | None = None,
+                     reps: int = 9, batch: int = 8) -> dict:
     """Median ms of target forwards after a cached ``context``: a chain of T tokens for each
     T in ``lengths`` (speculative verification), ``candidates`` alternatives at one position
-    (exact RDS scoring), and a probe call over the chain's hidden states."""
+    (exact RDS scoring; default: the decoders' pool, ``GenerationConfig.top_m``), the same two
+    for ``batch`` rows at once (what a batched round pays), and a probe call over the chain's
+    hidden states."""
+    from .decoding import GenerationConfig
     from .decoding.candidates import forward_candidates
     from .decoding.kvcache import new_cache
     from .decoding.verify import crop_to, forward_chain
     from .probes.base import LinearProbe
 
+    candidates = candidates or GenerationConfig().top_m
     g = torch.Generator().manual_seed(0)
     vocab = int(lm.model.get_output_embeddings().weight.shape[0])
-    cache = new_cache(lm.model)
-    lm.model(input_ids=torch.randint(0, vocab, (1, context), generator=g).to(lm.device), cache=cache, use_cache=True)
+    cache, rows = new_cache(lm.model), new_cache(lm.model)
+    prompt = torch.randint(0, vocab, (1, context), generator=g).to(lm.device)
+    lm.model(input_ids=prompt, cache=cache, use_cache=True)
+    lm.model(input_ids=prompt.repeat(batch, 1), cache=rows, use_cache=True)
 
-    def timed(fn) -> float:
+    def timed(fn, on=cache) -> float:
         times = []
         for _ in range(reps):
             t0 = time.perf_counter()
             fn()
             times.append(1000 * (time.perf_counter() - t0))
-            crop_to(cache, context)
+            crop_to(on, context)
         return round(statistics.median(times), 2)
+
+    def batch_forward(width: int):  # every row: ``width`` alternatives at its next position
+        lm.model(input_ids=torch.randint(0, vocab, (batch, width), generator=g).to(lm.device),
+                 position_ids=torch.full((batch, width), context, device=lm.device), cache=rows, use_cache=True,
+                 attention_mask=torch.zeros((batch, 1, width, context + width), device=lm.device, dtype=lm.model.dtype),
+                 output_hidden_states=True)
 
     def ids(n):
         return torch.randint(0, vocab, (n,), generator=g).to(lm.device)
@@ -253,11 +267,16 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 6, 8, 12), can
     t0 = time.perf_counter()
     for _ in range(100):
         probe.score(hidden)
+    probe_ms = round(10 * (time.perf_counter() - t0), 3)
     base = chain["1"]
+    rows_one, rows_pool = timed(lambda: batch_forward(1), rows), timed(lambda: batch_forward(candidates), rows)
     return {"context_tokens": context, "chain_forward_ms": chain,
             "chain_cost_vs_one_token": {k: round(v / base, 2) for k, v in chain.items()},
             "candidate_forward_ms": {"candidates": candidates, "ms": pool, "vs_one_token": round(pool / base, 2)},
-            "probe_ms": round(10 * (time.perf_counter() - t0), 3)}
+            "batch_forward_ms": {"rows": batch, "one_token": rows_one, "one_token_vs_one_row": round(rows_one / base, 2),
+                                 "candidates": candidates, "pool": rows_pool,
+                                 "pool_vs_one_row": round(rows_pool / base, 2)},
+            "probe_ms": probe_ms}
 
 
 def run_bench(spec: BenchSpec, log=print) -> dict:
@@ -336,7 +355,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             "same_as_generate": round(sum(it["same_as_generate"] for it in items) / len(items), 3),
         })
     log("profiling target forwards ...")
-    return {"results": results, "skipped": skipped, "spec": asdict(spec), "profile": profile_forwards(lm),
+    return {"results": results, "skipped": skipped, "spec": asdict(spec), "profile": profile_forwards(lm, batch=spec.batch_size),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "device": str(lm.device), "dtype": str(lm.dtype),
                         "torch": torch.__version__},
