@@ -18,6 +18,7 @@ from test_drafting import (
 
 from rootdefense.decoding import Decoder, GenerationConfig, ThresholdRule, make_rule
 from rootdefense.drafting import PromptLookupDrafter, SpeculativeDecoder
+from rootdefense.drafting.base import NoDrafter
 from rootdefense.drafting.batched import BatchSpeculativeDecoder
 from rootdefense.errors import InputError
 
@@ -77,6 +78,29 @@ def test_defended_batch_equals_single_speculative(tiny_model, tiny_tokenizer, dr
         _same(b, s)
         _same(b, p)
         assert b.timings["exact_steps"] == s.timings["exact_steps"]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_lazy_rows_fill_the_slots_a_pool_paid_for(tiny_model, tiny_tokenizer, seed):
+    """With ``--drafter lazy`` a row drafts nothing of its own; in rounds where a neighbour
+    sends its candidate pool, it fills the slots with prompt-lookup drafts. Answers are the
+    same with and without filling, and the filled rounds keep more than one token per row."""
+    tok = tiny_tokenizer
+    ids = [prompt_ids(tok, t) for t in TEXTS]
+    probe = random_probe(tiny_model.config.hidden_size, layer=2, seed=seed)
+    rule = ThresholdRule(_tau_for(tiny_model, tok, probe, ids[0]))
+    cfg = GenerationConfig(max_new_tokens=40, top_m=8)
+    plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
+    runs = {fill: BatchSpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule, fill=fill)
+            .generate(ids, cfg) for fill in (True, False)}
+    for filled, unfilled, p in zip(runs[True], runs[False], plain, strict=True):
+        _same(filled, p)
+        _same(unfilled, p)
+        assert unfilled.timings["filled"] == 0 and unfilled.timings["drafted"] == 0
+    assert sum(g.timings["filled"] for g in runs[True]) > 0, "some rows filled slots a pool paid for"
+    assert sum(g.timings["accepted"] for g in runs[True]) > 0, "and kept some of those drafts"
+    forwards = {fill: max(g.timings["forwards"] for g in gens) for fill, gens in runs.items()}
+    assert forwards[True] <= forwards[False]
 
 
 def test_rows_finish_at_different_times(tiny_model, tiny_tokenizer):

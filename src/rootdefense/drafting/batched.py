@@ -21,6 +21,13 @@ single-stream decoder's for every row (tested).
 
 Drafters are per row (one per prompt) and must draft from the context alone (prompt lookup,
 a draft model); the draft head reads the target's single-stream features and is refused.
+
+Slots a round pays for anyway carry drafts (``fill``, on by default): when one row sends
+its candidate pool, every row gets that many slots, so a row whose own drafter proposed
+nothing (``--drafter lazy``, or no match) fills them with a prompt-lookup copy. The
+forward's shape does not change, verification keeps only what the target would have
+chosen, so answers are the same; rows just advance further in the rounds where a
+neighbour is being corrected.
 """
 
 from __future__ import annotations
@@ -49,6 +56,9 @@ from ..decoding.rules import Candidates, Rule, ThresholdRule
 from ..decoding.verify import step_logprobs, verified_choice
 from ..errors import InputError, ModelError
 from .base import Drafter
+from .ngram import PromptLookupDrafter
+
+MAX_FILL = 32  # the most slots a fill draft takes (a round is never widened for it)
 
 
 class _SpecRow(_Row):
@@ -63,7 +73,9 @@ class _SpecRow(_Row):
         self.star = False  # this round's slots are alternatives (a pool), not a chain
         self.draft_len = 0
         self.watcher = None  # told of every committed token; True: the row leaves the batch
-        self.stats = {"forwards": 0, "rounds": 0, "drafted": 0, "accepted": 0, "exact_steps": 0}
+        self.filler: Drafter | None = None  # drafts into slots a wider neighbour already paid for
+        self.filled = False  # this round's draft came from the filler
+        self.stats = {"forwards": 0, "rounds": 0, "drafted": 0, "accepted": 0, "exact_steps": 0, "filled": 0}
 
 
 def _round_mask(past: torch.Tensor, rows: list[_SpecRow], width: int, dtype) -> torch.Tensor:
@@ -103,7 +115,7 @@ class BatchSpeculativeDecoder:
     :meth:`Drafter.fresh`), an optional probe and an optional threshold rule."""
 
     def __init__(self, model, tokenizer, drafter: Drafter, probe=None, rule: Rule | None = None,
-                 eos_token_ids: list[int] | None = None, max_draft: int = 8):
+                 eos_token_ids: list[int] | None = None, max_draft: int = 8, fill: bool = True):
         if rule is not None and probe is None:
             raise ValueError("a decision rule needs a probe to score candidates")
         if rule is not None and not isinstance(rule, ThresholdRule):
@@ -114,7 +126,7 @@ class BatchSpeculativeDecoder:
             raise InputError(f"the {drafter.name} drafter reads the target's single-stream features and cannot "
                              "draft for a batch; use prompt lookup ('ngram') or a draft model for batches")
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
-        self.probe, self.rule, self.max_draft = probe, rule, max_draft
+        self.probe, self.rule, self.max_draft, self.fill = probe, rule, max_draft, fill
         self.eos = set(eos_token_ids or [])
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (eos_token_ids or [0])[0])
@@ -133,6 +145,7 @@ class BatchSpeculativeDecoder:
         rows = [_SpecRow(i, p, self.tokenizer, self.drafter.fresh()) for i, p in enumerate(prompts)]
         for r in rows:
             r.watcher = watch(r.index) if watch is not None else None
+            r.filler = PromptLookupDrafter(adaptive=False, max_k=MAX_FILL) if self.fill else None
         cache, logits, past, t_prefill = prefill_batch(self.model, prompts, self.pad_id, device)
         for b, r in enumerate(rows):
             r.lp = step_logprobs(logits[b], cfg)
@@ -151,8 +164,14 @@ class BatchSpeculativeDecoder:
                 else:
                     room = min(self.max_draft, cfg.max_new_tokens - len(r.tokens) - 1)
                     draft = r.drafter.propose(r.context + [r.own], room)[:room] if room > 0 else []
-                    r.slots, r.draft_len = [r.own] + draft, len(draft)
+                    r.slots, r.draft_len, r.filled = [r.own] + draft, len(draft), False
             width = max(len(r.slots) for r in live)
+            if width > 1:  # slots paid for by the widest row: rows without a draft fill theirs
+                for r in live:
+                    if r.filler is not None and not r.star and len(r.slots) == 1:
+                        room = min(width - 1, cfg.max_new_tokens - len(r.tokens) - 1)
+                        draft = r.filler.propose(r.context + [r.own], room)[:room] if room > 0 else []
+                        r.slots, r.draft_len, r.filled = [r.own] + draft, len(draft), bool(draft)
             slots = torch.tensor([r.slots + [r.slots[0]] * (width - len(r.slots)) for r in live], device=device)
             pos = torch.stack([next_pos[b] + (torch.zeros(width, dtype=torch.long, device=device) if r.star
                                               else torch.arange(width, device=device)) for b, r in enumerate(live)])
@@ -240,7 +259,10 @@ class BatchSpeculativeDecoder:
             if self._commit(r, token, token, lp, h, h, 1, cfg):
                 break
         r.stats["accepted"] += matched
-        r.drafter.accepted(r.draft_len, matched)
+        if r.filled:
+            r.stats["filled"] += r.draft_len
+        else:  # the row's own drafter learns from its own proposals only
+            r.drafter.accepted(r.draft_len, matched)
         if stopped:  # the next position's distribution and own token are known already
             r.lp, r.own = lp, own
         else:
