@@ -21,6 +21,7 @@ from rootdefense.decoding import (
     ThresholdRule,
     WeightedRule,
 )
+from rootdefense.decoding.rules import Candidates
 from rootdefense.decoding.verify import step_logprobs, target_probs, verified_choice
 from rootdefense.drafting import (
     Drafter,
@@ -29,6 +30,7 @@ from rootdefense.drafting import (
     PromptLookupDrafter,
     SpeculativeDecoder,
 )
+from rootdefense.drafting.decoder import greedy_threshold_choice
 from rootdefense.errors import InputError, ModelError
 from rootdefense.models import encode_chat, normalize_messages
 from rootdefense.probes.base import LinearProbe
@@ -286,7 +288,9 @@ def test_defended_greedy_equals_plain_defended(tiny_model, tiny_tokenizer, draft
         if got.replaced:
             assert got.candidates == want.candidates
     t = gen.timings
-    assert t["exact_steps"] >= gen.trace.replaced and t["forwards"] == t["rounds"] + t["exact_steps"]
+    assert t["exact_steps"] >= gen.trace.replaced and t["rounds"] + t["exact_steps"] <= t["forwards"]
+    # greedy exact steps score the own token and the next two first, the rest only when needed
+    assert t["candidates_scored"] < t["exact_steps"] * cfg.top_m
     if kind == "self":
         assert gen.timings["accepted"] > 0, "drafts were committed between corrections"
     if kind == "lazy":  # candidates scored only where the own token was flagged, not at every step
@@ -417,3 +421,40 @@ def test_speculative_sampling_matches_the_target_distribution(tiny_model, tiny_t
         accepted += gen.timings["accepted"]
     assert 0.1 * n < accepted < 0.9 * n, "both acceptance and rejection were exercised"
     assert _chi2_ok(counts, expected, n)
+
+
+# ---- staged candidate scoring ---------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(40))
+def test_staged_choice_is_the_threshold_rule(seed):
+    """Scoring candidates in probability order and stopping once the choice is settled
+    picks exactly what the threshold rule picks from the whole pool."""
+    g = torch.Generator().manual_seed(seed)
+    m = int(torch.randint(1, 12, (1,), generator=g))
+    tau = float(torch.rand(1, generator=g)) * 0.8 + 0.1
+    harms = torch.rand(m, generator=g) ** float(torch.rand(1, generator=g) * 0.5 + 0.1)  # often all harmful
+    logprobs = torch.sort(torch.randn(m, generator=g), descending=True).values
+    want = ThresholdRule(tau).choose(Candidates(torch.arange(m), logprobs, harms, 0))
+    settled = [greedy_threshold_choice(harms[:n].tolist(), m, tau) for n in range(1, m + 1)]
+    first = next(i for i, j in enumerate(settled) if j is not None)
+    assert settled[first] == want and all(j == want for j in settled[first:])
+    assert first == (want if float(harms[want]) < tau else m - 1)  # settled as soon as it can be
+
+
+@pytest.mark.parametrize("first", [0, 1, 3, 5])
+def test_staged_scoring_changes_no_token(tiny_model, tiny_tokenizer, first):
+    ids = prompt_ids(tiny_tokenizer, PROMPTS[1])
+    probe = random_probe(tiny_model.config.hidden_size, layer=2, seed=2)
+    rule = ThresholdRule(_tau_for(tiny_model, tiny_tokenizer, probe, ids, quantile=0.4))
+    cfg = GenerationConfig(max_new_tokens=30, top_m=8)
+    plain = Decoder(tiny_model, tiny_tokenizer, probe=probe, rule=rule).generate(ids, cfg)
+    gen = SpeculativeDecoder(tiny_model, tiny_tokenizer, NoDrafter(), probe=probe, rule=rule,
+                             first_candidates=first).generate(ids, cfg)
+    assert plain.trace.replaced > 0
+    assert gen.token_ids == plain.token_ids
+    assert [s.candidates for s in gen.trace.steps if s.replaced] == [s.candidates for s in plain.trace.steps if s.replaced]
+    t = gen.timings
+    if first == 0:  # the whole pool at once, every exact step
+        assert t["candidates_scored"] == t["exact_steps"] * cfg.top_m
+    else:
+        assert t["candidates_scored"] < t["exact_steps"] * cfg.top_m

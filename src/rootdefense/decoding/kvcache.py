@@ -27,8 +27,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-GROWTH = 1.5  # a full buffer grows to this many times what it must hold ...
-MIN_ROOM = 128  # ... and by at least this many positions
+GROWTH = 1.25  # a full buffer grows to this many times what it must hold ...
+MIN_ROOM = 64  # ... and by at least this many positions
 
 
 class AppendLayer(DynamicLayer):
