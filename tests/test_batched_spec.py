@@ -103,6 +103,54 @@ def test_lazy_rows_fill_the_slots_a_pool_paid_for(tiny_model, tiny_tokenizer, se
     assert forwards[True] <= forwards[False]
 
 
+@pytest.mark.parametrize("first", [0, 1, 3])
+def test_batch_pools_are_scored_in_stages(tiny_model, tiny_tokenizer, first):
+    """Rows deciding a position exactly send their own token and the next candidates first,
+    the rest of the pool in a later round only while the choice is open: same answers as
+    the plain decoder, fewer candidates scored."""
+    tok = tiny_tokenizer
+    ids = [prompt_ids(tok, t) for t in TEXTS]
+    probe = random_probe(tiny_model.config.hidden_size, layer=2, seed=3)
+    rule = ThresholdRule(_tau_for(tiny_model, tok, probe, ids[1], quantile=0.4))
+    cfg = GenerationConfig(max_new_tokens=30, top_m=8)
+    plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
+    batch = BatchSpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule,
+                                    first_candidates=first).generate(ids, cfg)
+    assert sum(g.trace.replaced for g in plain) > 0
+    for b, p in zip(batch, plain, strict=True):
+        _same(b, p)
+        assert [s.candidates for s in b.trace.steps if s.replaced] == [s.candidates for s in p.trace.steps if s.replaced]
+    scored = sum(g.timings["candidates_scored"] for g in batch)
+    exact = sum(g.timings["exact_steps"] for g in batch)
+    assert exact > 0
+    if first == 0:
+        assert scored == exact * cfg.top_m
+    else:
+        assert scored < exact * cfg.top_m
+
+
+def test_all_harmful_pools_fall_back_to_the_least_harmful(tiny_model, tiny_tokenizer):
+    """Every candidate harmful: the rule takes the least harmful, which may have been scored
+    in the first stage; it is then forwarded alone. Same answers as the plain decoder,
+    single-stream and batched."""
+    tok = tiny_tokenizer
+    ids = [prompt_ids(tok, t) for t in TEXTS]
+    probe = random_probe(tiny_model.config.hidden_size, layer=2, seed=5)
+    rule = ThresholdRule(1e-6)
+    cfg = GenerationConfig(max_new_tokens=12, top_m=6)
+    plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
+    single = [SpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule).generate(i, cfg) for i in ids]
+    batch = BatchSpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule).generate(ids, cfg)
+    forced = 0
+    for b, s, p in zip(batch, single, plain, strict=True):
+        _same(b, p)
+        _same(s, p)
+        t = s.timings
+        assert t["candidates_scored"] == t["exact_steps"] * cfg.top_m  # nothing is harmless: all scored
+        forced += t["forwards"] - t["rounds"] - 2 * t["exact_steps"]  # the choice forwarded alone
+    assert forced > 0, "some least-harmful choices came from the first stage"
+
+
 def test_rows_finish_at_different_times(tiny_model, tiny_tokenizer):
     tok = tiny_tokenizer
     ids = [prompt_ids(tok, t) for t in TEXTS]

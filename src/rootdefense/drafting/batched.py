@@ -22,6 +22,10 @@ single-stream decoder's for every row (tested).
 Drafters are per row (one per prompt) and must draft from the context alone (prompt lookup,
 a draft model); the draft head reads the target's single-stream features and is refused.
 
+Greedy, a row deciding a position exactly sends its own token and the next candidates
+first and the rest of its pool in a later round only while the rule's choice is open, as
+the single-stream decoder stages them; a row that must wait keeps nothing that round.
+
 Slots a round pays for anyway carry drafts (``fill``, on by default): when one row sends
 its candidate pool, every row gets that many slots, so a row whose own drafter proposed
 nothing (``--drafter lazy``, or no match) fills them with a prompt-lookup copy. The
@@ -56,6 +60,7 @@ from ..decoding.rules import Candidates, Rule, ThresholdRule
 from ..decoding.verify import step_logprobs, verified_choice
 from ..errors import InputError, ModelError
 from .base import Drafter
+from .decoder import FIRST_CANDIDATES, greedy_threshold_choice
 from .ngram import PromptLookupDrafter
 
 MAX_FILL = 32  # the most slots a fill draft takes (a round is never widened for it)
@@ -73,9 +78,15 @@ class _SpecRow(_Row):
         self.star = False  # this round's slots are alternatives (a pool), not a chain
         self.draft_len = 0
         self.watcher = None  # told of every committed token; True: the row leaves the batch
+        self.pool: list[int] | None = None  # the candidate pool of the position being decided exactly
+        self.pool_harms: list[float] = []  # harms of its first candidates, scored so far
+        self.staged = False  # the pool is scored a few candidates first (greedy)
+        self.forced: int | None = None  # the choice, scored in an earlier round: forward it alone
+        self.slot_start = 0  # the pool index of this round's first slot
         self.filler: Drafter | None = None  # drafts into slots a wider neighbour already paid for
         self.filled = False  # this round's draft came from the filler
-        self.stats = {"forwards": 0, "rounds": 0, "drafted": 0, "accepted": 0, "exact_steps": 0, "filled": 0}
+        self.stats = {"forwards": 0, "rounds": 0, "drafted": 0, "accepted": 0, "exact_steps": 0, "filled": 0,
+                      "candidates_scored": 0}
 
 
 def _round_mask(past: torch.Tensor, rows: list[_SpecRow], width: int, dtype) -> torch.Tensor:
@@ -115,7 +126,8 @@ class BatchSpeculativeDecoder:
     :meth:`Drafter.fresh`), an optional probe and an optional threshold rule."""
 
     def __init__(self, model, tokenizer, drafter: Drafter, probe=None, rule: Rule | None = None,
-                 eos_token_ids: list[int] | None = None, max_draft: int = 8, fill: bool = True):
+                 eos_token_ids: list[int] | None = None, max_draft: int = 8, fill: bool = True,
+                 first_candidates: int = FIRST_CANDIDATES):
         if rule is not None and probe is None:
             raise ValueError("a decision rule needs a probe to score candidates")
         if rule is not None and not isinstance(rule, ThresholdRule):
@@ -127,6 +139,7 @@ class BatchSpeculativeDecoder:
                              "draft for a batch; use prompt lookup ('ngram') or a draft model for batches")
         self.model, self.tokenizer, self.drafter = model, tokenizer, drafter
         self.probe, self.rule, self.max_draft, self.fill = probe, rule, max_draft, fill
+        self.first_candidates = first_candidates  # 0: score a whole pool in one round
         self.eos = set(eos_token_ids or [])
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (eos_token_ids or [0])[0])
@@ -159,8 +172,7 @@ class BatchSpeculativeDecoder:
                     r.own = own_choice(r.lp, cfg, rng)
                 r.star = r.exact and self.rule is not None
                 if r.star:
-                    r.slots = candidate_pool(r.lp, r.own, cfg).tolist()
-                    r.draft_len = 0
+                    self._pool_slots(r, cfg, rng)
                 else:
                     room = min(self.max_draft, cfg.max_new_tokens - len(r.tokens) - 1)
                     draft = r.drafter.propose(r.context + [r.own], room)[:room] if room > 0 else []
@@ -191,7 +203,8 @@ class BatchSpeculativeDecoder:
                     if j:
                         moved.append(b)
                         chosen.append(j)
-                    kept[b, 0] = 1
+                    if j is not None:  # else the choice is still open: the row keeps nothing this round
+                        kept[b, 0] = 1
                 else:
                     kept[b, :self._verify(r, lps, h, rng, cfg)] = 1
                 r.stats["forwards"] += 1
@@ -226,15 +239,46 @@ class BatchSpeculativeDecoder:
             r.done, r.handed_over = True, True
         return r.done
 
-    def _exact(self, r: _SpecRow, lps, harms, rng, cfg) -> int:
-        """The row's pool was scored: the rule chooses one candidate, slot j (returned)."""
-        pool = torch.tensor(r.slots)
-        own_idx = r.slots.index(r.own)
-        j = self.rule.choose(Candidates(pool, r.lp[pool], torch.tensor(harms), own_idx), rng)
+    def _pool_slots(self, r: _SpecRow, cfg, rng) -> None:
+        """This round's slots for a row deciding its position exactly: greedy, its own token
+        and the next most probable candidates first, the rest of the pool in the next round
+        only if the choice is still open (as the single-stream decoder stages them)."""
+        if r.pool is None:
+            r.pool, r.pool_harms, r.forced = candidate_pool(r.lp, r.own, cfg).tolist(), [], None
+            r.staged = rng is None and r.pool[0] == r.own and 0 < self.first_candidates < len(r.pool)
+        a = len(r.pool_harms)
+        if r.forced is not None:
+            r.slots = [r.pool[r.forced]]
+        else:
+            r.slots = r.pool[a:self.first_candidates if r.staged and a == 0 else len(r.pool)]
+            r.stats["candidates_scored"] += len(r.slots)
+        r.slot_start, r.draft_len = a, 0
+
+    def _exact(self, r: _SpecRow, lps, harms, rng, cfg) -> int | None:
+        """The row's candidates were scored: once the rule's choice is settled, commit it and
+        return its slot; None while it is open (more candidates, or the choice forwarded alone,
+        next round)."""
+        own_idx = r.pool.index(r.own)
+        if r.forced is not None:
+            j, slot = r.forced, 0
+        else:
+            r.pool_harms += harms
+            if r.staged:
+                j = greedy_threshold_choice(r.pool_harms, len(r.pool), self.rule.tau)
+            else:
+                pool = torch.tensor(r.pool)
+                j = self.rule.choose(Candidates(pool, r.lp[pool], torch.tensor(r.pool_harms), own_idx), rng)
+            if j is None:
+                return None
+            slot = j - r.slot_start
+            if not 0 <= slot < len(r.slots):  # the least harmful was scored in an earlier round
+                r.forced = j
+                return None
         r.stats["exact_steps"] += 1
-        self._commit(r, r.slots[j], r.own, r.lp, harms[j], harms[own_idx], len(r.slots), cfg)
-        r.lp, r.own, r.exact = lps[j], None, j != own_idx  # after a correction, decide the next one exactly too
-        return j
+        self._commit(r, r.pool[j], r.own, r.lp, r.pool_harms[j], r.pool_harms[own_idx], len(r.pool), cfg)
+        r.lp, r.own, r.exact = lps[slot], None, j != own_idx  # after a correction, decide the next one exactly too
+        r.pool, r.forced = None, None
+        return slot
 
     def _verify(self, r: _SpecRow, lps, harms, rng, cfg) -> int:
         """The row's chain was run: keep its verified, harmless prefix (slots 0..n-1; n returned)."""
