@@ -1,10 +1,10 @@
 """A key/value cache that appends in place.
 
 transformers' ``DynamicCache`` appends each forward's keys and values with ``torch.cat``,
-which copies the whole cache every step: O(length) bytes per layer per forward. For one
-stream on the embedded model that is a few percent of a forward; for a batch of 8 it is
-about a fifth (8 rows x 30 layers x keys and values, profiled with ``torch.profiler``),
-and it grows with the answer.
+which copies the whole cache every step: O(length) bytes per layer per forward. On the
+embedded model after 200 tokens, a one-token forward took 45.8 ms with it and 43.5 ms
+with this cache; a batch of 8 rows 98 ms and 89 ms (same logits, bit for bit). The copy
+grows with the answer.
 
 :func:`new_cache` builds a ``DynamicCache`` whose full-attention layers keep their keys and
 values in a buffer with room to spare: an append writes only the new positions, and the
