@@ -6,8 +6,9 @@ forward over the chain gives, at every position, the hidden state of the token t
 harm) and the logits for the next one (whether the next drafted token is the model's own
 choice). Tokens are committed while they are the model's own choice and harmless. At the
 first harmful own token the round stops and that one position is decided exactly as the
-plain :class:`~rootdefense.decoding.loop.Decoder` decides it: top-m candidates scored in one
-forward, the rule chooses. After a replacement the next positions are decided that way too,
+plain :class:`~rootdefense.decoding.loop.Decoder` decides it: the rule chooses among the
+top-m candidates (greedy, scored in two stages, the own token and the next two first; the
+rest only if those are all harmful, which settles the same choice). After a replacement the next positions are decided that way too,
 without drafting, until the model's own token is harmless again (harm comes in stretches,
 and a chain that starts with a harmful token is a wasted forward). So greedy output,
 defended or not, is the plain decoder's, and sampled output has the plain decoder's
