@@ -8,7 +8,7 @@
   or local folder), loaded with the target's dtype and device.
 - ``head`` / ``head:FOLDER``: the model's trained draft head (``rootdefense draft train``).
 - ``ngram+head``: prompt lookup where the context repeats at least two tokens (a copy),
-  the draft head elsewhere. Against lookup from one-token matches, this kept 2.6% and 4.6%
+  the draft head elsewhere. Against lookup from one-token matches, this kept 2.6% and 3.7%
   more tokens per unit of verify cost (forward cost by width, as the bench profiles it) on
   two sets of 8 held-out MT-bench prompts, not the bench's.
 - ``auto``: prompt lookup, with the model's draft head behind it (``ngram+head``) when a
