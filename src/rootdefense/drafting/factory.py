@@ -8,9 +8,10 @@
   or local folder), loaded with the target's dtype and device.
 - ``head`` / ``head:FOLDER``: the model's trained draft head (``rootdefense draft train``).
 - ``ngram+head``: prompt lookup where the context repeats at least two tokens (a copy),
-  the draft head elsewhere. Against lookup from one-token matches, this kept 2.6% and 3.7%
+  the draft head elsewhere. Against lookup from one-token matches, this kept 4.0% and 2.5%
   more tokens per unit of verify cost (forward cost by width, as the bench profiles it) on
-  two sets of 8 held-out MT-bench prompts, not the bench's.
+  held-out MT-bench prompts 5-12 and 13-20 (``scripts/draft_policy_replay.py``; the 5-prompt
+  bench uses 0-4).
 - ``auto``: prompt lookup, with the model's draft head behind it (``ngram+head``) when a
   head is trained and its held-out acceptance is at least ``HEAD_MIN_ACCEPTED`` tokens of 4
   (a weaker head costs more than it saves), so nothing ever waits for a training. The tuned
