@@ -1,6 +1,7 @@
 """The append-in-place cache: same numbers as transformers' DynamicCache, without copying the
 cache on every append."""
 
+import pytest
 import torch
 from transformers import DynamicCache
 
@@ -73,3 +74,11 @@ def test_reset_empties_the_layer(tiny_model):
         tiny_model(input_ids=_ids(5), cache=cache, use_cache=True)
     cache.reset()
     assert cache.get_seq_length() == 0
+
+
+def test_appending_another_batch_size_is_refused(tiny_model):
+    cache = new_cache(tiny_model)
+    with torch.no_grad():
+        tiny_model(input_ids=_ids(5, batch=2), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="cannot append keys"):
+            tiny_model(input_ids=_ids(2, batch=3), cache=cache, use_cache=True)

@@ -82,9 +82,11 @@ class AppendLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         for name, new in (("keys", key_states), ("values", value_states)):
             buf, n, k = self._buf[name], self._len[name], new.shape[2]
-            if buf is None or buf.shape[0] != new.shape[0]:
+            if buf is None or (n == 0 and buf.shape[:2] + buf.shape[3:] != new.shape[:2] + new.shape[3:]):
                 buf = self._room(new, 0, k)
-                n = 0
+            elif buf.shape[:2] + buf.shape[3:] != new.shape[:2] + new.shape[3:]:
+                raise ValueError(f"cannot append {name} of shape {tuple(new.shape)} to a cache of "
+                                 f"{tuple(buf.shape[:2])} rows x heads and head size {buf.shape[3]}")
             elif n + k > buf.shape[2]:
                 buf = self._room(buf, n, n + k)
             buf[:, :, n:n + k] = new
