@@ -30,7 +30,6 @@ from rootdefense.drafting import (
     PromptLookupDrafter,
     SpeculativeDecoder,
 )
-from rootdefense.drafting.decoder import greedy_threshold_choice
 from rootdefense.errors import InputError, ModelError
 from rootdefense.models import encode_chat, normalize_messages
 from rootdefense.probes.base import LinearProbe
@@ -435,7 +434,7 @@ def test_staged_choice_is_the_threshold_rule(seed):
     harms = torch.rand(m, generator=g) ** float(torch.rand(1, generator=g) * 0.5 + 0.1)  # often all harmful
     logprobs = torch.sort(torch.randn(m, generator=g), descending=True).values
     want = ThresholdRule(tau).choose(Candidates(torch.arange(m), logprobs, harms, 0))
-    settled = [greedy_threshold_choice(harms[:n].tolist(), m, tau) for n in range(1, m + 1)]
+    settled = [ThresholdRule(tau).settled(harms[:n].tolist(), m) for n in range(1, m + 1)]
     first = next(i for i, j in enumerate(settled) if j is not None)
     assert settled[first] == want and all(j == want for j in settled[first:])
     assert first == (want if float(harms[want]) < tau else m - 1)  # settled as soon as it can be

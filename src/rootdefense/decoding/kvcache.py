@@ -82,9 +82,10 @@ class AppendLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         for name, new in (("keys", key_states), ("values", value_states)):
             buf, n, k = self._buf[name], self._len[name], new.shape[2]
-            if buf is None or (n == 0 and buf.shape[:2] + buf.shape[3:] != new.shape[:2] + new.shape[3:]):
+            fits = buf is not None and buf.shape[:2] + buf.shape[3:] == new.shape[:2] + new.shape[3:]
+            if not fits and n == 0:  # nothing kept yet: start a buffer of the new shape
                 buf = self._room(new, 0, k)
-            elif buf.shape[:2] + buf.shape[3:] != new.shape[:2] + new.shape[3:]:
+            elif not fits:
                 raise ValueError(f"cannot append {name} of shape {tuple(new.shape)} to a cache of "
                                  f"{tuple(buf.shape[:2])} rows x heads and head size {buf.shape[3]}")
             elif n + k > buf.shape[2]:

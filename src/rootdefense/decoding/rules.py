@@ -81,6 +81,19 @@ class ThresholdRule(Rule):
             return int(torch.argmax(masked).item())
         return _sample(masked, rng)
 
+    def settled(self, harms: list[float], m: int) -> int | None:
+        """The greedy choice among ``m`` candidates in probability order, the model's own
+        token first, when only the first ``len(harms)`` are scored: the first one under tau
+        (the own token, else the most probable harmless one), or, once all are scored and
+        none is harmless, the least harmful; None while the choice is still open. Exactly
+        :meth:`choose` on the whole pool, greedy (tested), so pools can be scored in stages."""
+        for i, h in enumerate(harms):
+            if h < self.tau:
+                return i
+        if len(harms) < m:
+            return None
+        return min(range(m), key=lambda i: harms[i])
+
     def describe(self):
         return {"rule": self.name, "tau": self.tau}
 

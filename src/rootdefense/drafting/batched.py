@@ -60,7 +60,7 @@ from ..decoding.rules import Candidates, Rule, ThresholdRule
 from ..decoding.verify import step_logprobs, verified_choice
 from ..errors import InputError, ModelError
 from .base import Drafter
-from .decoder import FIRST_CANDIDATES, greedy_threshold_choice
+from .decoder import FIRST_CANDIDATES, pool_stages
 from .ngram import PromptLookupDrafter
 
 MAX_FILL = 32  # the most slots a fill draft takes (a round is never widened for it)
@@ -80,7 +80,7 @@ class _SpecRow(_Row):
         self.watcher = None  # told of every committed token; True: the row leaves the batch
         self.pool: list[int] | None = None  # the candidate pool of the position being decided exactly
         self.pool_harms: list[float] = []  # harms of its first candidates, scored so far
-        self.staged = False  # the pool is scored a few candidates first (greedy)
+        self.stages: list[int] = []  # bounds of the pool's scoring stages (:func:`pool_stages`)
         self.forced: int | None = None  # the choice, scored in an earlier round: forward it alone
         self.slot_start = 0  # the pool index of this round's first slot
         self.filler: Drafter | None = None  # drafts into slots a wider neighbour already paid for
@@ -245,12 +245,12 @@ class BatchSpeculativeDecoder:
         only if the choice is still open (as the single-stream decoder stages them)."""
         if r.pool is None:
             r.pool, r.pool_harms, r.forced = candidate_pool(r.lp, r.own, cfg).tolist(), [], None
-            r.staged = rng is None and r.pool[0] == r.own and 0 < self.first_candidates < len(r.pool)
+            r.stages = pool_stages(len(r.pool), r.pool.index(r.own), self.first_candidates, rng is None)
         a = len(r.pool_harms)
         if r.forced is not None:
             r.slots = [r.pool[r.forced]]
         else:
-            r.slots = r.pool[a:self.first_candidates if r.staged and a == 0 else len(r.pool)]
+            r.slots = r.pool[a:next(b for b in r.stages if b > a)]
             r.stats["candidates_scored"] += len(r.slots)
         r.slot_start, r.draft_len = a, 0
 
@@ -263,8 +263,8 @@ class BatchSpeculativeDecoder:
             j, slot = r.forced, 0
         else:
             r.pool_harms += harms
-            if r.staged:
-                j = greedy_threshold_choice(r.pool_harms, len(r.pool), self.rule.tau)
+            if len(r.stages) > 2:
+                j = self.rule.settled(r.pool_harms, len(r.pool))
             else:
                 pool = torch.tensor(r.pool)
                 j = self.rule.choose(Candidates(pool, r.lp[pool], torch.tensor(r.pool_harms), own_idx), rng)

@@ -52,18 +52,11 @@ from .base import Drafter
 FIRST_CANDIDATES = 3
 
 
-def greedy_threshold_choice(harms: list[float], m: int, tau: float) -> int | None:
-    """The threshold rule's greedy choice among ``m`` candidates in probability order, the
-    model's own token first, when only the first ``len(harms)`` are scored: the first one
-    under ``tau`` (the own token, else the most probable harmless one), or, once all are
-    scored and none is harmless, the least harmful; None while the choice is still open.
-    Exactly :meth:`ThresholdRule.choose` on the whole pool (tested)."""
-    for i, h in enumerate(harms):
-        if h < tau:
-            return i
-    if len(harms) < m:
-        return None
-    return min(range(m), key=lambda i: harms[i])
+def pool_stages(m: int, own_idx: int, first: int, greedy: bool) -> list[int]:
+    """Bounds of the stages in which a pool of ``m`` candidates is scored: ``[0, first, m]``
+    when greedy with the own token first (:meth:`ThresholdRule.settled` can then stop early),
+    else ``[0, m]`` (the whole pool at once)."""
+    return [0, first, m] if greedy and own_idx == 0 and 0 < first < m else [0, m]
 
 
 class SpeculativeDecoder:
@@ -130,23 +123,22 @@ class SpeculativeDecoder:
         def exact_step(logprobs, own):
             """Decide one position as the plain decoder does: the rule chooses among the top-m
             candidates. Greedy, they are scored in probability order, a first few, then the
-            rest only if those leave the choice open (:func:`greedy_threshold_choice`); else
+            rest only if those leave the choice open (:meth:`ThresholdRule.settled`); else
             all in one forward. Returns the next logits, whether the own token was replaced,
             and whether decoding ends."""
             nonlocal prefix_len
             pool = candidate_pool(logprobs, own, cfg)
             own_idx = int((pool == own).nonzero()[0, 0])
             m = len(pool)
-            staged = rng is None and own_idx == 0 and 0 < self.first_candidates < m
-            bounds = [0, self.first_candidates, m] if staged else [0, m]
+            bounds = pool_stages(m, own_idx, self.first_candidates, rng is None)
             harms: list[float] = []
             for a, b in itertools.pairwise(bounds):
                 step = forward_candidates(self.model, cache, pool[a:b].to(device), prefix_len, layer)
                 harms += self.probe.score(step.hidden).cpu().tolist()
                 stats["forwards"] += 1
                 stats["candidates_scored"] += b - a
-                if staged:
-                    j = greedy_threshold_choice(harms, m, self.rule.tau)
+                if len(bounds) > 2:
+                    j = self.rule.settled(harms, m)
                 else:
                     j = self.rule.choose(Candidates(pool, logprobs[pool], torch.tensor(harms), own_idx), rng)
                 if j is None:  # every scored candidate is harmful: score the rest
