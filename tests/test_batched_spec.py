@@ -195,6 +195,11 @@ def test_bad_settings_are_refused(tiny_model, tiny_tokenizer):
                                 rule=make_rule("paper", tau=0.5))
     with pytest.raises(InputError, match="max_draft"):
         BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), max_draft=-1)
+    for bad in (-1, 2.5):
+        with pytest.raises(InputError, match="first_candidates must be an integer >= 0"):
+            BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), first_candidates=bad)
+        with pytest.raises(InputError, match="first_candidates must be an integer >= 0"):
+            SpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), first_candidates=bad)
 
     class Featured(PromptLookupDrafter):
         name = "feature-drafter"

@@ -60,7 +60,7 @@ from ..decoding.rules import Candidates, Rule, ThresholdRule
 from ..decoding.verify import step_logprobs, verified_choice
 from ..errors import InputError, ModelError
 from .base import Drafter
-from .decoder import FIRST_CANDIDATES, pool_stages
+from .decoder import FIRST_CANDIDATES, check_draft_settings, pool_stages
 from .ngram import PromptLookupDrafter
 
 MAX_FILL = 32  # the most slots a fill draft takes (a round is never widened for it)
@@ -132,8 +132,7 @@ class BatchSpeculativeDecoder:
             raise ValueError("a decision rule needs a probe to score candidates")
         if rule is not None and not isinstance(rule, ThresholdRule):
             raise InputError(f"speculative decoding supports the threshold rule only (got '{rule.name}')")
-        if max_draft < 0:
-            raise InputError(f"max_draft must be >= 0, got {max_draft}")
+        check_draft_settings(max_draft, first_candidates)
         if getattr(drafter, "needs_target_features", False):
             raise InputError(f"the {drafter.name} drafter reads the target's single-stream features and cannot "
                              "draft for a batch; use prompt lookup ('ngram') or a draft model for batches")

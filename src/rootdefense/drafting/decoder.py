@@ -59,6 +59,14 @@ def pool_stages(m: int, own_idx: int, first: int, greedy: bool) -> list[int]:
     return [0, first, m] if greedy and own_idx == 0 and 0 < first < m else [0, m]
 
 
+def check_draft_settings(max_draft: int, first: int) -> None:
+    """Clear errors for the speculative decoders' numeric settings (single-stream and batched)."""
+    if max_draft < 0:
+        raise InputError(f"max_draft must be >= 0, got {max_draft}")
+    if not isinstance(first, int) or first < 0:
+        raise InputError(f"first_candidates must be an integer >= 0 (0: score the whole pool at once), got {first!r}")
+
+
 class SpeculativeDecoder:
     """Decode one prompt with a drafter, an optional harm probe and an optional threshold
     rule; ``max_draft`` caps the drafted tokens verified per forward."""
@@ -74,8 +82,7 @@ class SpeculativeDecoder:
                 "every harmless token the model chooses, so verified drafts can be committed; other "
                 "rules may replace harmless tokens and need the plain decoder"
             )
-        if max_draft < 0:
-            raise InputError(f"max_draft must be >= 0, got {max_draft}")
+        check_draft_settings(max_draft, first_candidates)
         self.model = model
         self.tokenizer = tokenizer
         self.drafter = drafter
