@@ -192,6 +192,15 @@ def test_monitor_guard_and_stream_units():
     assert near.near_repeat(list(range(100))) is None  # no repetition
     assert near.near_repeat(steps[:40]) is None  # shorter than the window
     assert DegenerationGuard(4, 3, 12, near_window=0).loop_cut(steps) is None
+    # a 60-token paragraph said again: too long a period for the window alone, an echo of
+    # the earlier answer; the cut keeps the first round whole
+    para = list(range(100, 160))
+    echoed = [7, 8] + para + para[:56]
+    assert near.periodic(echoed) is None and near.near_repeat(echoed) is None
+    assert near.echo(echoed) == 2 + 60 and near.loop_cut(echoed) == 62
+    assert near.echo([7, 8] + para + para[:20]) is None  # less than near_share of the window
+    assert near.echo(list(range(200))) is None
+    assert DegenerationGuard(4, 3, 12, near_window=0).echo(echoed) is None
     sent = []
     s = _Stream(lambda step, p: sent.append(p), None, hold_back=2)
     for p in "abcde":

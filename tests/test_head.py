@@ -4,6 +4,7 @@ speculative decoding with the head changes no token."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -186,6 +187,18 @@ def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
     assert "own greedy answers" in json.loads((head_dir(str(d)) / "head.json").read_text())["data"]["source"]
     r = CliRunner().invoke(cli, ["draft", "train", *small, "--val-prompts", "0"])
     assert r.exit_code != 0 and "--val-prompts must be positive" in r.output
+    # start from the saved head (more data, another vocabulary), with a decaying learning rate
+    start = tmp_path / "start"
+    shutil.copytree(head_dir(str(d)), start)
+    r = CliRunner().invoke(cli, ["draft", "train", *small, "--answer-tokens", "8", "--epochs", "1", "--init",
+                                 str(start), "--schedule", "cosine", "--draft-vocab", "80"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((head_dir(str(d)) / "head.json").read_text())
+    assert meta["spec"]["schedule"] == "cosine" and meta["shapes"]["vocab_ids"] == [80]
+    assert meta["train"]["init"]["data"]["source"] == json.loads((start / "head.json").read_text())["data"]["source"]
+    other = save_tiny_model(tmp_path / "other")  # a head for another model is refused before any data is made
+    r = CliRunner().invoke(cli, ["draft", "train", "--model", str(other), "--prompts", "4", "--init", str(start)])
+    assert r.exit_code == 2 and "was trained for model" in r.output and "target answers" not in r.output
     r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(d), "--defense", "none", "--drafter", "head",
                                  "--max-new-tokens", "6", "--json"])
     assert r.exit_code == 0, r.output

@@ -424,9 +424,14 @@ def draft():
 @click.option("--epochs", type=int, default=6, show_default=True)
 @click.option("--lr", type=float, default=3e-3, show_default=True)
 @click.option("--draft-vocab", type=int, default=8192, show_default=True, help="tokens the head may propose")
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
+              help="learning rate over the epochs (cosine: decays to 0)")
+@click.option("--init", "init_from", type=click.Path(file_okay=False), default=None,
+              help="a trained head (folder) for this model to start from, e.g. to train on more data")
 @click.option("--fresh-data", is_flag=True, help="make the data again even when a matching set is saved")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's draft-head cache")
-def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, draft_vocab, fresh_data, out):
+def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, draft_vocab, schedule, init_from,
+                fresh_data, out):
     """Fit a one-layer draft head (EAGLE-style) on the model's own features and greedy tokens.
 
     The data (features and the model's greedy choices) is saved beside the head
@@ -440,6 +445,7 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
         distillation_data,
         head_dir,
         head_meta,
+        load_head,
         reference_data,
         save_head,
         train_head,
@@ -448,9 +454,11 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
 
     if val_prompts < 1:
         raise InputError("--val-prompts must be positive")
-    spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab, lr=lr)
+    spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab, lr=lr,
+                    schedule=schedule)
     lm = load_model(model)
     folder = Path(out or head_dir(lm.model_id))
+    init, init_meta = load_head(init_from, lm) if init_from else (None, None)  # checked before any data is made
     sharegpt = load_dataset("sharegpt")
     fit = [e for e in sharegpt if split_of(e.prompt) == "fit"][:spec.prompts]
     t0 = time.perf_counter()
@@ -470,8 +478,11 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
                                  lambda: distillation_data(lm, spec, texts, log=click.echo), fresh_data)
         val = None
     gen_s = round(time.perf_counter() - t0, 1) if made else None
-    head, metrics = train_head(lm, spec, rows, log=click.echo, val=val)
+    head, metrics = train_head(lm, spec, rows, log=click.echo, val=val, init=init)
     metrics["data_seconds"] = gen_s
+    if init_meta is not None:  # what the starting head was, so the recipe stays traceable
+        metrics["init"] = {"spec": init_meta.get("spec"), "data": init_meta.get("data"),
+                           "train": {k: v for k, v in (init_meta.get("train") or {}).items() if k != "init"}}
     folder = save_head(head, folder, head_meta(lm, spec, metrics, len(fit), source))
     click.echo(f"draft head saved: {folder} ({len(fit)} prompts, {metrics['fit_tokens']} answer tokens; "
                f"data {gen_s if gen_s is not None else 'reused'} s, training {metrics['seconds']} s; held-out "

@@ -64,7 +64,8 @@ class CorrectionSettings:
     ``loop_ngram`` / ``loop_repeats``: a steered tail repeating an n-gram this often stops.
     ``loop_span``: in any mode, an answer whose tail is ``loop_repeats`` back-to-back copies
     of one span, covering at least ``loop_span`` tokens, or whose last ``near_window`` tokens
-    are more than ``near_share`` repeated 4-grams, is looping (an undefended model that
+    are more than ``near_share`` repeated 4-grams (repeated in the window, or from earlier
+    in the answer), is looping (an undefended model that
     loops is failing too). While watching, the expert then answers instead, from the
     rollback point (a ``loop`` event); a steered answer that loops is cut to its first copy
     and ends (a ``degeneration`` event).
@@ -165,13 +166,19 @@ class DegenerationGuard:
     :meth:`near_repeat` (whole answer): in the last ``near_window`` tokens, more than
     ``near_share`` of the 4-grams occur more than once (repetition with variation, such as
     "Step 5: X. Step 6: X." or a period longer than the exact test looks for).
-    :meth:`loop_cut` is the first of the two whole-answer tests that fires.
+    :meth:`echo` (whole answer): more than ``near_share`` of the last ``near_window`` tokens'
+    4-grams already occurred earlier in the answer (a paragraph repeated with a period longer
+    than the window, which the window alone cannot see).
+    :meth:`loop_cut` is the first of the three whole-answer tests that fires.
 
     Replayed on the undefended embedded model's answers of the first full correction run
     (60 benign, 180 harmful, 128 tokens): the periodic test fired on 3 benign answers and
     caught 74 of the 102 harmful answers the repetition metric calls degenerate; with
     near_repeat(64, 0.8) the guard fires on 4 benign answers (all 4 that the metric calls
-    degenerate, one a runaway list of dates) and catches 90 of the 102.
+    degenerate, one a runaway list of dates) and catches 90 of the 102. The echo test was
+    chosen on the validation split's undefended answers (``results/tune``, 40 benign, 80
+    harmful): it adds no benign firing there and catches 4 more of the 34 degenerate harmful
+    answers (27 against 23).
     """
 
     def __init__(self, ngram: int, repeats: int, span: int = 12, max_period: int = 64, near_window: int = 64,
@@ -181,8 +188,11 @@ class DegenerationGuard:
 
     def loop_cut(self, tokens: list[int]) -> int | None:
         """Where a looping answer is cut (its length to keep), or None."""
-        cut = self.periodic(tokens)
-        return cut if cut is not None else self.near_repeat(tokens)
+        for test in (self.periodic, self.near_repeat, self.echo):
+            cut = test(tokens)
+            if cut is not None:
+                return cut
+        return None
 
     def periodic(self, tokens: list[int]) -> int | None:
         """The answer length to keep (up to the end of the first copy) when the tail loops;
@@ -215,6 +225,24 @@ class DegenerationGuard:
                 return start + i
             first.setdefault(g, i)
         return None
+
+    def echo(self, tokens: list[int]) -> int | None:
+        """When most of the last ``near_window`` tokens' 4-grams already occurred earlier in
+        the answer: the answer length to keep, up to the window's first such 4-gram (the
+        earlier round stays); None otherwise (or when off: window 0)."""
+        w, n = self.near_window, len(tokens)
+        if w < 8 or n < w:
+            return None
+        seen: set[tuple] = set()
+        repeats: list[int] = []  # window positions whose 4-gram occurred before
+        for i in range(n - 3):
+            g = tuple(tokens[i:i + 4])
+            if i >= n - w and g in seen:
+                repeats.append(i)
+            seen.add(g)
+        if len(repeats) / (w - 3) <= self.near_share:
+            return None
+        return repeats[0]
 
     def looping(self, tail: list[int]) -> bool:
         n = self.ngram

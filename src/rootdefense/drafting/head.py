@@ -322,11 +322,14 @@ class HeadSpec:
     token_weight: float = 0.1
     gen_batch: int = 16
     seed: int = 0
+    schedule: str = "constant"  # learning rate: constant, or cosine (decays to 0 over the epochs)
 
     def __post_init__(self):
         for name in ("prompts", "answer_tokens", "draft_vocab", "epochs", "batch_size", "window", "gen_batch"):
             if getattr(self, name) < 1:
                 raise InputError(f"draft head setting '{name}' must be >= 1, got {getattr(self, name)}")
+        if self.schedule not in ("constant", "cosine"):
+            raise InputError(f"draft head schedule must be 'constant' or 'cosine', got {self.schedule!r}")
         if not 0 < self.lr < 1:
             raise InputError(f"lr must lie in (0, 1), got {self.lr}")
 
@@ -443,10 +446,13 @@ def _windows(rows: list[dict], window: int):
 
 
 def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
-               val: list[dict] | None = None) -> tuple[DraftHead, dict]:
+               val: list[dict] | None = None, init: DraftHead | None = None) -> tuple[DraftHead, dict]:
     """Fit a head on distillation ``rows``; the acceptance estimate (greedy top-1 agreement
     of chained drafts) is taken on ``val`` (the target's own answers to other prompts), or on
-    the last 10% of ``rows`` held out."""
+    the last 10% of ``rows`` held out. ``init``: a trained head to start from (its layer;
+    the draft vocabulary is picked afresh from ``rows``, since the layer does not depend on it)."""
+    import math
+
     torch.manual_seed(spec.seed)
     vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
     if val is None:
@@ -454,7 +460,13 @@ def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
         fit, val = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
     else:
         fit = rows
-    head = DraftHead(lm.model, pick_vocab(fit, spec.draft_vocab, vocab_size)).to(lm.device).float().train()
+    head = DraftHead(lm.model, pick_vocab(fit, spec.draft_vocab, vocab_size))
+    if init is not None:
+        result = head.load_state_dict({k: v for k, v in init.state_dict().items() if k != "vocab_ids"},
+                                      strict=False)
+        if result.unexpected_keys or set(result.missing_keys) != {"vocab_ids"}:
+            raise InputError(f"the head to start from does not fit this model's layer: {result}")
+    head = head.to(lm.device).float().train()
     remap = torch.full((vocab_size,), -100, dtype=torch.long)
     remap[head.vocab_ids] = torch.arange(head.vocab_ids.numel())
     decoder = _decoder(lm.model)
@@ -463,10 +475,15 @@ def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
     opt = torch.optim.AdamW(head.parameters(), lr=spec.lr, weight_decay=0.0)
     batches = _windows(fit, spec.window)
     t0, history = time.perf_counter(), []
+    steps, step = spec.epochs * -(-len(batches) // spec.batch_size), 0
     for epoch in range(spec.epochs):
         order = torch.randperm(len(batches)).tolist()
         total, count = 0.0, 0
         for i in range(0, len(order), spec.batch_size):
+            if spec.schedule == "cosine":
+                for group in opt.param_groups:
+                    group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+            step += 1
             loss = _batch_loss(head, [batches[j] for j in order[i:i + spec.batch_size]], embed, decoder.rotary_emb,
                                weight, remap, spec, lm.device)
             opt.zero_grad()
