@@ -191,10 +191,10 @@ def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
     start = tmp_path / "start"
     shutil.copytree(head_dir(str(d)), start)
     r = CliRunner().invoke(cli, ["draft", "train", *small, "--answer-tokens", "8", "--epochs", "1", "--init",
-                                 str(start), "--schedule", "cosine", "--draft-vocab", "80"])
+                                 str(start), "--schedule", "cosine", "--draft-vocab", "80", "--unroll", "2"])
     assert r.exit_code == 0, r.output
     meta = json.loads((head_dir(str(d)) / "head.json").read_text())
-    assert meta["spec"]["schedule"] == "cosine" and meta["shapes"]["vocab_ids"] == [80]
+    assert meta["spec"]["schedule"] == "cosine" and meta["spec"]["unroll"] == 2 and meta["shapes"]["vocab_ids"] == [80]
     assert meta["train"]["init"]["data"]["source"] == json.loads((start / "head.json").read_text())["data"]["source"]
     other = save_tiny_model(tmp_path / "other")  # a head for another model is refused before any data is made
     r = CliRunner().invoke(cli, ["draft", "train", "--model", str(other), "--prompts", "4", "--init", str(start)])
@@ -223,3 +223,36 @@ def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
     bare = save_tiny_model(tmp_path / "bare")  # no head trained for this model: ngram+head says so
     r = CliRunner().invoke(cli, ["generate", "hi", "--model", str(bare), "--defense", "none", "--drafter", "ngram+head"])
     assert r.exit_code == 2 and "no draft head at" in r.output and "draft train" in r.output
+
+
+def test_unrolled_training_reads_its_own_predictions(trained):
+    """unroll=2: the second pass over a window reads the first pass's predicted features,
+    shifted one position (the first position keeps the target's), and both passes count."""
+    from rootdefense.drafting.head import DraftHead, _batch_loss, _decoder, pick_vocab
+
+    lm = trained[0]
+    rows = reference_data(lm, HeadSpec(answer_tokens=10), [("How do I bake bread?", "Mix flour, water, salt and yeast.")])
+    head = DraftHead(lm.model, pick_vocab(rows, 50, lm.model.get_output_embeddings().weight.shape[0]))
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    remap = torch.full((vocab,), -100, dtype=torch.long)
+    remap[head.vocab_ids] = torch.arange(head.vocab_ids.numel())
+    weight = lm.model.get_output_embeddings().weight.detach()[head.vocab_ids]
+    calls = []
+    forward = head.forward
+
+    def spy(features, *args, **kwargs):
+        out = forward(features, *args, **kwargs)
+        calls.append((features.detach().clone(), out.detach().clone()))
+        return out
+
+    head.forward = spy
+    items = [(rows[0], 0, rows[0]["ids"].shape[0])]
+    args = (lm.model.get_input_embeddings(), _decoder(lm.model).rotary_emb, weight, remap)
+    one = _batch_loss(head, items, *args, HeadSpec(unroll=1), lm.device)
+    two = _batch_loss(head, items, *args, HeadSpec(unroll=2), lm.device)
+    assert len(calls) == 3  # one pass, then two
+    (f1, p1), (f2, _) = calls[1], calls[2]
+    assert torch.equal(f1, calls[0][0]) and torch.equal(f2[:, 0], f1[:, 0]) and torch.equal(f2[:, 1:], p1[:, :-1])
+    assert float(two) != float(one) and float(two) > 0
+    with pytest.raises(InputError, match="unroll"):
+        HeadSpec(unroll=0)

@@ -426,12 +426,14 @@ def draft():
 @click.option("--draft-vocab", type=int, default=8192, show_default=True, help="tokens the head may propose")
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant", show_default=True,
               help="learning rate over the epochs (cosine: decays to 0)")
+@click.option("--unroll", type=int, default=1, show_default=True,
+              help="training passes per window; each further pass reads the head's own predicted features")
 @click.option("--init", "init_from", type=click.Path(file_okay=False), default=None,
               help="a trained head (folder) for this model to start from, e.g. to train on more data")
 @click.option("--fresh-data", is_flag=True, help="make the data again even when a matching set is saved")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's draft-head cache")
-def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, draft_vocab, schedule, init_from,
-                fresh_data, out):
+def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, draft_vocab, schedule, unroll,
+                init_from, fresh_data, out):
     """Fit a one-layer draft head (EAGLE-style) on the model's own features and greedy tokens.
 
     The data (features and the model's greedy choices) is saved beside the head
@@ -455,7 +457,7 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
     if val_prompts < 1:
         raise InputError("--val-prompts must be positive")
     spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab, lr=lr,
-                    schedule=schedule)
+                    schedule=schedule, unroll=unroll)
     lm = load_model(model)
     folder = Path(out or head_dir(lm.model_id))
     init, init_meta = load_head(init_from, lm) if init_from else (None, None)  # checked before any data is made

@@ -323,9 +323,14 @@ class HeadSpec:
     gen_batch: int = 16
     seed: int = 0
     schedule: str = "constant"  # learning rate: constant, or cosine (decays to 0 over the epochs)
+    # training passes over each window: 1 reads the target's features only; each further pass
+    # reads the head's own predicted features of the pass before (shifted one position), as
+    # it does from its second drafted token on
+    unroll: int = 1
 
     def __post_init__(self):
-        for name in ("prompts", "answer_tokens", "draft_vocab", "epochs", "batch_size", "window", "gen_batch"):
+        for name in ("prompts", "answer_tokens", "draft_vocab", "epochs", "batch_size", "window", "gen_batch",
+                     "unroll"):
             if getattr(self, name) < 1:
                 raise InputError(f"draft head setting '{name}' must be >= 1, got {getattr(self, name)}")
         if self.schedule not in ("constant", "cosine"):
@@ -524,13 +529,18 @@ def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, devic
     feats, nxt, tgt_f, tgt_t, pad, pos = (x.to(device) for x in (feats, nxt, tgt_f, tgt_t, pad, pos))
     with torch.no_grad():
         emb = embed(nxt).float()
-    pred = head(feats, emb, pos, rotary, pad_mask=pad)
     m = pad.bool()
-    f_loss = torch.nn.functional.smooth_l1_loss(pred[m], tgt_f[m])
-    logits = pred @ weight.T
-    t_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_t.reshape(-1),
-                                               ignore_index=-100)
-    return spec.feature_weight * f_loss + spec.token_weight * t_loss
+    loss = 0.0
+    for step in range(spec.unroll):
+        if step:  # the head's own predictions of the pass before stand in for the target's features
+            feats = torch.cat([feats[:, :1], pred[:, :-1].detach()], dim=1)
+        pred = head(feats, emb, pos, rotary, pad_mask=pad)
+        f_loss = torch.nn.functional.smooth_l1_loss(pred[m], tgt_f[m])
+        logits = pred @ weight.T
+        t_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_t.reshape(-1),
+                                                   ignore_index=-100)
+        loss = loss + spec.feature_weight * f_loss + spec.token_weight * t_loss
+    return loss / spec.unroll
 
 
 @torch.no_grad()
