@@ -483,8 +483,7 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
     head, metrics = train_head(lm, spec, rows, log=click.echo, val=val, init=init)
     metrics["data_seconds"] = gen_s
     if init_meta is not None:  # what the starting head was, so the recipe stays traceable
-        metrics["init"] = {"spec": init_meta.get("spec"), "data": init_meta.get("data"),
-                           "train": {k: v for k, v in (init_meta.get("train") or {}).items() if k != "init"}}
+        metrics["init"] = {"spec": init_meta.get("spec"), "data": init_meta.get("data"), "train": init_meta.get("train")}
     folder = save_head(head, folder, head_meta(lm, spec, metrics, len(fit), source))
     click.echo(f"draft head saved: {folder} ({len(fit)} prompts, {metrics['fit_tokens']} answer tokens; "
                f"data {gen_s if gen_s is not None else 'reused'} s, training {metrics['seconds']} s; held-out "
