@@ -31,24 +31,9 @@ MAX_CHAIN = 5
 def chains(head, val, lm) -> list[list[bool]]:
     """Per sampled position: whether drafts 1..MAX_CHAIN are still on the target's path."""
     decoder = H._decoder(lm.model)
-    embed, rotary = lm.model.get_input_embeddings(), decoder.rotary_emb
     rows = lm.model.get_output_embeddings().weight.detach().float()[head.vocab_ids]
-    out = []
-    with torch.no_grad():
-        for r in val:
-            ids, feats, greedy = r["ids"], r["features"].float(), r["greedy"]
-            for t in range(r["prompt_len"], ids.shape[0] - MAX_CHAIN - 1, 3):
-                start = max(0, t - 24)
-                f, nxt, ok, marks = feats[start:t][None], ids[start + 1:t + 1], True, []
-                for s in range(MAX_CHAIN):
-                    pos = torch.arange(start, start + f.shape[1])[None]
-                    pred = head(f, embed(nxt)[None].float(), pos, rotary)
-                    tok = int(head.vocab_ids[torch.argmax(pred[0, -1] @ rows.T)])
-                    ok = ok and tok == int(greedy[t + s]) and (s == 0 or int(ids[t + s]) == int(greedy[t + s - 1]))
-                    marks.append(ok)
-                    f, nxt = torch.cat([f, pred[:, -1:]], 1), torch.cat([nxt, torch.tensor([tok])])
-                out.append(marks)
-    return out
+    return H.chain_marks(head, val, lm.model.get_input_embeddings(), decoder.rotary_emb, rows, lm.device,
+                         MAX_CHAIN, stride=3)
 
 
 def price(marks: list[list[bool]], cost: dict[int, float]) -> dict:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -456,8 +457,6 @@ def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
     of chained drafts) is taken on ``val`` (the target's own answers to other prompts), or on
     the last 10% of ``rows`` held out. ``init``: a trained head to start from (its layer;
     the draft vocabulary is picked afresh from ``rows``, since the layer does not depend on it)."""
-    import math
-
     torch.manual_seed(spec.seed)
     vocab_size = int(lm.model.get_output_embeddings().weight.shape[0])
     if val is None:
@@ -544,35 +543,41 @@ def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, devic
 
 
 @torch.no_grad()
-def _acceptance(head, val, embed, rotary, weight, lm, k: int = 4) -> dict:
-    """On held-out answers: how often the head's greedy draft equals the target's next
-    token, one step (teacher-forced) and chained (expected tokens accepted of ``k``)."""
-    hits1, total1, chain_sum, chains = 0, 0, 0, 0
+def chain_marks(head, val, embed, rotary, weight, device, k: int, stride: int) -> list[list[bool]]:
+    """On held-out answers, every ``stride``-th answer position: the head drafts a greedy
+    chain of up to ``k`` tokens from the target's features (its own predicted features from
+    the second token on, as when drafting); per position, whether drafts 1..k are still on
+    the target's own greedy path (prefix-closed: False from the first miss on)."""
+    out = []
     for r in val:
-        ids, feats, p0 = r["ids"], r["features"].to(lm.device), r["prompt_len"]
-        for t in range(p0, ids.shape[0] - k - 1, 8):
+        ids, feats, p0 = r["ids"], r["features"].to(device), r["prompt_len"]
+        for t in range(p0, ids.shape[0] - k - 1, stride):
             start = max(0, t - 24)
             f = feats[start:t][None]
-            nxt = ids[start + 1:t + 1].to(lm.device)
-            ok = 0
+            nxt = ids[start + 1:t + 1].to(device)
+            marks = [False] * k
             for step in range(k):
-                pos = torch.arange(start, start + f.shape[1], device=lm.device)[None]
+                pos = torch.arange(start, start + f.shape[1], device=device)[None]
                 pred = head(f, embed(nxt)[None].float(), pos, rotary)
                 tok = int(head.vocab_ids[torch.argmax(pred[0, -1] @ weight.T)])  # weight: the draft vocab's rows
                 want = int(r["greedy"][t + step])  # the target's own next token
-                if step == 0:
-                    hits1 += tok == want
-                    total1 += 1
                 if tok != want:
                     break
-                ok += 1
+                marks[step] = True
                 if int(ids[t + 1 + step]) != want:  # the text leaves the target's own path
                     break
                 f = torch.cat([f, pred[:, -1:]], dim=1)
-                nxt = torch.cat([nxt, ids[t + 1 + step:t + 2 + step].to(lm.device)])
-            chain_sum, chains = chain_sum + ok, chains + 1
-    return {"val_top1": round(hits1 / max(1, total1), 4),
-            f"val_mean_accepted_of_{k}": round(chain_sum / max(1, chains), 3)}
+                nxt = torch.cat([nxt, ids[t + 1 + step:t + 2 + step].to(device)])
+            out.append(marks)
+    return out
+
+
+def _acceptance(head, val, embed, rotary, weight, lm, k: int = 4) -> dict:
+    """On held-out answers: how often the head's greedy draft equals the target's next
+    token, one step (teacher-forced) and chained (expected tokens accepted of ``k``)."""
+    marks = chain_marks(head, val, embed, rotary, weight, lm.device, k, stride=8)
+    return {"val_top1": round(sum(m[0] for m in marks) / max(1, len(marks)), 4),
+            f"val_mean_accepted_of_{k}": round(sum(sum(m) for m in marks) / max(1, len(marks)), 3)}
 
 
 DATA_SOURCES = {"self": "sharegpt (fit split) prompts, the target's own greedy answers",
