@@ -529,16 +529,20 @@ def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, devic
     with torch.no_grad():
         emb = embed(nxt).float()
     m = pad.bool()
-    loss = 0.0
-    for step in range(spec.unroll):
-        if step:  # the head's own predictions of the pass before stand in for the target's features
-            feats = torch.cat([feats[:, :1], pred[:, :-1].detach()], dim=1)
-        pred = head(feats, emb, pos, rotary, pad_mask=pad)
+
+    def pass_loss(pred: torch.Tensor) -> torch.Tensor:
         f_loss = torch.nn.functional.smooth_l1_loss(pred[m], tgt_f[m])
         logits = pred @ weight.T
         t_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt_t.reshape(-1),
                                                    ignore_index=-100)
-        loss = loss + spec.feature_weight * f_loss + spec.token_weight * t_loss
+        return spec.feature_weight * f_loss + spec.token_weight * t_loss
+
+    pred = head(feats, emb, pos, rotary, pad_mask=pad)
+    loss = pass_loss(pred)
+    for _ in range(1, spec.unroll):  # the head's own predictions of the pass before stand in for the target's features
+        feats = torch.cat([feats[:, :1], pred[:, :-1].detach()], dim=1)
+        pred = head(feats, emb, pos, rotary, pad_mask=pad)
+        loss = loss + pass_loss(pred)
     return loss / spec.unroll
 
 
