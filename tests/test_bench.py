@@ -42,6 +42,15 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
                 "peak_rss_mb"} <= set(x)
     for s in ("benign", "harmful"):
         assert got[("hf-generate", s)]["ratio_vs_generate"] == 1.0
+        assert got[("hf-generate", s)]["paired_ratio_vs_generate"] == 1.0
+        assert got[("rds-batch", s)].get("paired_ratio_vs_generate") is None  # a batch has no per-prompt timing
+        # the per-prompt rows are kept, and the paired ratio is their median
+        plain = [x for x in report["per_prompt"] if x["method"] == "plain" and x["set"] == s]
+        gen = {x["prompt"]: x["tokens"] / x["wall_s"] for x in report["per_prompt"]
+               if x["method"] == "hf-generate" and x["set"] == s}
+        assert sorted(x["prompt"] for x in plain) == [0, 1]
+        want = sorted(x["tokens"] / x["wall_s"] / gen[x["prompt"]] for x in plain)
+        assert got[("plain", s)]["paired_ratio_vs_generate"] == pytest.approx((want[0] + want[1]) / 2, rel=2e-3, abs=2e-3)
         # undefended greedy decoders reproduce generate's tokens exactly
         for lossless in ("hf-prompt-lookup", "hf-assisted", "plain"):
             assert got[(lossless, s)]["same_as_generate"] == 1.0, lossless

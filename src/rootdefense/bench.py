@@ -279,6 +279,16 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
             "probe_ms": probe_ms}
 
 
+def _paired_ratio(items: list[dict], reference: list[dict]) -> float | None:
+    """The median over prompts of each prompt's tokens/s against generate's on the same
+    prompt, timed minutes apart in the same run. ``ratio_vs_generate`` (the ratio of the
+    medians) mixes prompts; this pairs them, so a slow spell of the machine or one
+    easy-to-draft prompt moves it less."""
+    ref = {it["prompt"]: it["tokens"] / it["wall_s"] for it in reference if it["tokens"]}
+    ratios = [it["tokens"] / it["wall_s"] / ref[it["prompt"]] for it in items if it["tokens"] and it["prompt"] in ref]
+    return round(statistics.median(ratios), 3) if ratios else None
+
+
 def run_bench(spec: BenchSpec, log=print) -> dict:
     from tqdm.auto import tqdm
 
@@ -310,7 +320,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             if name == "hf-generate":
                 reference[(set_name, i)] = tokens
             per.setdefault((name, set_name), []).append({
-                "tokens": len(tokens), "wall_s": wall, "peak_rss_mb": rss.peak / 2 ** 20,
+                "prompt": i, "tokens": len(tokens), "wall_s": wall, "peak_rss_mb": rss.peak / 2 ** 20,
                 "same_as_generate": tokens == reference.get((set_name, i)), **extra})
     batches = {}
     for name in (n for n in runners if n in BATCH_METHODS):
@@ -349,13 +359,17 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             "ms_per_token": round(statistics.median(1000 * it["wall_s"] / it["tokens"] for it in items if it["tokens"]),
                                   2),
             "ratio_vs_generate": round(statistics.median(tps) / statistics.median(ref), 3),
+            "paired_ratio_vs_generate": _paired_ratio(items, per[("hf-generate", set_name)]),
             "accepted_len": round(statistics.mean(acc), 3) if acc else None,
             "peak_rss_mb": round(max(it["peak_rss_mb"] for it in items), 1),
             "tokens_mean": round(statistics.mean(it["tokens"] for it in items), 1),
             "same_as_generate": round(sum(it["same_as_generate"] for it in items) / len(items), 3),
         })
     log("profiling target forwards ...")
-    return {"results": results, "skipped": skipped, "spec": asdict(spec), "profile": profile_forwards(lm, batch=spec.batch_size),
+    per_prompt = [{"method": name, "set": set_name, **{k: round(v, 6) if isinstance(v, float) else v
+                                                      for k, v in it.items()}}
+                  for (name, set_name), items in per.items() for it in items]
+    return {"results": results, "skipped": skipped, "per_prompt": per_prompt, "spec": asdict(spec), "profile": profile_forwards(lm, batch=spec.batch_size),
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "device": str(lm.device), "dtype": str(lm.dtype),
                         "torch": torch.__version__},
