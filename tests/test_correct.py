@@ -201,6 +201,41 @@ def test_monitor_guard_and_stream_units():
     assert near.echo([7, 8] + para + para[:20]) is None  # less than near_share of the window
     assert near.echo(list(range(200))) is None
     assert DegenerationGuard(4, 3, 12, near_window=0).echo(echoed) is None
+
+
+def test_echo_index_is_kept_between_calls_and_rebuilt_after_a_rollback():
+    """The echo test indexes an answer's 4-grams once as it grows; asked after every token,
+    through rollbacks and with two answers taking turns (as a batch's rows do), it answers
+    exactly as a rescan from scratch."""
+    import random
+
+    def rescan(tokens, w=64, share=0.8):
+        seen, repeats = set(), []
+        for i in range(len(tokens) - 3):
+            g = tuple(tokens[i:i + 4])
+            if i >= len(tokens) - w and g in seen:
+                repeats.append(i)
+            seen.add(g)
+        return None if len(tokens) < w or len(repeats) / (w - 3) <= share else repeats[0]
+
+    rng = random.Random(0)
+    guard = DegenerationGuard(4, 3, 12)
+    fired = 0
+    for _ in range(3):
+        rows = [([], rng.choice([20, 70])) for _ in range(2)]  # two answers, each echoing with its own period
+        for step in range(600):
+            tokens, period = rows[step % 2 if step > 300 else 0]  # one answer alone, then both in turns
+            r = rng.random()
+            if r < 0.02 and tokens:
+                del tokens[-rng.randrange(1, 40):]  # rollback
+            elif r < 0.95 and len(tokens) > 70:
+                tokens.append(tokens[-period])  # echo an earlier stretch
+            else:
+                tokens.append(rng.randrange(6))
+            got = guard.echo(list(tokens))
+            assert got == rescan(tokens)
+            fired += got is not None
+    assert fired > 0  # the answers do echo
     sent = []
     s = _Stream(lambda step, p: sent.append(p), None, hold_back=2)
     for p in "abcde":

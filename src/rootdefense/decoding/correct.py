@@ -185,6 +185,8 @@ class DegenerationGuard:
                  near_share: float = 0.8):
         self.ngram, self.repeats, self.span, self.max_period = ngram, repeats, span, max_period
         self.near_window, self.near_share = near_window, near_share
+        self._echo_ids: list[int] = []  # the answer the echo test's 4-gram index covers
+        self._echo_first: dict[tuple, int] = {}
 
     def loop_cut(self, tokens: list[int]) -> int | None:
         """Where a looping answer is cut (its length to keep), or None."""
@@ -233,16 +235,26 @@ class DegenerationGuard:
         w, n = self.near_window, len(tokens)
         if w < 8 or n < w:
             return None
-        seen: set[tuple] = set()
-        repeats: list[int] = []  # window positions whose 4-gram occurred before
-        for i in range(n - 3):
-            g = tuple(tokens[i:i + 4])
-            if i >= n - w and g in seen:
-                repeats.append(i)
-            seen.add(g)
+        first = self._first_grams(tokens)
+        # window positions whose 4-gram occurred before
+        repeats = [i for i in range(n - w, n - 3) if first[tuple(tokens[i:i + 4])] < i]
         if len(repeats) / (w - 3) <= self.near_share:
             return None
         return repeats[0]
+
+    def _first_grams(self, tokens: list[int]) -> dict[tuple, int]:
+        """Where each 4-gram of ``tokens`` first starts. Kept between calls: the decoders ask
+        after every token, so when ``tokens`` extends the last answer asked about only the
+        new 4-grams are indexed (linear in the answer, not quadratic); after a rollback or
+        for another answer (a batch's rows share the guard) the index is rebuilt."""
+        done = len(self._echo_ids)
+        if len(tokens) < done or tokens[:done] != self._echo_ids:
+            self._echo_ids, self._echo_first, done = [], {}, 0
+        first = self._echo_first
+        for i in range(max(0, done - 3), len(tokens) - 3):
+            first.setdefault(tuple(tokens[i:i + 4]), i)
+        self._echo_ids = list(tokens)
+        return first
 
     def looping(self, tail: list[int]) -> bool:
         n = self.ngram
