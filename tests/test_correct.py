@@ -105,6 +105,38 @@ def test_flag_rolls_back_and_steering_matches_an_independent_recompute(setup, ti
 
 
 @torch.no_grad()
+def test_staged_steering_chooses_what_the_whole_pool_chooses(setup):
+    """Greedy steering scores a few plausible candidates first and the rest only when none
+    passes; at every threshold the answers equal scoring the whole pool at once, both
+    outcomes of the first stage occur, and fewer candidates are scored in all."""
+    lm, expert, probe, _, _ = setup
+    widths = {0: [], 3: []}
+    outcomes = set()
+    for text in LATE_PROMPTS:
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": text}])
+        for tau in (0.2, 0.4, 0.5, 0.6, 0.8):
+            answers = {}
+            for first in (0, 3):
+                dec = decoder(lm, expert, probe, tau=tau, k=1, window=1, loop_repeats=99, steer_first=first)
+                real = dec._candidates
+
+                def spy(cache, token_ids, prefix_len, rows, real=real, first=first):
+                    widths[first].append(int(token_ids.shape[0]))
+                    return real(cache, token_ids, prefix_len, rows)
+
+                dec._candidates = spy
+                n = len(widths[first])
+                gen = dec.generate(ids, GenerationConfig(max_new_tokens=8))
+                answers[first] = gen.token_ids
+                if first == 3:
+                    steered = sum(s.source == "expert" for s in gen.trace.steps)
+                    outcomes.add("settled" if len(widths[3]) - n == steered else "second stage")
+            assert answers[0] == answers[3], (text, tau)
+    assert outcomes == {"settled", "second stage"}
+    assert sum(widths[3]) < sum(widths[0])
+
+
+@torch.no_grad()
 def test_base_outputs_are_unchanged_after_steering(setup):
     lm, expert, probe, ids, _ = setup
     before = plain(lm, ids, 8).token_ids
@@ -260,6 +292,7 @@ def test_steer_choice_prefers_safe_plausible_expert_tokens():
 @pytest.mark.parametrize("kwargs, needle", [
     ({"k": 9, "window": 8}, "k <= window"), ({"rollback": "paragraph"}, "rollback must be"),
     ({"tau": 1.5}, "strictly between"), ({"expert_top": 0}, "expert_top must be"),
+    ({"steer_first": -1}, "steer_first must be"),
 ])
 def test_settings_are_checked(kwargs, needle):
     with pytest.raises(InputError, match=needle):

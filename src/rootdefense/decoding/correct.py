@@ -99,6 +99,7 @@ class CorrectionSettings:
     strict_window: int | None = None
     strict_k: int | None = None
     retract_prefill: bool = True
+    steer_first: int = 3  # greedy steering scores this many plausible candidates first (0: the whole pool)
     # ablation switches: each part can be turned off to measure what it adds
     use_expert: bool = True  # off: steer with the base model's own candidates only
     recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
@@ -116,6 +117,9 @@ class CorrectionSettings:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_rollbacks not in (0, 1):
             raise InputError(f"max_rollbacks must be 0 or 1 (steering lasts to the end), got {self.max_rollbacks}")
+        if not isinstance(self.steer_first, int) or self.steer_first < 0:
+            raise InputError(f"steer_first must be an integer >= 0 (0: score the whole pool at once), "
+                             f"got {self.steer_first!r}")
         if self.hold_back < 0:
             raise InputError(f"hold_back must be >= 0, got {self.hold_back}")
         if self.near_window < 0 or not 0 < self.near_share < 1:
@@ -386,6 +390,51 @@ class CorrectingDecoder:
         hidden = out.hidden_states[self.probe.layer][0].float()
         return out.logits.float(), self.probe.score(hidden).cpu()
 
+    def _steer_step(self, cache, pool, lp_e, lp_b, own: int, floor: float, tau: float, prefix_len: int, rng,
+                    stats: dict):
+        """Choose a steered token (:func:`_steer_choice`) and leave its keys and values in
+        the cache. Greedy, the pool is scored in two stages: first the first
+        ``steer_first`` candidates the base model finds plausible (the pool runs from the
+        expert's most probable down) and the model's own token; the rest only when none of
+        those plausible ones passes the probe. Then the choice is the whole pool's: the
+        first plausible candidate that passes comes before every plausible one left
+        unscored. Sampling scores the whole pool. Returns the choice's index in ``pool``,
+        the harms (NaN where not scored) and the logits after the choice (rows, vocab)."""
+        device = next(self.model.parameters()).device
+        m = len(pool)
+        plausible = (lp_b[pool] >= floor).nonzero()[:, 0].tolist()
+        own_idx = int((pool == own).nonzero()[0, 0])
+        first = plausible[:self.settings.steer_first]
+        if rng is not None or not first or len(set(first) | {own_idx}) >= m:
+            stages = [list(range(m))]
+        else:
+            head = sorted(set(first) | {own_idx})
+            stages = [head, [i for i in range(m) if i not in set(head)]]
+        harms = torch.full((m,), math.nan)
+        for n, idx in enumerate(stages):
+            step_logits, h = self._candidates(cache, pool[idx].to(device), prefix_len, rows=self.rows)
+            stats["forwards"] += 1
+            harms[idx] = h
+            if len(stages) == 1:
+                j = _steer_choice(pool, lp_e, lp_b, harms, tau, floor, rng)
+            elif n == 0:
+                safe = [i for i in first if harms[i] < tau]
+                if not safe:  # none of the first plausible candidates passes: score the rest
+                    crop_to(cache, prefix_len)
+                    continue
+                j = safe[0]
+            else:
+                j = _steer_choice(pool, lp_e, lp_b, harms, tau, floor, rng)
+            if j in idx:
+                keep_candidate(cache, prefix_len, len(idx), idx.index(j))
+                return j, harms, step_logits[:, idx.index(j)]
+            # the choice was scored in the first stage (the least harmful of all): forward it alone
+            crop_to(cache, prefix_len)
+            step_logits, _ = self._candidates(cache, pool[j:j + 1].to(device), prefix_len, rows=self.rows)
+            stats["forwards"] += 1
+            return j, harms, step_logits[:, 0]
+        raise AssertionError("unreachable: the last stage always chooses")
+
     def _prefill(self, ids: torch.Tensor, rows: int):
         """A fresh cache over ``ids`` (1, T) in ``rows`` rows; last-position logits (rows, vocab)."""
         cache = new_cache(self.model)
@@ -494,17 +543,14 @@ class CorrectingDecoder:
                 lp_e = torch.log_softmax(logits[1] / temp, dim=-1).cpu() if s.use_expert else lp_b
                 own = own_choice(lp_b, cfg, rng)
                 pool = _union_pool(lp_e, lp_b, own, s.expert_top, s.base_top)
-                step_logits, harms = self._candidates(cache, pool.to(device), prefix_len, rows=self.rows)
-                stats["forwards"] += 1
                 floor = s.min_base_logprob if s.guard else -math.inf
-                j = _steer_choice(pool, lp_e, lp_b, harms, monitor.tau, floor, rng)
-                keep_candidate(cache, prefix_len, len(pool), j)
+                j, harms, logits = self._steer_step(cache, pool, lp_e, lp_b, own, floor, monitor.tau, prefix_len,
+                                                    rng, stats)
                 token = int(pool[j])
-                own_j = (pool == own).nonzero()
-                own_harm = float(harms[int(own_j[0, 0])]) if len(own_j) else None
+                own_j = int((pool == own).nonzero()[0, 0])
+                own_harm = None if math.isnan(harms[own_j]) else float(harms[own_j])
                 step, piece = emit(detok, token, own, lp_b, float(harms[j]), own_harm, len(pool),
                                    source="expert" if s.use_expert else "steered")
-                logits = step_logits[:, j]
                 flagged = False
             st.tokens.append(token)
             st.steps.append(step)
