@@ -225,6 +225,31 @@ def test_cli_draft_train_and_generate_with_head(tmp_path, rd_home):
     assert r.exit_code == 2 and "no draft head at" in r.output and "draft train" in r.output
 
 
+def test_more_prompts_extend_the_saved_data(tmp_path, rd_home):
+    """draft train with more prompts than a saved set makes only the new prompts' rows, and
+    the result is the set made from nothing."""
+    from rootdefense.drafting.head import load_rows
+
+    d = save_tiny_model(tmp_path / "tiny")
+    common = ["draft", "train", "--model", str(d), "--val-prompts", "2", "--draft-vocab", "100", "--answer-tokens", "8",
+              "--epochs", "1"]
+    assert CliRunner().invoke(cli, [*common, "--prompts", "4"]).exit_code == 0
+    r = CliRunner().invoke(cli, [*common, "--prompts", "7"])
+    assert r.exit_code == 0, r.output
+    assert "extending the saved distillation data for 4 prompts" in r.output and "with 3 more" in r.output
+    folder = head_dir(str(d))
+    meta = {"model_id": str(d), "prompts": 7, "answer_tokens": 8,
+            "source": "sharegpt fit split, reference answers, teacher-forced"}
+    extended = load_rows(folder / "distill-ref-7x8.safetensors", meta)
+    r = CliRunner().invoke(cli, [*common, "--prompts", "7", "--fresh-data"])
+    assert r.exit_code == 0 and "extending" not in r.output
+    fresh = load_rows(folder / "distill-ref-7x8.safetensors", meta)
+    assert extended is not None and len(extended) == len(fresh) > 4
+    for a, b in zip(extended, fresh, strict=True):
+        assert a["prompt_len"] == b["prompt_len"] and torch.equal(a["ids"], b["ids"])
+        assert torch.equal(a["greedy"], b["greedy"]) and torch.allclose(a["features"], b["features"])
+
+
 def test_unrolled_training_reads_its_own_predictions(trained):
     """unroll=2: the second pass over a window reads the first pass's predicted features,
     shifted one position (the first position keeps the target's), and both passes count."""

@@ -470,17 +470,17 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
     if source == "reference":
         rows, made = _saved_rows(folder, "ref-", lm, len(fit), spec.answer_tokens,
                                  "sharegpt fit split, reference answers, teacher-forced",
-                                 lambda: reference_data(lm, spec, [(e.prompt, e.answer) for e in fit]), fresh_data)
+                                 lambda start: reference_data(lm, spec, [(e.prompt, e.answer) for e in fit[start:]]), fresh_data)
         held = [e.prompt for e in sharegpt if split_of(e.prompt) == "val"][:val_prompts]
         val_spec = HeadSpec(prompts=len(held), answer_tokens=min(spec.answer_tokens, 128))
         val, _ = _saved_rows(folder, "val-", lm, len(held), val_spec.answer_tokens,
                              "sharegpt val split, the target's greedy answers",
-                             lambda: distillation_data(lm, val_spec, held), fresh_data)
+                             lambda start: distillation_data(lm, val_spec, held[start:]), fresh_data)
     else:
         texts = [e.prompt for e in fit]
         rows, made = _saved_rows(folder, "", lm, len(texts), spec.answer_tokens,
                                  "sharegpt fit split, the target's greedy answers",
-                                 lambda: distillation_data(lm, spec, texts, log=click.echo), fresh_data)
+                                 lambda start: distillation_data(lm, spec, texts[start:], log=click.echo), fresh_data)
         val = None
     gen_s = round(time.perf_counter() - t0, 1) if made else None
     head, metrics = train_head(lm, spec, rows, log=click.echo, val=val, init=init)
@@ -496,7 +496,12 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
 def _saved_rows(folder, kind: str, lm, prompts: int, answer_tokens: int, source: str, make,
                 fresh: bool = False) -> tuple[list[dict], bool]:
     """Distillation rows saved in ``folder`` (``distill-{kind}{prompts}x{answer_tokens}``)
-    for the same model, sizes and source, or made (and saved) now; and whether they were made."""
+    for the same model, sizes and source, or made (and saved) now; and whether they were made.
+    ``make(start)`` makes the rows of the prompts from index ``start`` on. The prompts are the
+    first ones of a fixed list, so rows saved for fewer prompts are the start of these: the
+    largest such set is extended with the rest instead of being made again."""
+    import re
+
     from .drafting.head import load_rows, save_rows
 
     path = folder / f"distill-{kind}{prompts}x{answer_tokens}.safetensors"
@@ -505,7 +510,17 @@ def _saved_rows(folder, kind: str, lm, prompts: int, answer_tokens: int, source:
     if rows is not None:
         click.echo(f"reusing the saved distillation data: {path}")
         return rows, False
-    rows = make()
+    pattern = re.compile(rf"distill-{re.escape(kind)}(\d+)x{answer_tokens}\.safetensors")
+    smaller = sorted(((int(m.group(1)), f) for f in (folder.glob("distill-*.safetensors") if not fresh else [])
+                      if (m := pattern.fullmatch(f.name)) and int(m.group(1)) < prompts), reverse=True)
+    for n, f in smaller:
+        saved = load_rows(f, {**meta, "prompts": n})
+        if saved is not None:
+            click.echo(f"extending the saved distillation data for {n} prompts ({f}) with {prompts - n} more")
+            rows = saved + make(n)
+            break
+    else:
+        rows = make(0)
     save_rows(rows, path, meta)
     return rows, True
 
