@@ -74,6 +74,9 @@ class CorrectionSettings:
     ``gate`` is watched by a stricter monitor (``strict_tau``, ``strict_window``,
     ``strict_k``; each defaults to the normal one). A request that reads as harmful needs
     less evidence from the answer; a benign one keeps the normal monitor.
+    ``steer_first``: greedy steered steps score this many candidates the base model finds
+    plausible (and its own token) first, and the rest of the pool only when none of them
+    passes the probe; the choice is the same as scoring the whole pool (0: score it whole).
     ``retract_prefill``: when the answer was forced to open with text (an assistant
     prefill) and the monitor flags it, the expert answers from the start of the assistant
     turn, withdrawing the forced opening (an explicit correction event with
