@@ -393,39 +393,32 @@ class CorrectingDecoder:
         hidden = out.hidden_states[self.probe.layer][0].float()
         return out.logits.float(), self.probe.score(hidden).cpu()
 
-    def _steer_step(self, cache, pool, lp_e, lp_b, own: int, floor: float, tau: float, prefix_len: int, rng,
+    def _steer_step(self, cache, pool, lp_e, lp_b, own_idx: int, floor: float, tau: float, prefix_len: int, rng,
                     stats: dict):
         """Choose a steered token (:func:`_steer_choice`) and leave its keys and values in
         the cache. Greedy, the pool is scored in two stages: first the first
         ``steer_first`` candidates the base model finds plausible (the pool runs from the
-        expert's most probable down) and the model's own token; the rest only when none of
-        those plausible ones passes the probe. Then the choice is the whole pool's: the
-        first plausible candidate that passes comes before every plausible one left
-        unscored. Sampling scores the whole pool. Returns the choice's index in ``pool``,
-        the harms (NaN where not scored) and the logits after the choice (rows, vocab)."""
+        expert's most probable down) and the model's own token (``own_idx``); the rest only
+        when none of those plausible ones passes the probe. Then the choice is the whole
+        pool's: the first plausible candidate that passes comes before every plausible one
+        left unscored. Sampling scores the whole pool. Returns the choice's index in
+        ``pool``, the harms (NaN where not scored) and the logits after the choice (rows, vocab)."""
         device = next(self.model.parameters()).device
         m = len(pool)
-        plausible = (lp_b[pool] >= floor).nonzero()[:, 0].tolist()
-        own_idx = int((pool == own).nonzero()[0, 0])
-        first = plausible[:self.settings.steer_first]
-        if rng is not None or not first or len(set(first) | {own_idx}) >= m:
-            stages = [list(range(m))]
-        else:
-            head = sorted(set(first) | {own_idx})
-            stages = [head, [i for i in range(m) if i not in set(head)]]
+        first = (lp_b[pool] >= floor).nonzero()[:, 0].tolist()[:self.settings.steer_first]
+        head = sorted(set(first) | {own_idx})
+        staged = rng is None and bool(first) and len(head) < m
+        stages = [head, [i for i in range(m) if i not in head]] if staged else [list(range(m))]
         harms = torch.full((m,), math.nan)
         for n, idx in enumerate(stages):
             step_logits, h = self._candidates(cache, pool[idx].to(device), prefix_len, rows=self.rows)
             stats["forwards"] += 1
             harms[idx] = h
-            if len(stages) == 1:
-                j = _steer_choice(pool, lp_e, lp_b, harms, tau, floor, rng)
-            elif n == 0:
-                safe = [i for i in first if harms[i] < tau]
-                if not safe:  # none of the first plausible candidates passes: score the rest
+            if staged and n == 0:
+                j = next((i for i in first if harms[i] < tau), None)
+                if j is None:  # none of the first plausible candidates passes: score the rest
                     crop_to(cache, prefix_len)
                     continue
-                j = safe[0]
             else:
                 j = _steer_choice(pool, lp_e, lp_b, harms, tau, floor, rng)
             if j in idx:
@@ -546,12 +539,12 @@ class CorrectingDecoder:
                 lp_e = torch.log_softmax(logits[1] / temp, dim=-1).cpu() if s.use_expert else lp_b
                 own = own_choice(lp_b, cfg, rng)
                 pool = _union_pool(lp_e, lp_b, own, s.expert_top, s.base_top)
+                own_j = int((pool == own).nonzero()[0, 0])
                 floor = s.min_base_logprob if s.guard else -math.inf
-                j, harms, logits = self._steer_step(cache, pool, lp_e, lp_b, own, floor, monitor.tau, prefix_len,
+                j, harms, logits = self._steer_step(cache, pool, lp_e, lp_b, own_j, floor, monitor.tau, prefix_len,
                                                     rng, stats)
                 token = int(pool[j])
-                own_j = int((pool == own).nonzero()[0, 0])
-                own_harm = None if math.isnan(harms[own_j]) else float(harms[own_j])
+                own_harm = float(harms[own_j])  # the own token is always scored
                 step, piece = emit(detok, token, own, lp_b, float(harms[j]), own_harm, len(pool),
                                    source="expert" if s.use_expert else "steered")
                 flagged = False
