@@ -110,7 +110,7 @@ def _uncached_chain(drafter, context, k):
     """The chain the head drafts when it recomputes every position from the start (its
     training forward), for comparison with the cached drafter."""
     head, n = drafter.head, len(context) - 1
-    feats = torch.stack([drafter.features[(p, context[p])] for p in range(n)])[None]
+    feats = head.lift(torch.stack([drafter.features[(p, context[p])] for p in range(n)])[None])
     nxt = torch.tensor(context[1:n + 1])
     out = []
     for _ in range(k):
@@ -281,3 +281,89 @@ def test_unrolled_training_reads_its_own_predictions(trained):
     assert float(two) != float(one) and float(two) > 0
     with pytest.raises(InputError, match="unroll"):
         HeadSpec(unroll=0)
+
+
+@torch.no_grad()
+def _fresh_features(lm, ids: list[int], taps) -> torch.Tensor:
+    hs = lm.model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    return torch.cat([hs[t][0] for t in taps] + [hs[-1][0]], dim=-1)
+
+
+def test_tapped_head_reads_extra_layers(trained, tmp_path):
+    """EAGLE-3-style taps: the rows hold the tapped hidden states beside the final feature;
+    a tapped head started from an untapped one predicts what that one predicts; while
+    decoding, the drafter records exactly the raw features a fresh forward gives; drafting
+    stays lossless and its cache agrees with a full recompute; the taps travel with the head."""
+    from rootdefense.drafting.head import DraftHead, _decoder
+
+    lm, folder, _ = trained
+    h, taps = lm.hidden_size, (1, 2)
+    pairs = [("How do I bake bread?", "Mix flour, water, salt and yeast, then bake it."),
+             ("hi", "Hello! How can I help you today?")]
+    rows = reference_data(lm, HeadSpec(answer_tokens=12, taps=taps), pairs)
+    for r in rows:
+        assert r["features"].shape == (r["ids"].shape[0], 3 * h)
+        assert torch.allclose(r["features"], _fresh_features(lm, r["ids"].tolist(), taps), atol=1e-5)
+    plain, _ = load_head(folder, lm)
+    start = DraftHead(lm.model, plain.vocab_ids, taps=taps)
+    start.load_state_dict(plain.state_dict(), strict=False)
+    r, rot, embed = rows[0], _decoder(lm.model).rotary_emb, lm.model.get_input_embeddings()
+    n = r["ids"].shape[0] - 1
+    emb, pos = embed(r["ids"][1:])[None], torch.arange(n)[None]
+    with torch.no_grad():
+        assert torch.allclose(start(start.lift(r["features"][None, :n]), emb, pos, rot),
+                              plain(r["features"][None, :n, -h:], emb, pos, rot), atol=1e-5)
+    head, metrics = train_head(lm, HeadSpec(epochs=3, draft_vocab=120, window=16, taps=taps), rows,
+                               log=lambda m: None, val=rows[:1], init=plain)
+    assert metrics["loss"][-1] < metrics["loss"][0]
+    spec = HeadSpec(prompts=2, draft_vocab=120, taps=taps)
+    saved = save_head(head, tmp_path / "tapped", head_meta(lm, spec, metrics, 2, "reference"))
+    loaded, meta = load_head(saved, lm)
+    assert loaded.taps == taps and meta["spec"]["taps"] == [1, 2] and meta["shapes"]["fuse.weight"] == [h, 3 * h]
+    g = torch.Generator().manual_seed(7)
+    probe = LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5, meta={})
+    cfg = GenerationConfig(max_new_tokens=24)
+    for prompt in PROMPTS[:3]:
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}])
+        drafter = HeadDrafter(lm.model, loaded, window=1000, max_k=3)
+        try:
+            got = SpeculativeDecoder(lm.model, lm.tokenizer, drafter, probe=probe, rule=ThresholdRule(0.55),
+                                     eos_token_ids=[lm.tokenizer.eos_token_id]).generate(ids, cfg)
+            want = Decoder(lm.model, lm.tokenizer, probe=probe, rule=ThresholdRule(0.55),
+                           eos_token_ids=[lm.tokenizer.eos_token_id]).generate(ids, cfg)
+            assert got.token_ids == want.token_ids
+            context = ids[0].tolist() + got.token_ids[:-1]
+            fresh = _fresh_features(lm, context, taps)
+            recorded = [p for p in range(len(context)) if (p, context[p]) in drafter.features]
+            assert len(recorded) >= len(context) - 2
+            for p in recorded:
+                assert torch.allclose(drafter.features[(p, context[p])], fresh[p], atol=1e-4)
+            while (len(context) - 2, context[-2]) not in drafter.features:
+                context.pop()
+            chain = drafter.propose(context, 3)
+            assert chain == _uncached_chain(drafter, context, len(chain)) and chain
+        finally:
+            drafter.close()
+
+
+def test_bad_taps_are_refused(trained, tmp_path, rd_home):
+    from rootdefense.drafting.head import DraftHead
+
+    lm, folder, _ = trained
+    plain, _ = load_head(folder, lm)
+    for bad in ((0,), (2, 1), (1, 1)):
+        with pytest.raises(InputError, match="taps"):
+            HeadSpec(taps=bad)
+    with pytest.raises(InputError, match=r"taps must lie in 1\.\.2"):
+        DraftHead(lm.model, plain.vocab_ids, taps=(3,))  # the tiny model has 3 layers
+    d = save_tiny_model(tmp_path / "tiny")
+    for taps, message in (("3", "must lie in 1..2"), ("1,x", "comma-separated integers")):
+        r = CliRunner().invoke(cli, ["draft", "train", "--model", d, "--prompts", "3", "--taps", taps])
+        assert r.exit_code == 2 and message in r.output and "target features" not in r.output
+    r = CliRunner().invoke(cli, ["draft", "train", "--model", d, "--prompts", "3", "--val-prompts", "2",
+                                 "--answer-tokens", "8", "--epochs", "1", "--draft-vocab", "60", "--taps", "2"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((head_dir(d) / "head.json").read_text())
+    assert meta["spec"]["taps"] == [2] and "hidden states [2]" in meta["data"]["source"]
+    assert (head_dir(d) / "distill-ref-taps2-3x8.safetensors").exists()
+    assert (head_dir(d) / "distill-val-taps2-2x8.safetensors").exists()

@@ -431,12 +431,15 @@ def draft():
               help="learning rate over the epochs (cosine: decays to 0)")
 @click.option("--unroll", type=int, default=1, show_default=True,
               help="training passes per window; each further pass reads the head's own predicted features")
+@click.option("--taps", default=None,
+              help="comma-separated extra target layers the head reads beside the final features, as EAGLE-3 "
+                   "does (hidden-state indices, e.g. 4,16); default: none")
 @click.option("--init", "init_from", type=click.Path(file_okay=False), default=None,
               help="a trained head (folder) for this model to start from, e.g. to train on more data")
 @click.option("--fresh-data", is_flag=True, help="make the data again even when a matching set is saved")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="default: the model's draft-head cache")
 def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, draft_vocab, schedule, unroll,
-                init_from, fresh_data, out):
+                taps, init_from, fresh_data, out):
     """Fit a one-layer draft head (EAGLE-style) on the model's own features and greedy tokens.
 
     The data (features and the model's greedy choices) is saved beside the head
@@ -447,39 +450,49 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
     from .data.split import split_of
     from .drafting.head import (
         HeadSpec,
+        check_taps,
         distillation_data,
         head_dir,
         head_meta,
         load_head,
         reference_data,
         save_head,
+        tap_note,
         train_head,
     )
     from .models import load_model
 
     if val_prompts < 1:
         raise InputError("--val-prompts must be positive")
+    try:
+        tap_list = tuple(int(t) for t in (_csv(taps) or ()))
+    except ValueError as exc:
+        raise InputError(f"--taps must be comma-separated integers, got {taps!r}") from exc
     spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab, lr=lr,
-                    schedule=schedule, unroll=unroll)
+                    schedule=schedule, unroll=unroll, taps=tap_list)
     lm = load_model(model)
+    check_taps(spec.taps, lm.num_layers)
+    # data with extra layers' features is saved apart from (and never mixed with) final-only data
+    tag = f"taps{'.'.join(map(str, spec.taps))}-" if spec.taps else ""
+    note = tap_note(spec.taps)
     folder = Path(out or head_dir(lm.model_id))
     init, init_meta = load_head(init_from, lm) if init_from else (None, None)  # checked before any data is made
     sharegpt = load_dataset("sharegpt")
     fit = [e for e in sharegpt if split_of(e.prompt) == "fit"][:spec.prompts]
     t0 = time.perf_counter()
     if source == "reference":
-        rows, made = _saved_rows(folder, "ref-", lm, len(fit), spec.answer_tokens,
-                                 "sharegpt fit split, reference answers, teacher-forced",
+        rows, made = _saved_rows(folder, f"ref-{tag}", lm, len(fit), spec.answer_tokens,
+                                 "sharegpt fit split, reference answers, teacher-forced" + note,
                                  lambda start: reference_data(lm, spec, [(e.prompt, e.answer) for e in fit[start:]]), fresh_data)
         held = [e.prompt for e in sharegpt if split_of(e.prompt) == "val"][:val_prompts]
-        val_spec = HeadSpec(prompts=len(held), answer_tokens=min(spec.answer_tokens, 128))
-        val, _ = _saved_rows(folder, "val-", lm, len(held), val_spec.answer_tokens,
-                             "sharegpt val split, the target's greedy answers",
+        val_spec = HeadSpec(prompts=len(held), answer_tokens=min(spec.answer_tokens, 128), taps=spec.taps)
+        val, _ = _saved_rows(folder, f"val-{tag}", lm, len(held), val_spec.answer_tokens,
+                             "sharegpt val split, the target's greedy answers" + note,
                              lambda start: distillation_data(lm, val_spec, held[start:]), fresh_data)
     else:
         texts = [e.prompt for e in fit]
-        rows, made = _saved_rows(folder, "", lm, len(texts), spec.answer_tokens,
-                                 "sharegpt fit split, the target's greedy answers",
+        rows, made = _saved_rows(folder, tag, lm, len(texts), spec.answer_tokens,
+                                 "sharegpt fit split, the target's greedy answers" + note,
                                  lambda start: distillation_data(lm, spec, texts[start:], log=click.echo), fresh_data)
         val = None
     gen_s = round(time.perf_counter() - t0, 1) if made else None

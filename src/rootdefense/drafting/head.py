@@ -58,16 +58,30 @@ def _decoder(model):
 
 
 class DraftHead(nn.Module):
-    """fc([feature ; embedding]) -> one decoder layer -> norm: the predicted next feature."""
+    """fc([feature ; embedding]) -> one decoder layer -> norm: the predicted next feature.
 
-    def __init__(self, target, vocab_ids: torch.Tensor):
+    With ``taps`` (extra target layers, as EAGLE-3 reads low and middle layers beside the
+    final one), a target position's raw feature is the concatenation of those layers' hidden
+    states and the final feature, fused to the hidden size by one more linear layer
+    (:meth:`lift`). The head's own predicted features (its drafted positions) are already of
+    hidden size and are read as they are. The fusion starts as "take the final feature", so a
+    head without taps can be extended with them and keep what it had learned."""
+
+    def __init__(self, target, vocab_ids: torch.Tensor, taps: tuple[int, ...] = ()):
         super().__init__()
         decoder = _decoder(target)
         cfg = copy.deepcopy(target.config.get_text_config())
+        check_taps(taps, int(cfg.num_hidden_layers))
         cfg.num_hidden_layers = 1
         if hasattr(cfg, "layer_types") and cfg.layer_types:
             cfg.layer_types = cfg.layer_types[:1]
         h = cfg.hidden_size
+        self.taps = tuple(int(t) for t in taps)
+        if self.taps:
+            self.fuse = nn.Linear((len(self.taps) + 1) * h, h, bias=False)
+            with torch.no_grad():
+                self.fuse.weight.zero_()
+                self.fuse.weight[:, -h:] = torch.eye(h)
         self.fc = nn.Linear(2 * h, h, bias=False)
         self.layer = type(decoder.layers[0])(cfg, layer_idx=0)
         self.norm = type(decoder.norm)(h, eps=getattr(cfg, "rms_norm_eps", 1e-6))
@@ -75,10 +89,19 @@ class DraftHead(nn.Module):
         self.hidden_size = h
         self.config = cfg
 
+    @property
+    def raw_size(self) -> int:
+        """The width of a target position's raw feature (taps and final, concatenated)."""
+        return (len(self.taps) + 1) * self.hidden_size
+
+    def lift(self, raw: torch.Tensor) -> torch.Tensor:
+        """A target position's raw feature (..., raw_size) as the head reads it (..., H)."""
+        return self.fuse(raw) if self.taps else raw
+
     def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, position_ids: torch.Tensor,
                 rotary, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``features``, ``next_embeds``: (B, T, H); ``position_ids`` (B, T). Returns the
-        predicted features (B, T, H) of the next positions (causal over T)."""
+        """``features`` (lifted), ``next_embeds``: (B, T, H); ``position_ids`` (B, T). Returns
+        the predicted features (B, T, H) of the next positions (causal over T)."""
         x = self.fc(torch.cat([features, next_embeds], dim=-1))
         b, t, _ = x.shape
         allowed = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()[None].expand(b, t, t)
@@ -90,7 +113,7 @@ class DraftHead(nn.Module):
     def extend(self, features: torch.Tensor, next_embeds: torch.Tensor, position_ids: torch.Tensor, rotary,
                cache) -> torch.Tensor:
         """:meth:`forward` for new positions after those in ``cache`` (a one-layer cache the
-        call extends): ``features``, ``next_embeds`` (1, T, H) at ``position_ids`` (1, T)."""
+        call extends): ``features`` (lifted), ``next_embeds`` (1, T, H) at ``position_ids`` (1, T)."""
         x = self.fc(torch.cat([features, next_embeds], dim=-1))
         t, past = x.shape[1], cache.get_seq_length()
         allowed = torch.ones(t, past + t, dtype=torch.bool, device=x.device).tril(diagonal=past)[None]
@@ -147,8 +170,8 @@ def load_head(folder: str | Path, lm) -> tuple[DraftHead, dict]:
     if shapes != meta.get("shapes"):
         raise InputError(f"draft head weights in {folder} do not match its metadata (tensors or shapes differ); "
                          "the files come from different trainings: retrain it")
-    head = DraftHead(lm.model, tensors["vocab_ids"])
     try:
+        head = DraftHead(lm.model, tensors["vocab_ids"], taps=tuple((meta.get("spec") or {}).get("taps") or ()))
         head.load_state_dict(tensors)
     except RuntimeError as exc:
         raise InputError(f"draft head in {folder} does not fit this model's layer: {exc}") from exc
@@ -185,9 +208,11 @@ class HeadDrafter(Drafter):
         self.rotary, self.embed = decoder.rotary_emb, target.get_input_embeddings()
         # the LM head rows of the draft vocabulary, gathered once
         self.lm_rows = target.get_output_embeddings().weight.detach()[head.vocab_ids].to(head.fc.weight.dtype)
-        self.features: dict[tuple[int, int], torch.Tensor] = {}
+        self.features: dict[tuple[int, int], torch.Tensor] = {}  # raw features (taps and final)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._tapped: list[torch.Tensor] = []  # this forward's tapped layer outputs, in order
         self._hooks = [decoder.register_forward_pre_hook(self._see_inputs, with_kwargs=True),
+                       *(decoder.layers[t - 1].register_forward_hook(self._see_tap) for t in head.taps),
                        decoder.norm.register_forward_hook(self._see_features)]
         self.reset()
 
@@ -196,6 +221,7 @@ class HeadDrafter(Drafter):
         if ids is None or ids.shape[0] != 1:  # batched steering rows etc.: not this drafter's context
             self._pending = None
             return
+        self._tapped = []
         pos = kwargs.get("position_ids")
         if pos is None:
             cache = kwargs.get("cache")
@@ -203,12 +229,21 @@ class HeadDrafter(Drafter):
             pos = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
         self._pending = (ids[0].detach(), pos[0].detach())
 
+    def _see_tap(self, module, args, output):
+        if self._pending is not None:
+            self._tapped.append((output[0] if isinstance(output, tuple) else output)[0].detach())
+
     def _see_features(self, module, args, output):
         if self._pending is None:
             return
         ids, pos = self._pending
         self._pending = None
         feats = output[0].detach()
+        if self.head.taps:
+            tapped, self._tapped = self._tapped, []
+            if len(tapped) != len(self.head.taps):  # a forward that skipped layers: nothing usable
+                return
+            feats = torch.cat([*tapped, feats], dim=-1)
         keep = pos >= pos.max() - self.horizon  # only recent positions can be asked for
         for p, t, f in zip(pos[keep].tolist(), ids[keep].tolist(), feats[keep], strict=True):
             self.features[(p, t)] = f
@@ -232,13 +267,17 @@ class HeadDrafter(Drafter):
         self._start = start  # the position of the cache's first entry
         self._keys: list[tuple[int, int]] = []  # (token at p, token at p + 1) of the true entries, in order
 
-    def _step(self, feats: torch.Tensor, next_ids: list[int], first: int) -> torch.Tensor:
-        """Extend the head's cache by positions ``first..`` (features ``feats`` (T, H) and
-        the tokens after them); the predicted feature after the last."""
+    def _step(self, feats: torch.Tensor, next_ids: list[int], first: int, raw: bool = True) -> torch.Tensor:
+        """Extend the head's cache by positions ``first..`` (features ``feats`` (T, ·): the
+        target's raw ones, or ``raw=False`` the head's own prediction, and the tokens after
+        them); the predicted feature after the last."""
         dtype, device = self.head.fc.weight.dtype, feats.device
+        feats = feats.to(dtype)
+        if raw:
+            feats = self.head.lift(feats)
         nxt = torch.tensor(next_ids, device=device)
         pos = torch.arange(first, first + len(next_ids), device=device)[None]
-        pred = self.head.extend(feats[None].to(dtype), self.embed(nxt)[None].to(dtype), pos, self.rotary, self._cache)
+        pred = self.head.extend(feats[None], self.embed(nxt)[None].to(dtype), pos, self.rotary, self._cache)
         return pred[0, -1]
 
     @torch.no_grad()
@@ -290,7 +329,7 @@ class HeadDrafter(Drafter):
             token = int(self.head.vocab_ids[torch.argmax(pred.to(self.lm_rows.dtype) @ self.lm_rows.T)])
             draft.append(token)
             if i + 1 < k:
-                pred = self._step(pred[None], [token], n + i)
+                pred = self._step(pred[None], [token], n + i, raw=False)
         return draft
 
     def _prune(self, n: int) -> None:
@@ -328,8 +367,15 @@ class HeadSpec:
     # reads the head's own predicted features of the pass before (shifted one position), as
     # it does from its second drafted token on
     unroll: int = 1
+    # extra target layers the head reads, as EAGLE-3 does (low and middle features beside the
+    # final one): indices into the model's hidden states (i = the output of decoder layer i - 1)
+    taps: tuple[int, ...] = ()
 
     def __post_init__(self):
+        self.taps = tuple(int(t) for t in self.taps)
+        if any(t < 1 for t in self.taps) or len(set(self.taps)) != len(self.taps) \
+                or list(self.taps) != sorted(self.taps):
+            raise InputError(f"draft head taps must be distinct increasing layer indices >= 1, got {self.taps}")
         for name in ("prompts", "answer_tokens", "draft_vocab", "epochs", "batch_size", "window", "gen_batch",
                      "unroll"):
             if getattr(self, name) < 1:
@@ -358,16 +404,25 @@ def distillation_data(lm, spec: HeadSpec, prompts: list[str], log=print) -> list
                            reserve=spec.answer_tokens) for p in chunk]
         for p_ids, gen in zip(ids, decoder.generate(ids, cfg), strict=True):
             seq = torch.cat([p_ids[0], torch.tensor(gen.token_ids, dtype=torch.long)])
-            rows.append(_features_row(lm, seq, int(p_ids.shape[1])))
+            rows.append(_features_row(lm, seq, int(p_ids.shape[1]), spec.taps))
     return rows
 
 
-def _features_row(lm, seq: torch.Tensor, prompt_len: int) -> dict:
-    """One teacher-forced target forward over ``seq``: its final features and, at every
-    position, the token the target itself would emit next (its greedy choice)."""
+def _features_row(lm, seq: torch.Tensor, prompt_len: int, taps: tuple[int, ...] = ()) -> dict:
+    """One teacher-forced target forward over ``seq``: its features (the hidden states at
+    ``taps``, then the final one, concatenated) and, at every position, the token the target
+    itself would emit next (its greedy choice)."""
     out = lm.model(input_ids=seq[None].to(lm.device), output_hidden_states=True)
-    return {"ids": seq, "features": out.hidden_states[-1][0].float().cpu(), "prompt_len": prompt_len,
+    check_taps(taps, len(out.hidden_states) - 1)
+    feats = torch.cat([out.hidden_states[t][0] for t in taps] + [out.hidden_states[-1][0]], dim=-1)
+    return {"ids": seq, "features": feats.float().cpu(), "prompt_len": prompt_len,
             "greedy": out.logits[0].argmax(-1).cpu()}
+
+
+def check_taps(taps, n_layers: int) -> None:
+    if any(not 1 <= t < n_layers for t in taps):
+        raise InputError(f"draft head taps must lie in 1..{n_layers - 1} (the outputs of this model's "
+                         f"{n_layers} layers before the last), got {tuple(taps)}")
 
 
 @torch.no_grad()
@@ -388,7 +443,7 @@ def reference_data(lm, spec: HeadSpec, pairs: list[tuple[str, str]], log=print) 
         a_ids = a_ids[:spec.answer_tokens]
         if a_ids.numel() < 4 or p_ids.shape[1] + a_ids.numel() > lm.max_context:
             continue
-        rows.append(_features_row(lm, torch.cat([p_ids[0], a_ids]), int(p_ids.shape[1])))
+        rows.append(_features_row(lm, torch.cat([p_ids[0], a_ids]), int(p_ids.shape[1]), spec.taps))
     return rows
 
 
@@ -464,11 +519,15 @@ def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
         fit, val = rows[:len(rows) - n_val], rows[len(rows) - n_val:]
     else:
         fit = rows
-    head = DraftHead(lm.model, pick_vocab(fit, spec.draft_vocab, vocab_size))
+    head = DraftHead(lm.model, pick_vocab(fit, spec.draft_vocab, vocab_size), taps=spec.taps)
     if init is not None:
+        if init.taps and init.taps != head.taps:
+            raise InputError(f"the head to start from reads layers {init.taps}, not {head.taps}")
         result = head.load_state_dict({k: v for k, v in init.state_dict().items() if k != "vocab_ids"},
                                       strict=False)
-        if result.unexpected_keys or set(result.missing_keys) != {"vocab_ids"}:
+        # a head without taps starts a tapped one: its fusion keeps the "final feature" start
+        may_miss = {"vocab_ids", "fuse.weight"} if head.taps and not init.taps else {"vocab_ids"}
+        if result.unexpected_keys or not {"vocab_ids"} <= set(result.missing_keys) <= may_miss:
             raise InputError(f"the head to start from does not fit this model's layer: {result}")
     head = head.to(lm.device).float().train()
     remap = torch.full((vocab_size,), -100, dtype=torch.long)
@@ -508,7 +567,7 @@ def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, devic
     width = max(end - start for _, start, end in items) - 1
     b = len(items)
     h = weight.shape[1]
-    feats = torch.zeros(b, width, h)
+    feats = torch.zeros(b, width, head.raw_size)
     nxt = torch.zeros(b, width, dtype=torch.long)
     tgt_f = torch.zeros(b, width, h)
     tgt_t = torch.full((b, width), -100, dtype=torch.long)
@@ -518,7 +577,7 @@ def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, devic
         n = end - start - 1  # inputs at positions start..end-2 predict start+1..end-1
         feats[i, :n] = r["features"][start:end - 1]
         nxt[i, :n] = r["ids"][start + 1:end]
-        tgt_f[i, :n] = r["features"][start + 1:end]
+        tgt_f[i, :n] = r["features"][start + 1:end, -h:]  # the final feature (what the LM head reads)
         # the token the target emits after each predicted position (its greedy choice)
         after = remap[r["greedy"][start + 1:end]].clone()
         after[: max(0, r["prompt_len"] - 1 - start)] = -100  # learn to draft answers, not prompts
@@ -537,6 +596,7 @@ def _batch_loss(head, items, embed, rotary, weight, remap, spec: HeadSpec, devic
                                                    ignore_index=-100)
         return spec.feature_weight * f_loss + spec.token_weight * t_loss
 
+    feats = head.lift(feats)
     pred = head(feats, emb, pos, rotary, pad_mask=pad)
     loss = pass_loss(pred)
     for _ in range(1, spec.unroll):  # the head's own predictions of the pass before stand in for the target's features
@@ -557,7 +617,7 @@ def chain_marks(head, val, embed, rotary, weight, device, k: int, stride: int) -
         ids, feats, p0 = r["ids"], r["features"].to(device), r["prompt_len"]
         for t in range(p0, ids.shape[0] - k - 1, stride):
             start = max(0, t - 24)
-            f = feats[start:t][None]
+            f = head.lift(feats[start:t][None])
             nxt = ids[start + 1:t + 1].to(device)
             marks = [False] * k
             for step in range(k):
@@ -589,7 +649,12 @@ DATA_SOURCES = {"self": "sharegpt (fit split) prompts, the target's own greedy a
                              "token targets are the target's greedy choices"}
 
 
+def tap_note(taps) -> str:
+    """What a data source description adds for tapped features ("" without taps)."""
+    return f", features of hidden states {list(taps)} and the final one" if taps else ""
+
+
 def head_meta(lm, spec: HeadSpec, metrics: dict, n_prompts: int, source: str = "self") -> dict:
     return {"model_id": lm.model_id, "hidden_size": lm.hidden_size,
-            "vocab_size": int(lm.model.get_output_embeddings().weight.shape[0]),
-            "spec": asdict(spec), "data": {"source": DATA_SOURCES[source], "prompts": n_prompts}, "train": metrics}
+            "vocab_size": int(lm.model.get_output_embeddings().weight.shape[0]), "spec": asdict(spec),
+            "data": {"source": DATA_SOURCES[source] + tap_note(spec.taps), "prompts": n_prompts}, "train": metrics}
