@@ -59,16 +59,27 @@ def main() -> None:
     cost = {int(k): v for k, v in json.loads(args.bench.read_text())["profile"]["chain_cost_vs_one_token"].items()}
     lm = load_model(args.model)
     folder = Path(H.head_dir(lm.model_id))
-    val = H.load_rows(folder / f"distill-val-{args.val}x128.safetensors",
-                      {"model_id": lm.model_id, "prompts": args.val, "answer_tokens": 128,
-                       "source": "sharegpt val split, the target's greedy answers"})
-    if val is None:
-        raise SystemExit(f"no saved held-out answers for {args.val} prompts in {folder}: "
-                         f"run `rootdefense draft train --val-prompts {args.val}` first")
+
+    def held_out(taps) -> list[dict]:
+        """The saved held-out answers with the features a head of these taps reads."""
+        tag = f"taps{'.'.join(map(str, taps))}-" if taps else ""
+        rows = H.load_rows(folder / f"distill-val-{tag}{args.val}x128.safetensors",
+                           {"model_id": lm.model_id, "prompts": args.val, "answer_tokens": 128,
+                            "source": "sharegpt val split, the target's greedy answers" + H.tap_note(taps)})
+        if rows is None:
+            taps_flag = f" --taps {','.join(map(str, taps))}" if taps else ""
+            raise SystemExit(f"no saved held-out answers for {args.val} prompts in {folder}: "
+                             f"run `rootdefense draft train --val-prompts {args.val}{taps_flag}` first")
+        return rows
+
+    val = held_out(())
     report = {"bench_profile": str(args.bench), "cost": cost, "val_answers": len(val), "heads": {}}
     for d in args.heads:
         head, meta = H.load_head(d, lm)
-        report["heads"][d] = {"val_top1_in_meta": meta["train"].get("val_top1"), **price(chains(head.float(), val, lm),
+        rows = held_out(head.taps)
+        if [r["ids"].tolist() for r in rows] != [r["ids"].tolist() for r in val]:
+            raise SystemExit(f"the held-out answers saved for taps {head.taps} differ from the untapped ones")
+        report["heads"][d] = {"val_top1_in_meta": meta["train"].get("val_top1"), **price(chains(head.float(), rows, lm),
                                                                                            cost)}
         print(d, json.dumps(report["heads"][d]), flush=True)
     if args.out:

@@ -64,7 +64,7 @@ class JsonlWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if append and self.path.exists():
             self._repair_tail()
-        self.fh = open(self.path, "a" if append else "w", encoding="utf-8")
+        self.fh = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115 (open across writes; close() ends it)
 
     def _repair_tail(self) -> None:
         data = self.path.read_bytes()

@@ -33,4 +33,4 @@ def package_dir(dist_module: str, pip_name: str) -> Path:
             f"package '{pip_name}' is not installed; install it with "
             f"`pip install --no-deps {pip_name}`"
         )
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))

@@ -64,8 +64,9 @@ class DraftHead(nn.Module):
     final one), a target position's raw feature is the concatenation of those layers' hidden
     states and the final feature, fused to the hidden size by one more linear layer
     (:meth:`lift`). The head's own predicted features (its drafted positions) are already of
-    hidden size and are read as they are. The fusion starts as "take the final feature", so a
-    head without taps can be extended with them and keep what it had learned."""
+    hidden size and are read as they are. Each tapped layer is RMS-normalised before the
+    fusion, which starts as "take the final feature", so a head without taps can be extended
+    with them and keep what it had learned."""
 
     def __init__(self, target, vocab_ids: torch.Tensor, taps: tuple[int, ...] = ()):
         super().__init__()
@@ -78,6 +79,10 @@ class DraftHead(nn.Module):
         h = cfg.hidden_size
         self.taps = tuple(int(t) for t in taps)
         if self.taps:
+            # the residual stream inside the model has outliers (one dimension reaches ~25,000
+            # at attention-sink positions on SmolLM2): each tapped layer is RMS-normalised first
+            norm_type, eps = type(decoder.norm), getattr(cfg, "rms_norm_eps", 1e-6)
+            self.tap_norms = nn.ModuleList(norm_type(h, eps=eps) for _ in self.taps)
             self.fuse = nn.Linear((len(self.taps) + 1) * h, h, bias=False)
             with torch.no_grad():
                 self.fuse.weight.zero_()
@@ -96,7 +101,11 @@ class DraftHead(nn.Module):
 
     def lift(self, raw: torch.Tensor) -> torch.Tensor:
         """A target position's raw feature (..., raw_size) as the head reads it (..., H)."""
-        return self.fuse(raw) if self.taps else raw
+        if not self.taps:
+            return raw
+        parts = raw.split(self.hidden_size, dim=-1)
+        return self.fuse(torch.cat([norm(p) for norm, p in zip(self.tap_norms, parts, strict=False)] + [parts[-1]],
+                                   dim=-1))
 
     def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, position_ids: torch.Tensor,
                 rotary, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -526,7 +535,8 @@ def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
         result = head.load_state_dict({k: v for k, v in init.state_dict().items() if k != "vocab_ids"},
                                       strict=False)
         # a head without taps starts a tapped one: its fusion keeps the "final feature" start
-        may_miss = {"vocab_ids", "fuse.weight"} if head.taps and not init.taps else {"vocab_ids"}
+        new_parts = {k for k in head.state_dict() if k.startswith(("fuse.", "tap_norms."))}
+        may_miss = {"vocab_ids"} | (new_parts if head.taps and not init.taps else set())
         if result.unexpected_keys or not {"vocab_ids"} <= set(result.missing_keys) <= may_miss:
             raise InputError(f"the head to start from does not fit this model's layer: {result}")
     head = head.to(lm.device).float().train()
@@ -539,10 +549,13 @@ def train_head(lm, spec: HeadSpec, rows: list[dict], log=print,
     batches = _windows(fit, spec.window)
     t0, history = time.perf_counter(), []
     steps, step = spec.epochs * -(-len(batches) // spec.batch_size), 0
+    from tqdm.auto import tqdm
+
     for epoch in range(spec.epochs):
         order = torch.randperm(len(batches)).tolist()
         total, count = 0.0, 0
-        for i in range(0, len(order), spec.batch_size):
+        for i in tqdm(range(0, len(order), spec.batch_size), desc=f"draft head: epoch {epoch + 1}/{spec.epochs}",
+                      unit="batch", leave=False):
             if spec.schedule == "cosine":
                 for group in opt.param_groups:
                     group["lr"] = spec.lr * 0.5 * (1 + math.cos(math.pi * step / steps))

@@ -111,8 +111,8 @@ def _scatter(points: dict[str, tuple], width: int = 560, height: int = 340) -> s
              f'<line x1="{pad}" y1="{20 + h}" x2="{pad + w}" y2="{20 + h}" class="axis"/>',
              f'<line x1="{pad}" y1="20" x2="{pad}" y2="{20 + h}" class="axis"/>',
              f'<text x="{pad + w / 2}" y="{height - 8}" class="ax" text-anchor="middle">over-refusal on benign prompts</text>',
-             f'<text x="12" y="{20 + h / 2}" class="ax" transform="rotate(-90 12 {20 + h / 2})" '
-             f'text-anchor="middle">attack success</text>']
+             (f'<text x="12" y="{20 + h / 2}" class="ax" transform="rotate(-90 12 {20 + h / 2})" '
+              f'text-anchor="middle">attack success</text>')]
     for frac in (0, 0.5, 1.0):
         parts.append(f'<text x="{pad - 4}" y="{20 + h - frac * h + 4}" class="ax" text-anchor="end">{100 * frac:.0f}%</text>'
                      f'<text x="{pad + frac * w}" y="{20 + h + 14}" class="ax" text-anchor="middle">'
@@ -144,10 +144,10 @@ def render_report(s: dict, results: list[dict], samples_per_cell: int = 2) -> st
     defenses, attacks = s["defenses"], s["attacks"]
     judge = s.get("primary_judge")
     sections = [f"<h1>rootdefense evaluation: {_e(cfg.get('model', '?'))}</h1>",
-                f"<p class='meta'>config {_e(run.get('config_hash'))} · {run['results']} results "
-                f"({run['errors']} errors) of {run.get('planned')} planned · wall {run['wall_s']} s over "
-                f"{run['sessions']} session(s) · generation {_e(json.dumps(cfg.get('generation', {})))} · "
-                f"primary attack-success judge: <b>{_e(judge)}</b></p>"]
+                (f"<p class='meta'>config {_e(run.get('config_hash'))} · {run['results']} results "
+                 f"({run['errors']} errors) of {run.get('planned')} planned · wall {run['wall_s']} s over "
+                 f"{run['sessions']} session(s) · generation {_e(json.dumps(cfg.get('generation', {})))} · "
+                 f"primary attack-success judge: <b>{_e(judge)}</b></p>")]
     sections.append(_targets_html(s.get("targets", {})))
 
     # attack success heat table

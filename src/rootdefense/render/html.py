@@ -11,6 +11,7 @@ The page is one file: inline CSS, no script, no external resource; it works offl
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -97,7 +98,7 @@ def harm_color(harm: Any) -> str | None:
     if h is None:
         return None
     h = min(1.0, max(0.0, h))
-    for (x0, c0), (x1, c1) in zip(_STOPS, _STOPS[1:]):
+    for (x0, c0), (x1, c1) in itertools.pairwise(_STOPS):
         if h <= x1:
             t = (h - x0) / (x1 - x0)
             rgb = (round(a + (b - a) * t) for a, b in zip(c0, c1))
@@ -370,7 +371,7 @@ padding:8px 10px;margin:6px 0 0;font-size:12.5px}
 footer{color:var(--muted);font-size:12px;text-align:center;padding:0 0 24px}
 @media (max-width:900px){.cols{grid-template-columns:minmax(0,1fr)}main,.page-head{padding-left:14px;padding-right:14px}}
 @media print{html{background:#fff}.entry{box-shadow:none;break-inside:avoid}}
-""" % {"rep": _REPLACED_COLOR}
+""" % {"rep": _REPLACED_COLOR}  # noqa: UP031 (CSS is full of braces; "%%" marks its percent signs)
 
 
 # --------------------------------------------------------------------------- API
