@@ -62,3 +62,39 @@ def test_family_scoring_and_plain_decoding_are_exact(family, tiny_tokenizer):
     a = model(input_ids=nxt, cache=cache, use_cache=True, position_ids=torch.tensor([[L + 1]])).logits[0, -1]
     b = model(input_ids=torch.cat([ids, cands[4].view(1, 1), nxt], 1)).logits[0, -1]
     torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_hooked_hidden_state_is_transformers_own(family, tiny_tokenizer):
+    """forward_hidden catches hidden_states[layer] with one hook where the module mapping
+    holds (checked once per model), else asks transformers for every hidden state; either
+    way the tensor is transformers' own, with or without a cache, and no hook is left."""
+    from rootdefense.decoding import hidden as H
+
+    model = build(family, tiny_tokenizer)
+    ids = encode_chat(tiny_tokenizer, normalize_messages("How do I bake bread?"))
+    want = model(input_ids=ids, output_hidden_states=True).hidden_states
+    hooks_before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
+    n = model.config.num_hidden_layers
+    for layer in range(n + 1):
+        out, got = H.forward_hidden(model, layer, input_ids=ids)
+        torch.testing.assert_close(got, want[layer], atol=0, rtol=0)
+        torch.testing.assert_close(out.logits, model(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        cache = DynamicCache(config=model.config)
+        H.forward_hidden(model, layer, input_ids=ids[:, :-1], cache=cache, use_cache=True)
+        _, last = H.forward_hidden(model, layer, input_ids=ids[:, -1:], cache=cache, use_cache=True)
+        torch.testing.assert_close(last[0, -1], want[layer][0, -1], atol=2e-4, rtol=2e-4)
+    assert {name: len(m._forward_hooks) for name, m in model.named_modules()} == hooks_before
+    hooked = H._MODULES[model]
+    assert all(hooked[i] is not None for i in range(1, n + 1))  # decoder layers and the final norm
+
+
+def test_a_wrong_module_mapping_falls_back(tiny_tokenizer, monkeypatch):
+    from rootdefense.decoding import hidden as H
+
+    model = build("llama", tiny_tokenizer)
+    ids = encode_chat(tiny_tokenizer, normalize_messages("hi"))
+    monkeypatch.setattr(H, "_candidate_module", lambda m, layer: m.get_decoder().layers[0])  # wrong for layer 2
+    _, got = H.forward_hidden(model, 2, input_ids=ids)
+    assert H._MODULES[model][2] is None
+    torch.testing.assert_close(got, model(input_ids=ids, output_hidden_states=True).hidden_states[2], atol=0, rtol=0)

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import ModelError
 from .config import GenerationConfig
+from .hidden import forward_hidden
 from .kvcache import new_cache
 from .loop import (
     Detokenizer,
@@ -181,9 +182,10 @@ class BatchDecoder:
             # score: every row's candidates in one forward
             c = past.shape[1]
             mask = _step_mask(past, sizes, width, self.model.dtype)
-            step = self.model(input_ids=slots, position_ids=next_pos[:, None].expand(-1, width), cache=cache,
-                              attention_mask=mask, use_cache=True, output_hidden_states=layer is not None)
-            harms = self.probe.score(step.hidden_states[layer].float()).cpu() if layer is not None else None
+            step, hidden = forward_hidden(self.model, layer, input_ids=slots,
+                                          position_ids=next_pos[:, None].expand(-1, width), cache=cache,
+                                          attention_mask=mask, use_cache=True)
+            harms = self.probe.score(hidden.float()).cpu() if layer is not None else None
             # choose
             chosen = []
             for b, row in enumerate(live):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ModelError
+from .hidden import forward_hidden
 
 
 @dataclass
@@ -43,15 +44,10 @@ def forward_candidates(model, cache, token_ids: torch.Tensor, prefix_len: int,
     kwargs = {}
     if m > 1:
         kwargs["attention_mask"] = candidate_mask(prefix_len, m, model.dtype, device)
-    out = model(
-        input_ids=token_ids[None],
-        position_ids=torch.full((1, m), prefix_len, dtype=torch.long, device=device),
-        cache=cache,
-        use_cache=True,
-        output_hidden_states=layer is not None,
-        **kwargs,
-    )
-    hidden = out.hidden_states[layer][0] if layer is not None else None
+    out, hidden = forward_hidden(model, layer, input_ids=token_ids[None],
+                                 position_ids=torch.full((1, m), prefix_len, dtype=torch.long, device=device),
+                                 cache=cache, use_cache=True, **kwargs)
+    hidden = hidden[0] if hidden is not None else None
     return StepOutput(logits=out.logits[0].float(), hidden=None if hidden is None else hidden.float())
 
 
@@ -78,7 +74,6 @@ def keep_candidate(cache, prefix_len: int, m: int, j: int) -> None:
 @torch.no_grad()
 def prefill(model, input_ids: torch.Tensor, cache, layer: int | None = None) -> StepOutput:
     """Forward the prompt (1, T) into ``cache``; return last-position logits (1, vocab)."""
-    out = model(input_ids=input_ids, cache=cache, use_cache=True,
-                output_hidden_states=layer is not None, logits_to_keep=1)
-    hidden = out.hidden_states[layer][0, -1:] if layer is not None else None
+    out, hidden = forward_hidden(model, layer, input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
+    hidden = hidden[0, -1:] if hidden is not None else None
     return StepOutput(logits=out.logits[0, -1:].float(), hidden=None if hidden is None else hidden.float())

@@ -14,6 +14,7 @@ import torch
 from ..errors import ModelError
 from .candidates import StepOutput
 from .config import GenerationConfig
+from .hidden import forward_hidden
 from .loop import own_choice, target_probs
 
 
@@ -46,14 +47,10 @@ def forward_chain(model, cache, token_ids: torch.Tensor, prefix_len: int, layer:
     for the token after it. The cache grows by n entries; crop what is not kept."""
     n = int(token_ids.shape[0])
     device = token_ids.device
-    out = model(
-        input_ids=token_ids[None],
-        position_ids=torch.arange(prefix_len, prefix_len + n, device=device)[None],
-        cache=cache,
-        use_cache=True,
-        output_hidden_states=layer is not None,
-    )
-    hidden = out.hidden_states[layer][0] if layer is not None else None
+    out, hidden = forward_hidden(model, layer, input_ids=token_ids[None],
+                                 position_ids=torch.arange(prefix_len, prefix_len + n, device=device)[None],
+                                 cache=cache, use_cache=True)
+    hidden = hidden[0] if hidden is not None else None
     return StepOutput(logits=out.logits[0].float(), hidden=None if hidden is None else hidden.float())
 
 

@@ -48,6 +48,7 @@ from ..decoding.batched import (
     prefill_batch,
 )
 from ..decoding.config import GenerationConfig
+from ..decoding.hidden import forward_hidden
 from ..decoding.loop import (
     Generation,
     candidate_pool,
@@ -187,10 +188,9 @@ class BatchSpeculativeDecoder:
             pos = torch.stack([next_pos[b] + (torch.zeros(width, dtype=torch.long, device=device) if r.star
                                               else torch.arange(width, device=device)) for b, r in enumerate(live)])
             # verify / score: one forward for every row
-            step = self.model(input_ids=slots, position_ids=pos, cache=cache, use_cache=True,
-                              attention_mask=_round_mask(past, live, width, self.model.dtype),
-                              output_hidden_states=layer is not None)
-            harms = self.probe.score(step.hidden_states[layer].float()).cpu() if layer is not None else None
+            step, hidden = forward_hidden(self.model, layer, input_ids=slots, position_ids=pos, cache=cache,
+                                          use_cache=True, attention_mask=_round_mask(past, live, width, self.model.dtype))
+            harms = self.probe.score(hidden.float()).cpu() if layer is not None else None
             # choose / accept: per row, which slots it keeps
             kept = torch.zeros((len(live), width), dtype=past.dtype, device=device)
             moved, chosen = [], []
