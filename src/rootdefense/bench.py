@@ -229,6 +229,7 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
     hidden states."""
     from .decoding import GenerationConfig
     from .decoding.candidates import forward_candidates
+    from .decoding.hidden import forward_hidden
     from .decoding.kvcache import new_cache
     from .decoding.verify import crop_to, forward_chain
     from .probes.base import LinearProbe
@@ -251,10 +252,10 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
         return round(statistics.median(times), 2)
 
     def batch_forward(width: int):  # every row: ``width`` alternatives at its next position
-        lm.model(input_ids=torch.randint(0, vocab, (batch, width), generator=g).to(lm.device),
-                 position_ids=torch.full((batch, width), context, device=lm.device), cache=rows, use_cache=True,
-                 attention_mask=torch.zeros((batch, 1, width, context + width), device=lm.device, dtype=lm.model.dtype),
-                 output_hidden_states=True)
+        forward_hidden(lm.model, layer, input_ids=torch.randint(0, vocab, (batch, width), generator=g).to(lm.device),
+                       position_ids=torch.full((batch, width), context, device=lm.device), cache=rows, use_cache=True,
+                       attention_mask=torch.zeros((batch, 1, width, context + width), device=lm.device,
+                                                  dtype=lm.model.dtype))
 
     def ids(n):
         return torch.randint(0, vocab, (n,), generator=g).to(lm.device)

@@ -7,7 +7,9 @@ mapped to the hidden size by one linear layer; one decoder layer of the target's
 (causal attention over a recent window) turns the sequence into predicted features, and the
 target's LM head, restricted to a reduced draft vocabulary (the tokens the target used most
 in its own answers), turns a predicted feature into a draft token. Embeddings and LM head
-are the target's, frozen and never saved with the head.
+are the target's, frozen and never saved with the head. With ``taps`` the head also reads
+some inner layers of the target (EAGLE-3's low, middle and high features), fused with the
+final feature (:meth:`DraftHead.lift`).
 
 Drafting needs the target's features of the tokens already in the context. The drafter
 records them itself, with hooks on the target (its final norm's output, keyed by position
