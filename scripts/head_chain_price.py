@@ -62,8 +62,7 @@ def main() -> None:
 
     def held_out(taps) -> list[dict]:
         """The saved held-out answers with the features a head of these taps reads."""
-        tag = f"taps{'.'.join(map(str, taps))}-" if taps else ""
-        rows = H.load_rows(folder / f"distill-val-{tag}{args.val}x128.safetensors",
+        rows = H.load_rows(folder / f"distill-val-{H.tap_tag(taps)}{args.val}x128.safetensors",
                            {"model_id": lm.model_id, "prompts": args.val, "answer_tokens": 128,
                             "source": "sharegpt val split, the target's greedy answers" + H.tap_note(taps)})
         if rows is None:

@@ -367,3 +367,18 @@ def test_bad_taps_are_refused(trained, tmp_path, rd_home):
     assert meta["spec"]["taps"] == [2] and "hidden states [2]" in meta["data"]["source"]
     assert (head_dir(d) / "distill-ref-taps2-3x8.safetensors").exists()
     assert (head_dir(d) / "distill-val-taps2-2x8.safetensors").exists()
+
+
+def test_taps_a_model_cannot_hook_are_refused(trained, monkeypatch):
+    """Where a tapped layer's output cannot be caught by a hook (the checked mapping of
+    decoding.hidden fails), drafting with a tapped head stops with a clear error."""
+    from rootdefense.drafting import head as H
+    from rootdefense.errors import ModelError
+
+    lm, folder, _ = trained
+    plain, _ = load_head(folder, lm)
+    tapped = H.DraftHead(lm.model, plain.vocab_ids, taps=(1,))
+    monkeypatch.setattr(H, "layer_module", lambda model, layer: None)
+    with pytest.raises(ModelError, match=r"hidden states \[1\] cannot all be caught by hooks"):
+        HeadDrafter(lm.model, tapped)
+    assert HeadDrafter(lm.model, plain).head is plain  # no taps: nothing to catch

@@ -458,6 +458,7 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
         reference_data,
         save_head,
         tap_note,
+        tap_tag,
         train_head,
     )
     from .models import load_model
@@ -472,8 +473,7 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
                     schedule=schedule, unroll=unroll, taps=tap_list)
     lm = load_model(model)
     check_taps(spec.taps, lm.num_layers)
-    # data with extra layers' features is saved apart from (and never mixed with) final-only data
-    tag = f"taps{'.'.join(map(str, spec.taps))}-" if spec.taps else ""
+    tag = tap_tag(spec.taps)
     note = tap_note(spec.taps)
     folder = Path(out or head_dir(lm.model_id))
     init, init_meta = load_head(init_from, lm) if init_from else (None, None)  # checked before any data is made

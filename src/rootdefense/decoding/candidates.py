@@ -47,8 +47,7 @@ def forward_candidates(model, cache, token_ids: torch.Tensor, prefix_len: int,
     out, hidden = forward_hidden(model, layer, input_ids=token_ids[None],
                                  position_ids=torch.full((1, m), prefix_len, dtype=torch.long, device=device),
                                  cache=cache, use_cache=True, **kwargs)
-    hidden = hidden[0] if hidden is not None else None
-    return StepOutput(logits=out.logits[0].float(), hidden=None if hidden is None else hidden.float())
+    return StepOutput(logits=out.logits[0].float(), hidden=None if hidden is None else hidden[0].float())
 
 
 def keep_candidate(cache, prefix_len: int, m: int, j: int) -> None:
@@ -75,5 +74,4 @@ def keep_candidate(cache, prefix_len: int, m: int, j: int) -> None:
 def prefill(model, input_ids: torch.Tensor, cache, layer: int | None = None) -> StepOutput:
     """Forward the prompt (1, T) into ``cache``; return last-position logits (1, vocab)."""
     out, hidden = forward_hidden(model, layer, input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-    hidden = hidden[0, -1:] if hidden is not None else None
-    return StepOutput(logits=out.logits[0, -1:].float(), hidden=None if hidden is None else hidden.float())
+    return StepOutput(logits=out.logits[0, -1:].float(), hidden=None if hidden is None else hidden[0, -1:].float())

@@ -43,7 +43,7 @@ def _catch(module, caught: list):
 
 
 @torch.no_grad()
-def _checked_module(model, layer: int):
+def layer_module(model, layer: int):
     """The module whose output is ``hidden_states[layer]`` for this model, checked once
     against transformers' own hidden states; None where no hook gives the same tensor."""
     per_model = _MODULES.setdefault(model, {})
@@ -72,7 +72,7 @@ def forward_hidden(model, layer: int | None, **kwargs):
     """``model(**kwargs)`` and its ``hidden_states[layer]`` (None when ``layer`` is None)."""
     if layer is None:
         return model(**kwargs), None
-    module = _checked_module(model, layer)
+    module = layer_module(model, layer)
     if module is None:
         out = model(**kwargs, output_hidden_states=True)
         return out, out.hidden_states[layer]

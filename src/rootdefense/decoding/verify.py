@@ -50,8 +50,7 @@ def forward_chain(model, cache, token_ids: torch.Tensor, prefix_len: int, layer:
     out, hidden = forward_hidden(model, layer, input_ids=token_ids[None],
                                  position_ids=torch.arange(prefix_len, prefix_len + n, device=device)[None],
                                  cache=cache, use_cache=True)
-    hidden = hidden[0] if hidden is not None else None
-    return StepOutput(logits=out.logits[0].float(), hidden=None if hidden is None else hidden.float())
+    return StepOutput(logits=out.logits[0].float(), hidden=None if hidden is None else hidden[0].float())
 
 
 def crop_to(cache, length: int) -> None:

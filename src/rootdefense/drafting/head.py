@@ -39,6 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import paths
+from ..decoding.hidden import layer_module
 from ..decoding.verify import crop_to
 from ..errors import InputError, ModelError
 from .base import Drafter
@@ -222,8 +223,12 @@ class HeadDrafter(Drafter):
         self.features: dict[tuple[int, int], torch.Tensor] = {}  # raw features (taps and final)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._tapped: list[torch.Tensor] = []  # this forward's tapped layer outputs, in order
+        tapped = [layer_module(target, t) for t in head.taps]  # the same mapping the decoders' probe hooks use
+        if None in tapped:
+            raise ModelError(f"this model's hidden states {list(head.taps)} cannot all be caught by hooks; "
+                             "train a head without --taps for it")
         self._hooks = [decoder.register_forward_pre_hook(self._see_inputs, with_kwargs=True),
-                       *(decoder.layers[t - 1].register_forward_hook(self._see_tap) for t in head.taps),
+                       *(m.register_forward_hook(self._see_tap) for m in tapped),
                        decoder.norm.register_forward_hook(self._see_features)]
         self.reset()
 
@@ -662,6 +667,12 @@ def _acceptance(head, val, embed, rotary, weight, lm, k: int = 4) -> dict:
 DATA_SOURCES = {"self": "sharegpt (fit split) prompts, the target's own greedy answers",
                 "reference": "sharegpt (fit split) prompts and reference answers, teacher-forced through the target; "
                              "token targets are the target's greedy choices"}
+
+
+def tap_tag(taps) -> str:
+    """What a distillation file's name adds for tapped features ("" without taps), so data
+    with other layers' features is kept apart from (never mixed with) final-only data."""
+    return f"taps{'.'.join(map(str, taps))}-" if taps else ""
 
 
 def tap_note(taps) -> str:
