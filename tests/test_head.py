@@ -381,4 +381,6 @@ def test_taps_a_model_cannot_hook_are_refused(trained, monkeypatch):
     monkeypatch.setattr(H, "layer_module", lambda model, layer: None)
     with pytest.raises(ModelError, match=r"hidden states \[1\] cannot all be caught by hooks"):
         HeadDrafter(lm.model, tapped)
-    assert HeadDrafter(lm.model, plain).head is plain  # no taps: nothing to catch
+    drafter = HeadDrafter(lm.model, plain)  # no taps: nothing to catch
+    drafter.close()
+    assert drafter.head is plain
