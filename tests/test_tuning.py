@@ -20,7 +20,8 @@ from rootdefense.cli import cli
 from rootdefense.decoding.correct import RecoveryMonitor
 from rootdefense.errors import InputError
 from rootdefense.probes.base import LinearProbe
-from rootdefense.tuning import TuneSpec, choose, flag_index, gated, pareto, sweep
+from rootdefense.data.split import edgy_half, split_of
+from rootdefense.tuning import TuneSpec, calibration_prompts, choose, flag_index, gated, pareto, sweep
 
 
 @pytest.mark.parametrize("harms", [[0.1, 0.9, 0.2, 0.95, 0.3, 0.99, 0.1], [0.9] * 5, [0.1] * 9,
@@ -76,6 +77,19 @@ def test_tune_spec_is_checked():
         TuneSpec(max_benign_flag=1.5)
     with pytest.raises(InputError, match=">= 1 harmful"):
         TuneSpec(harmful=0)
+
+
+def test_calibration_prompts_are_ones_no_probe_was_fitted_on():
+    """Tuning measures benign flags on requests the probes never fitted: the validation
+    split, and the edgy train half's held-out buckets (the probes fit its 'fit' bucket, so
+    those requests score low by construction). Never a test-split or edgy-eval prompt."""
+    harmful, benign = calibration_prompts(TuneSpec(harmful=40, benign=40))
+    assert len(harmful) == 40 and len(benign) == 40
+    assert all(split_of(e.prompt) == "val" for e in harmful)
+    edgy = [e for e in benign if e.id.startswith("edgy-")]
+    assert len(edgy) >= 10  # the edgy requests are a real share of the benign side
+    assert all(edgy_half(e.prompt) == "train" and split_of(e.prompt) != "fit" for e in edgy)
+    assert all(split_of(e.prompt) == "val" for e in benign if not e.id.startswith("edgy-"))
 
 
 def _write_defaults(home, model_id, **settings):

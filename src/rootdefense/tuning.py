@@ -71,7 +71,10 @@ class TuneSpec:
 
 
 def calibration_prompts(spec: TuneSpec):
-    """(harmful, benign) examples from the validation split (the edgy set's train half)."""
+    """(harmful, benign) examples no probe was fitted on: the validation split, and from the
+    benign-but-edgy set the prompts of its train half that the probes hold out (its
+    validation and test buckets). The probes fit the rest of that half, so those score low
+    by construction and would hide the monitor's flags on unseen edgy requests."""
     from .data.loaders import load_dataset
 
     def pick(sources, n, keep):
@@ -84,7 +87,8 @@ def calibration_prompts(spec: TuneSpec):
 
     harmful = pick(HARMFUL_SOURCES, spec.harmful, lambda _, p: split_of(p) == "val")
     benign = pick(BENIGN_SOURCES, spec.benign,
-                  lambda name, p: edgy_half(p) == "train" if name == "edgy" else split_of(p) == "val")
+                  lambda name, p: (edgy_half(p) == "train" and split_of(p) != "fit") if name == "edgy"
+                  else split_of(p) == "val")
     return harmful, benign
 
 
@@ -366,7 +370,7 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
                      "benign_prompts": len(benign_traces),
                      "attacks": list(spec.attacks), "max_new_tokens": spec.max_new_tokens,
                      "max_benign_flag": spec.max_benign_flag, "seconds": seconds,
-                     "split": "validation (advbench, harmbench, mtbench, sharegpt; edgy train half)"},
+                     "split": "validation (advbench, harmbench, mtbench, sharegpt; edgy train half, unfitted buckets)"},
         "sweep": pareto(rows),
         "spec": {k: v for k, v in asdict(spec).items() if k not in ("taus", "windows")},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
