@@ -18,7 +18,7 @@ from rootdefense import defaults, paths
 from rootdefense.api import resolve_settings
 from rootdefense.cli import cli
 from rootdefense.decoding.correct import RecoveryMonitor
-from rootdefense.errors import InputError
+from rootdefense.errors import InputError, ProbeError
 from rootdefense.probes.base import LinearProbe
 from rootdefense.data.split import edgy_half, split_of
 from rootdefense.tuning import TuneSpec, calibration_prompts, choose, flag_index, gated, pareto, sweep
@@ -216,3 +216,53 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     assert r.exit_code != 0 and "other tuning settings" in r.output
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--attacks", "gcg"])
     assert r.exit_code == 2 and "template attacks" in r.output
+
+
+def test_tuned_probes_ship_and_install_bit_for_bit(rd_home, tmp_path, monkeypatch):
+    """`ship_tuned` copies the tuned defaults with the probes they were measured with; a
+    fresh home installs those probes (not retrained ones), so the defaults match them."""
+    model = "x/y"
+    folder = defaults.probe_folder(model)
+    query = defaults.probe_folder(model, "query")
+    LinearProbe(torch.randn(4), 0.1, layer=1, threshold=0.5, meta={"model_id": model, "kind": "response"}).save(folder)
+    LinearProbe(torch.randn(4), 0.2, layer=2, threshold=0.3, meta={"model_id": model, "kind": "query"}).save(query)
+    path = _write_defaults(rd_home, model, gate=0.5)
+    data = json.loads(path.read_text())
+    data.update(probe_sha256=defaults.weights_sha256(folder), query_probe_sha256=defaults.weights_sha256(query))
+    path.write_text(json.dumps(data))
+    pkg = tmp_path / "tuned"
+    written = defaults.ship_tuned(model, pkg)
+    target = pkg / f"{paths.model_slug(model)}.json"
+    assert target in written and json.loads(target.read_text()) == data
+    shipped = {p.name: p for p in written if p.is_dir()}
+    assert set(shipped) == {"response", "query"}  # no paper probe in this home: none shipped
+    monkeypatch.setattr(defaults, "shipped_probe_dir",
+                        lambda m, kind: shipped.get(kind) if m == model else None)
+    monkeypatch.setenv("ROOTDEFENSE_HOME", str(tmp_path / "fresh"))
+    for kind in ("response", "query"):
+        dest = defaults.install_shipped_probe(model, kind, defaults.probe_folder(model, kind), 4, 3)
+        assert defaults.weights_sha256(dest) == defaults.weights_sha256(shipped[kind])
+    assert defaults.install_shipped_probe(model, "paper", tmp_path / "p", 4, 3) is None
+    # the shipped defaults file sits beside the fresh probes and matches them
+    defaults.save_defaults(defaults.probe_folder(model), {k: v for k, v in json.loads(target.read_text()).items()
+                                                         if k != "format_version"})
+    assert defaults.load_defaults(model)["probe_matches"] is True
+    # a shipped probe for another model or size is refused before it is installed
+    with pytest.raises(ProbeError, match="hidden size"):
+        defaults.install_shipped_probe(model, "response", tmp_path / "q", 8, 3)
+    assert not (tmp_path / "q").exists()
+
+
+def test_shipping_defaults_tuned_for_other_probes_is_refused(rd_home, tmp_path):
+    model = "x/y"
+    folder = defaults.probe_folder(model)
+    LinearProbe(torch.zeros(4), 0.0, layer=1, threshold=0.5, meta={"model_id": model}).save(folder)
+    with pytest.raises(InputError, match="no tuned defaults"):
+        defaults.ship_tuned(model, tmp_path / "tuned")
+    path = _write_defaults(rd_home, model)
+    data = json.loads(path.read_text())
+    data["probe_sha256"] = "0" * 64
+    path.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="other probes"):
+        defaults.ship_tuned(model, tmp_path / "tuned")
+    assert not (tmp_path / "tuned").exists()

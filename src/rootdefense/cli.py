@@ -111,10 +111,15 @@ def cli():
 
 @cli.command()
 @click.option("--model", default="smollm2-135m", show_default=True)
-@click.option("--probes/--no-probes", default=True, show_default=True, help="also train the default probes")
-def prepare(model, probes):
-    """Convert the embedded model once and train its default probes (cached)."""
+@click.option("--probes/--no-probes", default=True, show_default=True,
+              help="also install (or train) the default probes and the harm judge")
+@click.option("--train-probes", is_flag=True,
+              help="train the probes here even where the package ships the tuned ones")
+def prepare(model, probes, train_probes):
+    """Convert the embedded model once and install its default probes (cached): the probes
+    its shipped defaults were measured with where the package has them, else trained here."""
     from .api import probe_dir
+    from .defaults import install_shipped_probe
     from .models import load_model
     from .probes.train import TrainSpec, train_probe
 
@@ -126,6 +131,10 @@ def prepare(model, probes):
         folder = probe_dir(lm.model_id, kind)
         if (folder / "probe.json").exists():
             click.echo(f"probe ready: {folder}")
+            continue
+        if not train_probes and install_shipped_probe(lm.model_id, kind, folder, lm.hidden_size, lm.num_layers):
+            click.echo(f"probe ready: {folder} (shipped with rootdefense: the probe its tuned defaults were "
+                       "measured with)")
             continue
         click.echo(f"training the '{kind}' probe (once) ...")
         probe, metrics = train_probe(lm, TrainSpec(kind=kind), log=click.echo)

@@ -72,6 +72,70 @@ def shipped_defaults(model_id: str) -> dict | None:
     return {**data, "source": f"shipped with rootdefense (tuned/{paths.model_slug(model_id)}.json)"}
 
 
+SHIPPED_KINDS = ("response", "query", "paper")
+
+
+def shipped_probe_dir(model_id: str, kind: str) -> Path | None:
+    """The probe of ``kind`` shipped with the package for an embedded model (the one its
+    shipped defaults were measured with), or None. Probe training is not bit-reproducible
+    across machines, so a fresh install copies these instead of training its own."""
+    res = resources.files("rootdefense") / "tuned" / paths.model_slug(model_id) / kind
+    if not (res / "probe.json").is_file() or not (res / "probe.safetensors").is_file():
+        return None
+    return Path(str(res))
+
+
+def install_shipped_probe(model_id: str, kind: str, dest: str | Path, hidden_size: int, num_layers: int) -> Path | None:
+    """Copy the shipped probe of ``kind`` into ``dest`` after checking that it was made for
+    this model; None when the package ships none."""
+    import shutil
+
+    from .probes.base import LinearProbe
+
+    src = shipped_probe_dir(model_id, kind)
+    if src is None:
+        return None
+    LinearProbe.load(src).check_model(model_id, hidden_size, num_layers)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("probe.safetensors", "probe.json"):  # weights first: probe.json marks a probe as present
+        shutil.copyfile(src / name, dest / (name + ".tmp"))
+    for name in ("probe.safetensors", "probe.json"):
+        (dest / (name + ".tmp")).replace(dest / name)
+    return dest
+
+
+def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
+    """Copy a model's tuned defaults and the probes they were measured with from the
+    rootdefense home into ``package_dir`` (``src/rootdefense/tuned``): what a release ships
+    so that a fresh install decodes exactly as measured. Refused when the defaults do not
+    match the probes in the home."""
+    import shutil
+
+    folder = probe_folder(model_id)
+    path = folder / FILE
+    if not path.exists():
+        raise InputError(f"no tuned defaults at {path}; run `rootdefense tune --model {model_id}` first")
+    data = _read(path)
+    if data.get("probe_sha256") != weights_sha256(folder) or (
+            data.get("query_probe_sha256") and data["query_probe_sha256"] != weights_sha256(probe_folder(model_id, "query"))):
+        raise InputError(f"{path} was tuned for other probes than those in {folder.parent}; rerun `rootdefense tune`")
+    out = Path(package_dir)
+    written = []
+    for kind in SHIPPED_KINDS:
+        src = probe_folder(model_id, kind)
+        if not (src / "probe.json").exists():
+            continue
+        dest = out / paths.model_slug(model_id) / kind
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("probe.safetensors", "probe.json"):
+            shutil.copyfile(src / name, dest / name)
+        written.append(dest)
+    target = out / f"{paths.model_slug(model_id)}.json"
+    target.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
+    return [*written, target]
+
+
 def load_defaults(model_id: str) -> dict | None:
     """The model's tuned defaults: the file beside its response probe, else the shipped one,
     else None. Adds ``source`` and ``probe_matches`` (False when the response probe, or the
