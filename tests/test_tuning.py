@@ -17,11 +17,19 @@ from conftest import (
 from rootdefense import defaults, paths
 from rootdefense.api import resolve_settings
 from rootdefense.cli import cli
+from rootdefense.data.split import edgy_half, split_of
 from rootdefense.decoding.correct import RecoveryMonitor
 from rootdefense.errors import InputError, ProbeError
 from rootdefense.probes.base import LinearProbe
-from rootdefense.data.split import edgy_half, split_of
-from rootdefense.tuning import TuneSpec, calibration_prompts, choose, flag_index, gated, pareto, sweep
+from rootdefense.tuning import (
+    TuneSpec,
+    calibration_prompts,
+    choose,
+    flag_index,
+    gated,
+    pareto,
+    sweep,
+)
 
 
 @pytest.mark.parametrize("harms", [[0.1, 0.9, 0.2, 0.95, 0.3, 0.99, 0.1], [0.9] * 5, [0.1] * 9,
