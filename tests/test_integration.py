@@ -53,8 +53,9 @@ def test_prepared_probes_are_real(smollm):
 
 
 def test_prepared_probes_are_the_shipped_ones(smollm):
-    """`prepare` installs the probes the shipped defaults were measured with, so a fresh
-    install applies its tuned defaults to exactly those probes (on a home prepared before
+    """`prepare` installs the probes the shipped defaults were measured with (and the expert
+    the correction results were measured with), so a fresh install applies its tuned
+    defaults to exactly those (on a home prepared before
     the probes shipped, rerun `rootdefense prepare` on an empty ROOTDEFENSE_HOME)."""
     from rootdefense import defaults
 
@@ -63,6 +64,12 @@ def test_prepared_probes_are_the_shipped_ones(smollm):
         assert shipped is not None, kind
         assert defaults.weights_sha256(defaults.probe_folder(smollm.model_id, kind)) == \
             defaults.weights_sha256(shipped), kind
+    from rootdefense.expert.adapter import expert_dir
+
+    shipped = defaults.shipped_expert_dir(smollm.model_id)
+    assert shipped is not None
+    for name in defaults.EXPERT_FILES[:2]:
+        assert (expert_dir(smollm.model_id) / name).read_bytes() == (shipped / name).read_bytes(), name
     tuned = defaults.load_defaults(smollm.model_id)
     assert tuned["probe_matches"] is True and tuned["probe_sha256"] == \
         defaults.weights_sha256(defaults.shipped_probe_dir(smollm.model_id, "response"))
@@ -114,6 +121,7 @@ def test_cli_demo(smollm, tmp_path):
 def test_cli_prepare_is_cached(smollm):
     r = run("prepare")
     assert r.exit_code == 0 and r.output.count("probe ready") == 3 and "harm judge ready" in r.output
+    assert "expert ready" in r.output
 
 
 def test_cli_judge_train_reports_cached_metrics(smollm):

@@ -261,6 +261,38 @@ def test_tuned_probes_ship_and_install_bit_for_bit(rd_home, tmp_path, monkeypatc
     assert not (tmp_path / "q").exists()
 
 
+def test_the_expert_ships_and_installs_with_the_defaults(rd_home, tmp_path, monkeypatch):
+    from rootdefense.errors import ExpertError
+    from rootdefense.expert.adapter import expert_dir
+
+    model = "x/y"
+    folder = defaults.probe_folder(model)
+    LinearProbe(torch.randn(4), 0.1, layer=1, threshold=0.5, meta={"model_id": model}).save(folder)
+    path = _write_defaults(rd_home, model)
+    data = json.loads(path.read_text())
+    data["probe_sha256"] = defaults.weights_sha256(folder)
+    path.write_text(json.dumps(data))
+    trained = expert_dir(model)
+    trained.mkdir(parents=True)
+    (trained / "adapter_model.safetensors").write_bytes(b"weights")
+    (trained / "expert.json").write_text(json.dumps({"model_id": model, "hidden_size": 4}))
+    (trained / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/this/machine", "r": 16}))
+    written = defaults.ship_tuned(model, tmp_path / "tuned")
+    shipped = tmp_path / "tuned" / paths.model_slug(model) / "expert"
+    assert shipped in written
+    assert (shipped / "adapter_model.safetensors").read_bytes() == b"weights"
+    config = json.loads((shipped / "adapter_config.json").read_text())
+    assert config == {"base_model_name_or_path": model, "r": 16}  # no path of the machine it was trained on
+    monkeypatch.setattr(defaults, "shipped_expert_dir", lambda m: shipped if m == model else None)
+    monkeypatch.setenv("ROOTDEFENSE_HOME", str(tmp_path / "fresh"))
+    dest = defaults.install_shipped_expert(model, expert_dir(model), 4)
+    assert dest == expert_dir(model) and {p.name for p in dest.iterdir()} == set(defaults.EXPERT_FILES)
+    assert defaults.install_shipped_expert("other", tmp_path / "o", 4) is None
+    with pytest.raises(ExpertError, match="hidden size 4"):
+        defaults.install_shipped_expert(model, tmp_path / "e", 8)
+    assert not (tmp_path / "e").exists()
+
+
 def test_shipping_defaults_tuned_for_other_probes_is_refused(rd_home, tmp_path):
     model = "x/y"
     folder = defaults.probe_folder(model)

@@ -112,14 +112,15 @@ def cli():
 @cli.command()
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--probes/--no-probes", default=True, show_default=True,
-              help="also install (or train) the default probes and the harm judge")
+              help="also install (or train) the default probes, the shipped expert and the harm judge")
 @click.option("--train-probes", is_flag=True,
               help="train the probes here even where the package ships the tuned ones")
 def prepare(model, probes, train_probes):
     """Convert the embedded model once and install its default probes (cached): the probes
     its shipped defaults were measured with where the package has them, else trained here."""
     from .api import probe_dir
-    from .defaults import install_shipped_probe
+    from .defaults import install_shipped_expert, install_shipped_probe
+    from .expert.adapter import expert_dir
     from .models import load_model
     from .probes.train import TrainSpec, train_probe
 
@@ -140,6 +141,12 @@ def prepare(model, probes, train_probes):
         probe, metrics = train_probe(lm, TrainSpec(kind=kind), log=click.echo)
         probe.save(folder)
         click.echo(f"probe saved: {folder} (layer {probe.layer}, held-out AUROC {metrics['test_auroc']:.3f})")
+    folder = expert_dir(lm.model_id)
+    if (folder / "adapter_config.json").exists():
+        click.echo(f"expert ready: {folder}")
+    elif install_shipped_expert(lm.model_id, folder, lm.hidden_size):
+        click.echo(f"expert ready: {folder} (shipped with rootdefense: the adapter its correction results were "
+                   "measured with)")
     from .evaluation.judges import ensure_harm_judge
 
     click.echo(f"harm judge ready: {ensure_harm_judge()}")

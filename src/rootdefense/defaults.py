@@ -88,26 +88,59 @@ def shipped_probe_dir(model_id: str, kind: str) -> Path | None:
 def install_shipped_probe(model_id: str, kind: str, dest: str | Path, hidden_size: int, num_layers: int) -> Path | None:
     """Copy the shipped probe of ``kind`` into ``dest`` after checking that it was made for
     this model; None when the package ships none."""
-    import shutil
-
     from .probes.base import LinearProbe
 
     src = shipped_probe_dir(model_id, kind)
     if src is None:
         return None
     LinearProbe.load(src).check_model(model_id, hidden_size, num_layers)
-    dest = Path(dest)
+    return _copy_files(src, Path(dest), ("probe.safetensors", "probe.json"))  # probe.json marks it present
+
+
+EXPERT_FILES = ("adapter_model.safetensors", "expert.json", "adapter_config.json")  # the config marks it present
+
+
+def shipped_expert_dir(model_id: str) -> Path | None:
+    """The safety-expert adapter shipped with the package for an embedded model (the one its
+    correction results were measured with), or None."""
+    res = resources.files("rootdefense") / "tuned" / paths.model_slug(model_id) / "expert"
+    if not all((res / name).is_file() for name in EXPERT_FILES):
+        return None
+    return Path(str(res))
+
+
+def install_shipped_expert(model_id: str, dest: str | Path, hidden_size: int) -> Path | None:
+    """Copy the shipped expert adapter into ``dest`` after checking that it was made for this
+    model; None when the package ships none."""
+    from .errors import ExpertError
+    from .expert.adapter import read_meta
+
+    src = shipped_expert_dir(model_id)
+    if src is None:
+        return None
+    meta = read_meta(src)
+    if meta["model_id"] != model_id or meta["hidden_size"] != hidden_size:
+        raise ExpertError(f"the shipped expert in {src} was made for {meta['model_id']} (hidden size "
+                          f"{meta['hidden_size']}), not {model_id} (hidden size {hidden_size})")
+    return _copy_files(src, Path(dest), EXPERT_FILES)
+
+
+def _copy_files(src: Path, dest: Path, names) -> Path:
+    """Copy ``names`` from ``src`` into ``dest``, each through a temporary file, renamed in
+    order once all are written (the last name marks the folder as complete)."""
+    import shutil
+
     dest.mkdir(parents=True, exist_ok=True)
-    for name in ("probe.safetensors", "probe.json"):  # weights first: probe.json marks a probe as present
+    for name in names:
         shutil.copyfile(src / name, dest / (name + ".tmp"))
-    for name in ("probe.safetensors", "probe.json"):
+    for name in names:
         (dest / (name + ".tmp")).replace(dest / name)
     return dest
 
 
 def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
-    """Copy a model's tuned defaults and the probes they were measured with from the
-    rootdefense home into ``package_dir`` (``src/rootdefense/tuned``): what a release ships
+    """Copy a model's tuned defaults, the probes they were measured with and its expert
+    adapter (when trained) from the rootdefense home into ``package_dir`` (``src/rootdefense/tuned``): what a release ships
     so that a fresh install decodes exactly as measured. Refused when the defaults do not
     match the probes in the home."""
     import shutil
@@ -130,6 +163,18 @@ def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
         dest.mkdir(parents=True, exist_ok=True)
         for name in ("probe.safetensors", "probe.json"):
             shutil.copyfile(src / name, dest / name)
+        written.append(dest)
+    from .expert.adapter import expert_dir
+
+    src = expert_dir(model_id)
+    if all((src / name).exists() for name in EXPERT_FILES):
+        dest = out / paths.model_slug(model_id) / "expert"
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in EXPERT_FILES[:2]:
+            shutil.copyfile(src / name, dest / name)
+        config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = model_id  # not this machine's path (the loader passes the model)
+        (dest / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         written.append(dest)
     target = out / f"{paths.model_slug(model_id)}.json"
     target.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
