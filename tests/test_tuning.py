@@ -306,3 +306,44 @@ def test_shipping_defaults_tuned_for_other_probes_is_refused(rd_home, tmp_path):
     with pytest.raises(InputError, match="other probes"):
         defaults.ship_tuned(model, tmp_path / "tuned")
     assert not (tmp_path / "tuned").exists()
+
+
+def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, rd_home, tmp_path, monkeypatch):
+    """`prepare` installs what the package ships (probes, expert) and trains only what it
+    lacks; `--train-probes` trains every missing probe here instead."""
+    import rootdefense.evaluation.judges as judges
+    import rootdefense.probes.train as probe_train
+    from rootdefense.expert.adapter import expert_dir
+    from rootdefense.models import load_model
+
+    lm = load_model(tiny_dir)
+    shipped = {}
+    for kind in ("response", "query"):  # the package ships these two; 'paper' must be trained
+        shipped[kind] = tmp_path / "pkg" / kind
+        LinearProbe(torch.randn(lm.hidden_size), 0.0, layer=1, threshold=0.5,
+                    meta={"model_id": lm.model_id, "kind": kind}).save(shipped[kind])
+    monkeypatch.setattr(defaults, "shipped_probe_dir", lambda m, kind: shipped.get(kind) if m == lm.model_id else None)
+    monkeypatch.setattr(defaults, "shipped_expert_dir", lambda m: None)
+    trained = []
+
+    def fake_train(lm_, spec, log=print):
+        trained.append(spec.kind)
+        probe = LinearProbe(torch.zeros(lm_.hidden_size), 0.0, layer=1, threshold=0.5,
+                            meta={"model_id": lm_.model_id, "kind": spec.kind})
+        return probe, {"test_auroc": 0.5}
+
+    monkeypatch.setattr(probe_train, "train_probe", fake_train)
+    monkeypatch.setattr(judges, "ensure_harm_judge", lambda: "stub judge")
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])
+    assert r.exit_code == 0, r.output
+    assert trained == ["paper"] and r.output.count("shipped with rootdefense") == 2
+    for kind in ("response", "query"):
+        assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, kind)) == defaults.weights_sha256(shipped[kind])
+    assert not expert_dir(tiny_dir).exists() and "expert ready" not in r.output
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])  # cached: nothing installed or trained again
+    assert r.exit_code == 0 and r.output.count("probe ready") == 3 and trained == ["paper"]
+    for kind in ("response", "query", "paper"):
+        (defaults.probe_folder(tiny_dir, kind) / "probe.json").unlink()
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--train-probes"])
+    assert r.exit_code == 0, r.output
+    assert trained == ["paper", "response", "paper", "query"] and "shipped with rootdefense" not in r.output
