@@ -311,8 +311,8 @@ def test_shipping_defaults_tuned_for_other_probes_is_refused(rd_home, tmp_path):
 def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, rd_home, tmp_path, monkeypatch):
     """`prepare` installs what the package ships (probes, expert) and trains only what it
     lacks; `--train-probes` trains every missing probe here instead."""
-    import rootdefense.evaluation.judges as judges
     import rootdefense.probes.train as probe_train
+    from rootdefense.evaluation import judges
     from rootdefense.expert.adapter import expert_dir
     from rootdefense.models import load_model
 
