@@ -167,6 +167,10 @@ def test_shipped_defaults_exist_for_the_embedded_model(rd_home):
     assert d is not None and d["source"].startswith("shipped")
     assert d["defense"] == "rds-expert" and 0 < d["settings"]["tau"] < 1
     assert d["measured"]["benign_prompts"] >= 40 and "sweep" in d
+    # a probe trained here instead of the shipped one: the settings say how to get it back
+    save_response_probe("smollm2-135m")
+    assert defaults.load_defaults("smollm2-135m")["probe_matches"] is False
+    assert "prepare --reinstall" in resolve_settings("smollm2-135m").source
 
 
 def test_probe_retrained_since_tuning_is_noticed(rd_home):
@@ -347,3 +351,15 @@ def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, r
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--train-probes"])
     assert r.exit_code == 0, r.output
     assert trained == ["paper", "response", "paper", "query"] and "shipped with rootdefense" not in r.output
+    # probes trained here: --reinstall puts the shipped ones back (and only those the package has)
+    for kind in ("response", "query"):
+        assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, kind)) != defaults.weights_sha256(shipped[kind])
+    paper = defaults.weights_sha256(defaults.probe_folder(tiny_dir, "paper"))
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--reinstall"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("shipped with rootdefense") == 2 and len(trained) == 4
+    for kind in ("response", "query"):
+        assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, kind)) == defaults.weights_sha256(shipped[kind])
+    assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, "paper")) == paper
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--reinstall", "--train-probes"])
+    assert r.exit_code == 2 and "choose one" in r.output

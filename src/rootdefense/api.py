@@ -118,8 +118,10 @@ def resolve_settings(model_id: str, preset: str = "tuned", **given) -> DefenseSe
                 source_note += "; query probe not trained, no gate (train it with `rootdefense probe train " \
                                f"--model {model_id} --kind query`)"
             base["correction"] = {**t, **given.pop("correction", {})}
-            source = f"tuned defaults: {tuned['source']}" + ("" if tuned.get("probe_matches", True)
-                                                              else " (tuned for an earlier probe)") + source_note
+            stale = "" if tuned.get("probe_matches", True) else " (tuned for an earlier probe" + (
+                "; `rootdefense prepare --reinstall` installs the ones it was tuned with)"
+                if defaults.shipped_probe_dir(model_id, "response") and tuned["source"].startswith("shipped") else ")")
+            source = f"tuned defaults: {tuned['source']}" + stale + source_note
         elif "rule" in given and "defense" not in given:
             base["defense"] = "rds"
         if tuned and wants_other:

@@ -115,10 +115,16 @@ def cli():
               help="also install (or train) the default probes, the shipped expert and the harm judge")
 @click.option("--train-probes", is_flag=True,
               help="train the probes here even where the package ships the tuned ones")
-def prepare(model, probes, train_probes):
+@click.option("--reinstall", is_flag=True,
+              help="replace the probes and expert already here with the shipped ones (where the package has them)")
+def prepare(model, probes, train_probes, reinstall):
     """Convert the embedded model once and install its default probes (cached): the probes
     its shipped defaults were measured with where the package has them, else trained here."""
     from .api import probe_dir
+    from .defaults import shipped_expert_dir, shipped_probe_dir
+
+    if reinstall and train_probes:
+        raise InputError("--reinstall installs the shipped probes and --train-probes trains new ones: choose one")
     from .defaults import install_shipped_expert, install_shipped_probe
     from .expert.adapter import expert_dir
     from .models import load_model
@@ -130,7 +136,7 @@ def prepare(model, probes, train_probes):
         return
     for kind in ("response", "paper", "query"):  # query: the tuned defaults' gate
         folder = probe_dir(lm.model_id, kind)
-        if (folder / "probe.json").exists():
+        if (folder / "probe.json").exists() and not (reinstall and shipped_probe_dir(lm.model_id, kind)):
             click.echo(f"probe ready: {folder}")
             continue
         if not train_probes and install_shipped_probe(lm.model_id, kind, folder, lm.hidden_size, lm.num_layers):
@@ -141,8 +147,14 @@ def prepare(model, probes, train_probes):
         probe, metrics = train_probe(lm, TrainSpec(kind=kind), log=click.echo)
         probe.save(folder)
         click.echo(f"probe saved: {folder} (layer {probe.layer}, held-out AUROC {metrics['test_auroc']:.3f})")
+    if reinstall:
+        from .defaults import load_defaults
+
+        tuned = load_defaults(lm.model_id)
+        if tuned and not tuned["probe_matches"]:
+            click.echo(f"note: {tuned['source']} was tuned for other probes; delete it to use the shipped defaults")
     folder = expert_dir(lm.model_id)
-    if (folder / "adapter_config.json").exists():
+    if (folder / "adapter_config.json").exists() and not (reinstall and shipped_expert_dir(lm.model_id)):
         click.echo(f"expert ready: {folder}")
     elif install_shipped_expert(lm.model_id, folder, lm.hidden_size):
         click.echo(f"expert ready: {folder} (shipped with rootdefense: the adapter its correction results were "
