@@ -121,15 +121,19 @@ def prepare(model, probes, train_probes, reinstall):
     """Convert the embedded model once and install its default probes (cached): the probes
     its shipped defaults were measured with where the package has them, else trained here."""
     from .api import probe_dir
-    from .defaults import shipped_expert_dir, shipped_probe_dir
-
-    if reinstall and train_probes:
-        raise InputError("--reinstall installs the shipped probes and --train-probes trains new ones: choose one")
-    from .defaults import install_shipped_expert, install_shipped_probe
+    from .defaults import (
+        install_shipped_expert,
+        install_shipped_probe,
+        load_defaults,
+        shipped_expert_dir,
+        shipped_probe_dir,
+    )
     from .expert.adapter import expert_dir
     from .models import load_model
     from .probes.train import TrainSpec, train_probe
 
+    if reinstall and train_probes:
+        raise InputError("--reinstall installs the shipped probes and --train-probes trains new ones: choose one")
     lm = load_model(model)
     click.echo(f"model ready: {lm.model_id} ({lm.num_layers} layers, hidden {lm.hidden_size})")
     if not probes:
@@ -148,8 +152,6 @@ def prepare(model, probes, train_probes, reinstall):
         probe.save(folder)
         click.echo(f"probe saved: {folder} (layer {probe.layer}, held-out AUROC {metrics['test_auroc']:.3f})")
     if reinstall:
-        from .defaults import load_defaults
-
         tuned = load_defaults(lm.model_id)
         if tuned and not tuned["probe_matches"]:
             click.echo(f"note: {tuned['source']} was tuned for other probes; delete it to use the shipped defaults")

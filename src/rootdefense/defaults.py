@@ -140,11 +140,9 @@ def _copy_files(src: Path, dest: Path, names) -> Path:
 
 def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
     """Copy a model's tuned defaults, the probes they were measured with and its expert
-    adapter (when trained) from the rootdefense home into ``package_dir`` (``src/rootdefense/tuned``): what a release ships
-    so that a fresh install decodes exactly as measured. Refused when the defaults do not
-    match the probes in the home."""
-    import shutil
-
+    adapter (when trained) from the rootdefense home into ``package_dir``
+    (``src/rootdefense/tuned``): what a release ships so that a fresh install decodes exactly
+    as measured. Refused when the defaults do not match the probes in the home."""
     folder = probe_folder(model_id)
     path = folder / FILE
     if not path.exists():
@@ -159,19 +157,12 @@ def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
         src = probe_folder(model_id, kind)
         if not (src / "probe.json").exists():
             continue
-        dest = out / paths.model_slug(model_id) / kind
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in ("probe.safetensors", "probe.json"):
-            shutil.copyfile(src / name, dest / name)
-        written.append(dest)
+        written.append(_copy_files(src, out / paths.model_slug(model_id) / kind, ("probe.safetensors", "probe.json")))
     from .expert.adapter import expert_dir
 
     src = expert_dir(model_id)
     if all((src / name).exists() for name in EXPERT_FILES):
-        dest = out / paths.model_slug(model_id) / "expert"
-        dest.mkdir(parents=True, exist_ok=True)
-        for name in EXPERT_FILES[:2]:
-            shutil.copyfile(src / name, dest / name)
+        dest = _copy_files(src, out / paths.model_slug(model_id) / "expert", EXPERT_FILES[:2])
         config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
         config["base_model_name_or_path"] = model_id  # not this machine's path (the loader passes the model)
         (dest / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
