@@ -36,6 +36,7 @@ EXPECTED = {
     "gsm8k": (100, 100),
     "sharegpt": (5000, 17671),
     "imperative": (300, 10_000),
+    "sensitive": (300, 300),
 }
 
 SMALL = [n for n in EXPECTED if n != "sharegpt"]
@@ -268,3 +269,22 @@ def test_dataset_table():
     assert rows["sharegpt"]["kind"] == "benign" and rows["sharegpt"]["licence"] == "none declared"
     assert all({"name", "kind", "rows", "package", "licence"} <= set(r) for r in table)
     assert all(r["rows"] is None for r in dataset_table(counts=False))
+
+
+def test_sensitive_questions_are_written_here_benign_and_split(loaded):
+    """The sensitive set is the project's own: 15 categories of 20, no prompt shared with a
+    harmful set, and the 70/10/20 split gives each of fit, val and test a real share."""
+    from rootdefense.data import sensitive
+    from rootdefense.data.split import split_of
+
+    rows = loaded["sensitive"]
+    assert DATASETS["sensitive"].licence == "Apache-2.0 (written for rootdefense)" and not DATASETS["sensitive"].package
+    assert {k: len(v) for k, v in sensitive.QUESTIONS.items()} == {k: 20 for k in sensitive.QUESTIONS}
+    assert len(sensitive.QUESTIONS) == 15 and not any(e.harmful for e in rows)
+    assert [e.meta["category"] for e in rows[:20]] == ["cybersecurity_defense"] * 20
+    harmful = {e.prompt.strip().lower() for n in ("advbench", "harmbench", "donotanswer", "uncensorbench")
+               for e in loaded[n]}
+    assert not harmful & {e.prompt.strip().lower() for e in rows}
+    splits = Counter(split_of(e.prompt) for e in rows)
+    assert splits["fit"] > 150 and splits["val"] > 15 and splits["test"] > 40, splits
+

@@ -24,6 +24,8 @@ from .imperative import LICENCE as IMPERATIVE_LICENCE
 from .imperative import imperative_prompts
 from .records import DatasetInfo, Example
 from .refusals import refusal_for
+from .sensitive import LICENCE as SENSITIVE_LICENCE
+from .sensitive import sensitive_prompts
 from .sharegpt import iter_json_array
 
 # module dir -> pip spec
@@ -71,6 +73,9 @@ DATASETS: dict[str, DatasetInfo] = {
                     "ShareGPT V3 conversations: first human turn, answer = first gpt turn (filtered, streamed)."),
         DatasetInfo("imperative", False, "", "rootdefense/data/imperative.py", IMPERATIVE_LICENCE,
                     "Benign imperative requests (templates x everyday/software topics) written for rootdefense."),
+        DatasetInfo("sensitive", False, "", "rootdefense/data/sensitive.py", SENSITIVE_LICENCE,
+                    "Benign questions on sensitive topics (security, malware, drugs, crime, extremism ...), "
+                    "15 categories, written for rootdefense."),
     )
 }
 
@@ -285,6 +290,11 @@ def _raw_imperative() -> Iterator[tuple[str, dict]]:
         yield text, {}
 
 
+def _raw_sensitive() -> Iterator[tuple[str, dict]]:
+    for category, text in sensitive_prompts():
+        yield text, {"category": category}
+
+
 _RAW: dict[str, Callable[[], Iterator[tuple[str, dict]]]] = {
     "advbench": _raw_advbench,
     "harmbench": _raw_harmbench,
@@ -296,6 +306,7 @@ _RAW: dict[str, Callable[[], Iterator[tuple[str, dict]]]] = {
     "gsm8k": _raw_gsm8k,
     "sharegpt": _raw_sharegpt,
     "imperative": _raw_imperative,
+    "sensitive": _raw_sensitive,
 }
 
 
