@@ -97,5 +97,9 @@ def test_training_pipeline_runs_end_to_end(tiny_lm, kind, tmp_path):
     assert 0 < probe.threshold < 1 + 1e-9
     assert set(metrics) >= {"test_auroc", "edgy_fpr", "cross_tpr", "layer"}
     assert probe.meta["data"]["counts"]
+    # the project's sensitive questions are benign training data (their own answers, for
+    # the response probe), and their held-out flag rate is reported on its own
+    assert ("self-sensitive" if kind == "response" else "sensitive") in probe.meta["data"]["counts"]
+    assert metrics["test_fpr_by_source"] and all(0 <= v <= 1 for v in metrics["test_fpr_by_source"].values())
     probe.save(tmp_path / kind)
     assert LinearProbe.load(tmp_path / kind).layer == probe.layer

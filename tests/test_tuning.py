@@ -98,6 +98,8 @@ def test_calibration_prompts_are_ones_no_probe_was_fitted_on():
     assert len(edgy) >= 10  # the edgy requests are a real share of the benign side
     assert all(edgy_half(e.prompt) == "train" and split_of(e.prompt) != "fit" for e in edgy)
     assert all(split_of(e.prompt) == "val" for e in benign if not e.id.startswith("edgy-"))
+    # the project's sensitive questions take part too, from their validation split only
+    assert sum(e.id.startswith("sensitive-") for e in benign) >= 8
 
 
 def _write_defaults(home, model_id, **settings):

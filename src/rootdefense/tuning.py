@@ -36,7 +36,7 @@ from .defaults import probe_folder, weights_sha256
 from .errors import InputError
 
 HARMFUL_SOURCES = ("advbench", "harmbench")
-BENIGN_SOURCES = ("mtbench", "sharegpt", "edgy")
+BENIGN_SOURCES = ("mtbench", "sharegpt", "edgy", "sensitive")
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 GATES = (0.5, 0.7, 0.9)  # query-probe scores tried as the gate (plus the probe's calibrated threshold)
 WINDOWS = (4, 8, 16)
@@ -71,10 +71,11 @@ class TuneSpec:
 
 
 def calibration_prompts(spec: TuneSpec):
-    """(harmful, benign) examples no probe was fitted on: the validation split, and from the
-    benign-but-edgy set the prompts of its train half that the probes hold out (its
-    validation and test buckets). The probes fit the rest of that half, so those score low
-    by construction and would hide the monitor's flags on unseen edgy requests."""
+    """(harmful, benign) examples no probe was fitted on: the validation split (benign side:
+    MT-bench, ShareGPT and the project's sensitive questions), and from the benign-but-edgy
+    set the prompts of its train half that the probes hold out (its validation and test
+    buckets). The probes fit the rest of that half, so those score low by construction and
+    would hide the monitor's flags on unseen edgy requests."""
     from .data.loaders import load_dataset
 
     def pick(sources, n, keep):

@@ -24,9 +24,10 @@ def evaluate_probe(lm, probe, limit: int | None = None) -> dict:
 
     if kind in ("paper", "query"):
         harm = {n: held_out(n, limit) for n in HARMFUL_SETS}
-        ben = [e for n in BENIGN_SETS for e in held_out(n, limit)]
+        ben = {n: held_out(n, limit) for n in BENIGN_SETS}
         hs = {n: score(query_features(lm, [e.prompt for e in exs], [probe.layer])) for n, exs in harm.items()}
-        bs = score(query_features(lm, [e.prompt for e in ben], [probe.layer]))
+        bss = {n: score(query_features(lm, [e.prompt for e in exs], [probe.layer])) for n, exs in ben.items()}
+        bs = np.concatenate(list(bss.values()))
         es = score(query_features(lm, [e.prompt for e in edgy], [probe.layer]))
         allh = np.concatenate(list(hs.values()))
         report.update({
@@ -34,6 +35,7 @@ def evaluate_probe(lm, probe, limit: int | None = None) -> dict:
             "held_out_auroc": auroc(np.r_[np.ones(len(allh)), np.zeros(len(bs))], np.r_[allh, bs]),
             "tpr": {n: rate(s, t) for n, s in hs.items()},
             "benign_fpr": rate(bs, t),
+            "benign_fpr_by_set": {n: rate(v, t) for n, v in bss.items()},
             "edgy_fpr": rate(es, t),
             "counts": {**{n: len(s) for n, s in hs.items()}, "benign": len(bs), "edgy": len(es)},
         })
@@ -77,7 +79,7 @@ def format_report(r: dict) -> str:
     lines = [f"probe kind {r['kind']}  layer {r['layer']}  threshold {r['threshold']:.4f}  model {r['model_id']}",
              f"unit: {r['unit']}",
              f"held-out AUROC: {f(r['held_out_auroc'])}"]
-    for key in ("tpr", "token_flag_rate", "answer_flag_rate"):
+    for key in ("tpr", "benign_fpr_by_set", "token_flag_rate", "answer_flag_rate"):
         if key in r:
             lines.append(f"{key.replace('_', ' ')} at threshold:")
             lines += [f"  {k:<28} {f(v)}" for k, v in r[key].items()]

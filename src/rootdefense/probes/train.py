@@ -31,7 +31,9 @@ from .fit import auroc, fit_affine, rate, scores, threshold_at_fpr
 
 # manyshot is HarmBench with answers (same prompts): used only as answer pairs
 HARMFUL_SETS = ("advbench", "harmbench", "donotanswer", "uncensorbench")
-BENIGN_SETS = ("sharegpt", "mtbench", "gsm8k", "imperative")
+BENIGN_SETS = ("sharegpt", "mtbench", "gsm8k", "imperative", "sensitive")
+# benign questions with alarming words: their own answers go to the response probe as well
+SENSITIVE = "sensitive"
 EDGY = "edgy"
 REFUSAL_RE = re.compile(r"\b(I can(?:no|')t|I'm sorry|I am sorry|I won't|I will not|As an AI|I'm not able|I apologi[sz]e)",
                         re.IGNORECASE)
@@ -150,11 +152,27 @@ def _evaluate(X, y, source, fit_mask, val_mask, test_mask, edgy_X, spec, pca, st
         "test_auroc": auroc(y[test_mask], s[test_mask]),
         "test_tpr": rate(s[test_mask & (y == 1)], t),
         "test_fpr": rate(s[test_mask & (y == 0)], t),
+        "test_fpr_by_source": _by_source(s, y, source, test_mask, t, groups),
         "edgy_fpr": rate(edgy_s, t),
         "threshold": t,
         "cross_tpr": cross,
         "cross_tpr_mean": float(np.mean(list(cross.values()))),
     }
+
+
+def _by_source(s, y, source, test_mask, t, groups):
+    """Benign test flag rate per source: per prompt, or (with ``groups``) per answer."""
+    out = {}
+    for name in sorted(set(source[y == 0].tolist())):
+        keep = test_mask & (y == 0) & (source == name)
+        if not keep.any():
+            continue
+        if groups is None:
+            out[name] = rate(s[keep], t)
+        else:
+            owners = set(groups[keep].tolist())
+            out[name] = len({int(g) for g, v in zip(groups[keep], s[keep]) if v >= t}) / len(owners)
+    return out
 
 
 def _meta(lm, spec, position, layer, chosen, sweep, rows, counts, seconds):
@@ -194,10 +212,12 @@ def _train_response(lm, spec, harm, benign, edgy, t0, log):
     # every prompt of the edgy training half: edgy words next to benign answers are what
     # a probe trained on generic benign text gets wrong
     pool_b = _sample(pool_b, spec.self_answers, spec.seed) + [e for e in benign[EDGY] if split_of(e.prompt) != "test"]
+    pool_s = [e for e in benign.get(SENSITIVE, []) if split_of(e.prompt) != "test"]
     test_h = _sample([e for n in ("advbench", "harmbench") for e in harm[n] if split_of(e.prompt) == "test"],
                      max(spec.self_answers // 3, 16), spec.seed)
     edgy_s = edgy
-    asked = pool_h + pool_b + test_h + edgy_s
+    test_s = [e for e in benign.get(SENSITIVE, []) if split_of(e.prompt) == "test"]
+    asked = pool_h + pool_b + pool_s + test_h + test_s + edgy_s
     log(f"generating the model's own answers to {len(asked)} prompts ({spec.answer_tokens} tokens)")
     answers = self_answers(lm, [e.prompt for e in asked], max_new_tokens=spec.answer_tokens)
     own = dict(zip((e.id for e in asked), answers))
@@ -207,6 +227,8 @@ def _train_response(lm, spec, harm, benign, edgy, t0, log):
         pairs.append((e.prompt, refusal_for(e.prompt, e.id), 0, "self-refusal"))
     for e in pool_b:
         pairs.append((e.prompt, own[e.id], 0, "self-benign"))
+    for e in pool_s + test_s:
+        pairs.append((e.prompt, own[e.id], 0, "self-sensitive"))
     edgy_pairs = [(e.prompt, own[e.id]) for e in edgy_s]
     pairs = [p for p in pairs if p[1] and p[1].strip()]
     log(f"collecting answer states: {len(pairs)} answers x {len(layers)} layers")
