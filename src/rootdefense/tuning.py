@@ -371,7 +371,8 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
                      "benign_prompts": len(benign_traces),
                      "attacks": list(spec.attacks), "max_new_tokens": spec.max_new_tokens,
                      "max_benign_flag": spec.max_benign_flag, "seconds": seconds,
-                     "split": "validation (advbench, harmbench, mtbench, sharegpt; edgy train half, unfitted buckets)"},
+                     "split": "validation (advbench, harmbench, mtbench, sharegpt, sensitive; "
+                              "edgy train half, unfitted buckets)"},
         "sweep": pareto(rows),
         "spec": {k: v for k, v in asdict(spec).items() if k not in ("taus", "windows")},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
