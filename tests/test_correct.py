@@ -105,6 +105,21 @@ def test_flag_rolls_back_and_steering_matches_an_independent_recompute(setup, ti
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("steer_tau", [0.2, 0.8])
+def test_steering_threshold_is_its_own_setting(setup, tiny_tokenizer, steer_tau):
+    """The monitor flags at its tau; the steered tokens are then chosen against steer_tau,
+    exactly as an independent recompute at that threshold chooses them."""
+    lm, expert, probe, ids, folder = setup
+    tau = min(0.999, max(1e-3, first_harm(lm, probe, ids) - 1e-4))
+    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, loop_repeats=99, steer_tau=steer_tau).generate(
+        ids, GenerationConfig(max_new_tokens=10))
+    assert gen.trace.summary()["flags"] == 1 and {s.source for s in gen.trace.steps} == {"expert"}
+    assert gen.token_ids == reference_steer(tiny_tokenizer, folder, probe, ids, steer_tau, len(gen.token_ids))
+    at_tau = reference_steer(tiny_tokenizer, folder, probe, ids, tau, len(gen.token_ids))
+    assert (gen.token_ids == at_tau) == (reference_steer(tiny_tokenizer, folder, probe, ids, steer_tau, 10) == at_tau)
+
+
+@torch.no_grad()
 def test_staged_steering_chooses_what_the_whole_pool_chooses(setup):
     """Greedy steering scores a few plausible candidates first and the rest only when none
     passes; at every threshold the answers equal scoring the whole pool at once, both
@@ -292,7 +307,7 @@ def test_steer_choice_prefers_safe_plausible_expert_tokens():
 @pytest.mark.parametrize("kwargs, needle", [
     ({"k": 9, "window": 8}, "k <= window"), ({"rollback": "paragraph"}, "rollback must be"),
     ({"tau": 1.5}, "strictly between"), ({"expert_top": 0}, "expert_top must be"),
-    ({"steer_first": -1}, "steer_first must be"),
+    ({"steer_first": -1}, "steer_first must be"), ({"steer_tau": 1.0}, "steer_tau must lie"),
 ])
 def test_settings_are_checked(kwargs, needle):
     with pytest.raises(InputError, match=needle):

@@ -74,6 +74,9 @@ class CorrectionSettings:
     ``gate`` is watched by a stricter monitor (``strict_tau``, ``strict_window``,
     ``strict_k``; each defaults to the normal one). A request that reads as harmful needs
     less evidence from the answer; a benign one keeps the normal monitor.
+    ``steer_tau``: the harm a steered candidate must stay below (default: the tau of the
+    monitor that flagged). Flagging looks for runs of harmful tokens, so its best tau can
+    be loose; once an answer is flagged, each steered token is chosen against this one.
     ``steer_first``: greedy steered steps score this many candidates the base model finds
     plausible (and its own token) first, and the rest of the pool only when none of them
     passes the probe; the choice is the same as scoring the whole pool (0: score it whole).
@@ -102,6 +105,7 @@ class CorrectionSettings:
     strict_window: int | None = None
     strict_k: int | None = None
     retract_prefill: bool = True
+    steer_tau: float | None = None
     steer_first: int = 3  # greedy steering scores this many plausible candidates first (0: the whole pool)
     # ablation switches: each part can be turned off to measure what it adds
     use_expert: bool = True  # off: steer with the base model's own candidates only
@@ -130,8 +134,10 @@ class CorrectionSettings:
                              f"{self.near_share}")
         if self.gate is not None and not 0 <= self.gate < 1:
             raise InputError(f"gate must lie in [0, 1), got {self.gate}")
-        if self.strict_tau is not None and not 0 < self.strict_tau < 1:
-            raise InputError(f"strict_tau must lie strictly between 0 and 1, got {self.strict_tau}")
+        for name in ("strict_tau", "steer_tau"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise InputError(f"{name} must lie strictly between 0 and 1, got {value}")
         window, k = self.strict_window or self.window, self.strict_k or self.k
         if not 1 <= k <= window:
             raise InputError(f"the strict monitor needs 1 <= strict_k <= strict_window, got k={k}, window={window}")
@@ -510,6 +516,7 @@ class CorrectingDecoder:
         t_prefill = time.perf_counter() - t0
         st = _State()
         monitor = s.monitor(self.tau, gate is not None and gate["strict"])
+        steer_tau = s.steer_tau if s.steer_tau is not None else monitor.tau
         stream = _Stream(on_token, on_event, s.hold_back)
         trace = Trace()
         detok = Detokenizer(self.tokenizer)
@@ -541,7 +548,7 @@ class CorrectingDecoder:
                 pool = _union_pool(lp_e, lp_b, own, s.expert_top, s.base_top)
                 own_j = int((pool == own).nonzero()[0, 0])
                 floor = s.min_base_logprob if s.guard else -math.inf
-                j, harms, logits = self._steer_step(cache, pool, lp_e, lp_b, own_j, floor, monitor.tau, prefix_len,
+                j, harms, logits = self._steer_step(cache, pool, lp_e, lp_b, own_j, floor, steer_tau, prefix_len,
                                                     rng, stats)
                 token = int(pool[j])
                 own_harm = float(harms[own_j])  # the own token is always scored

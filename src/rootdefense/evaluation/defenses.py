@@ -472,14 +472,17 @@ class RDSExpertDefense(DefenderDefense):
     def __init__(self, tau: float | None = None, rollback: str | None = None, expert: str | None = None,
                  window: int | None = None, k: int | None = None, use_expert: bool | None = None,
                  recover: bool | None = None, guard: bool | None = None, preset: str = "tuned",
-                 gate: bool | None = None, retract_prefill: bool | None = None) -> None:
+                 gate: bool | None = None, retract_prefill: bool | None = None,
+                 steer_tau: float | None = None) -> None:
         """``gate: false`` drops the tuned query-probe gate (one monitor for every request);
-        ``retract_prefill: false`` keeps a forced opening when a flagged answer restarts."""
+        ``retract_prefill: false`` keeps a forced opening when a flagged answer restarts;
+        ``steer_tau`` sets the harm steered tokens must stay below."""
         super().__init__()
         self.given = {"tau": tau, "rollback": rollback, "expert": expert, "preset": preset}
         self.correction = {key: v for key, v in (("window", window), ("k", k), ("use_expert", use_expert),
                                                  ("recover", recover), ("guard", guard),
-                                                 ("retract_prefill", retract_prefill)) if v is not None}
+                                                 ("retract_prefill", retract_prefill), ("steer_tau", steer_tau))
+                           if v is not None}
         if gate is False:
             self.correction.update(gate=None, strict_tau=None, strict_window=None, strict_k=None)
         DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback or "answer",
