@@ -85,6 +85,8 @@ def test_tune_spec_is_checked():
         TuneSpec(max_benign_flag=1.5)
     with pytest.raises(InputError, match=">= 1 harmful"):
         TuneSpec(harmful=0)
+    with pytest.raises(InputError, match="steer_tau"):
+        TuneSpec(steer_tau=1.0)
 
 
 def test_calibration_prompts_are_ones_no_probe_was_fitted_on():
@@ -225,6 +227,13 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     assert r.exit_code == 0, r.output
     again = json.loads(r.stdout)
     assert again["measured"]["chosen"]["benign_flag_rate"] == 0.0 and again["measured"]["harmful_prompts"] == 3
+    assert "steer_tau" not in again["settings"]
+    # a steering threshold chosen elsewhere is saved with the settings and reaches generate
+    r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "3", "--benign", "3",
+                                 "--max-new-tokens", "6", "--max-benign-flag", "0.5", "--reuse", "--steer-tau", "0.4"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "3", "--json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["settings"]["steer_tau"] == 0.4, r.output
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "2", "--benign", "3",
                                  "--max-new-tokens", "6", "--reuse"])
     assert r.exit_code != 0 and "other tuning settings" in r.output

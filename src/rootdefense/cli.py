@@ -372,12 +372,15 @@ def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--max-benign-flag", type=float, default=0.03, show_default=True,
               help="largest share of benign answers the monitor may flag (they would be rewritten)")
+@click.option("--steer-tau", type=float, default=None,
+              help="harm steered tokens must stay below once an answer is flagged (default: the flagging "
+                   "monitor's tau); choose it on validation prompts with scripts/steer_tau_val.py")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="folder for defaults.json (default: beside the model's response probe, where it is used)")
 @click.option("--reuse", is_flag=True,
               help="re-sweep the calibration answers of an earlier run (calibration.jsonl) instead of decoding")
 @click.option("--json", "as_json", is_flag=True, help="print the defaults as JSON")
-def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag, out, reuse, as_json):
+def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag, steer_tau, out, reuse, as_json):
     """Measure the model's undefended answers and save its tuned defense defaults.
 
     The answers' per-token harms go to calibration.jsonl beside defaults.json as they are
@@ -390,7 +393,7 @@ def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag
     from .tuning import tune as run_tune
 
     spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)), max_new_tokens=max_new_tokens,
-                    max_benign_flag=max_benign_flag)
+                    max_benign_flag=max_benign_flag, steer_tau=steer_tau)
     lm = load_model(model, dtype=dtype)
     folder = Path(out or probe_folder(lm.model_id))
     folder.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,10 @@ class TuneSpec:
     max_new_tokens: int = 128
     max_benign_flag: float = 0.03
     refusal_reflex: float = 0.5  # undefended refusal rate at or above which the expert is off
+    # harm steered tokens must stay below once an answer is flagged (None: the flagging
+    # monitor's tau); steering cannot be replayed from undefended answers, so it is chosen
+    # by decoding validation prompts (scripts/steer_tau_val.py) and given here
+    steer_tau: float | None = None
     taus: tuple[float, ...] = TAUS
     windows: tuple[int, ...] = WINDOWS
     seed: int = 0
@@ -60,6 +64,8 @@ class TuneSpec:
             raise InputError(f"tuning needs >= 1 harmful and >= 1 benign prompt, got {self.harmful}, {self.benign}")
         if not 0 <= self.max_benign_flag < 1:
             raise InputError(f"max_benign_flag must lie in [0, 1), got {self.max_benign_flag}")
+        if self.steer_tau is not None and not 0 < self.steer_tau < 1:
+            raise InputError(f"steer_tau must lie strictly between 0 and 1, got {self.steer_tau}")
         if not 1 <= self.max_new_tokens <= 4096:
             raise InputError(f"max_new_tokens must lie in 1..4096, got {self.max_new_tokens}")
         from .evaluation.attacks import ATTACKS
@@ -349,6 +355,8 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     chosen = gate or best
     settings = {"tau": chosen["tau"], "window": chosen["window"], "k": chosen["k"], "use_expert": use_expert,
                 "rollback": "answer"}
+    if spec.steer_tau is not None:
+        settings["steer_tau"] = spec.steer_tau
     if gate is not None:
         settings.update({k: gate[k] for k in ("gate", "strict_tau", "strict_window", "strict_k")})
         log(f"gated: requests with query score >= {gate['gate']} watched at tau={gate['strict_tau']} "
