@@ -27,7 +27,7 @@ from rootdefense.decoding.config import GenerationConfig
 from rootdefense.evaluation.attacks import make_attack
 from rootdefense.evaluation.base import EvalContext
 from rootdefense.evaluation.judges import make_judge
-from rootdefense.jsonl import read_objects
+from rootdefense.jsonl import JsonlWriter, read_objects
 from rootdefense.models import load_model, normalize_messages
 from rootdefense.tuning import TuneSpec, calibration_prompts
 
@@ -42,7 +42,11 @@ def main() -> None:
     args = ap.parse_args()
     values = [v.strip() for v in args.values.split(",") if v.strip()]
     for v in values:
-        if v != "monitor" and not 0 < float(v) < 1:
+        try:
+            ok = v == "monitor" or 0 < float(v) < 1
+        except ValueError:
+            ok = False
+        if not ok:
             raise SystemExit(f"--values: {v!r} is neither 'monitor' nor a number in (0, 1)")
     spec = TuneSpec(harmful=args.harmful)
     harmful, _ = calibration_prompts(spec)
@@ -51,13 +55,13 @@ def main() -> None:
     cfg = GenerationConfig(max_new_tokens=args.max_new_tokens)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "answers.jsonl"
-    rows = list(read_objects(path)) if path.exists() else []
+    rows = read_objects(path)
     done = {(r["steer_tau"], r["attack"], r["prompt"]) for r in rows}
     judges = [make_judge("refusal"), make_judge("harm")]
     for j in judges:
         j.setup()
     first = None  # its expert adapter is attached once and shared by every value
-    with open(path, "a", encoding="utf-8") as fh:
+    with JsonlWriter(path, append=True) as writer:  # a torn last line from an interrupted run is cut first
         for value in values:
             correction = {} if value == "monitor" else {"steer_tau": float(value)}
             if first is None:
@@ -74,8 +78,7 @@ def main() -> None:
                 row = {"steer_tau": value, "attack": attack, "prompt": ex.prompt, "id": ex.id, "answer": gen.text,
                        "flags": gen.trace.summary()["flags"],
                        "verdicts": {k: {"label": v.label, "score": v.score} for k, v in verdicts.items()}}
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                fh.flush()
+                writer.write(row)
                 rows.append(row)
     summary = {}
     for value in values:

@@ -241,6 +241,12 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     assert r.exit_code == 2 and "template attacks" in r.output
 
 
+def test_defaults_name_probe_files_as_probes_write_them():
+    from rootdefense.probes import base
+
+    assert defaults.PROBE_FILES == (base.WEIGHTS, base.META)
+
+
 def test_tuned_probes_ship_and_install_bit_for_bit(rd_home, tmp_path, monkeypatch):
     """`ship_tuned` copies the tuned defaults with the probes they were measured with; a
     fresh home installs those probes (not retrained ones), so the defaults match them."""

@@ -33,13 +33,18 @@ PAPER_PRESET = {"defense": "rds", "rule": "paper", "k": 10}
 FALLBACK = {"defense": "rds", "rule": "threshold"}
 
 
+# a probe folder's files, as rootdefense.probes.base names them (not imported from there:
+# that would load torch with this module); the metadata comes last and marks a probe present
+PROBE_FILES = ("probe.safetensors", "probe.json")
+
+
 def probe_folder(model_id: str, kind: str = "response") -> Path:
     return paths.home() / "probes" / paths.model_slug(model_id) / kind
 
 
 def weights_sha256(folder: str | Path) -> str | None:
     """The sha256 of a probe folder's weights file (None when it has none)."""
-    f = Path(folder) / "probe.safetensors"
+    f = Path(folder) / PROBE_FILES[0]
     return hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
 
 
@@ -80,7 +85,7 @@ def shipped_probe_dir(model_id: str, kind: str) -> Path | None:
     shipped defaults were measured with), or None. Probe training is not bit-reproducible
     across machines, so a fresh install copies these instead of training its own."""
     res = resources.files("rootdefense") / "tuned" / paths.model_slug(model_id) / kind
-    if not (res / "probe.json").is_file() or not (res / "probe.safetensors").is_file():
+    if not all((res / name).is_file() for name in PROBE_FILES):
         return None
     return Path(str(res))
 
@@ -94,7 +99,7 @@ def install_shipped_probe(model_id: str, kind: str, dest: str | Path, hidden_siz
     if src is None:
         return None
     LinearProbe.load(src).check_model(model_id, hidden_size, num_layers)
-    return _copy_files(src, Path(dest), ("probe.safetensors", "probe.json"))  # probe.json marks it present
+    return _copy_files(src, Path(dest), PROBE_FILES)
 
 
 EXPERT_FILES = ("adapter_model.safetensors", "expert.json", "adapter_config.json")  # the config marks it present
@@ -155,9 +160,9 @@ def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
     written = []
     for kind in SHIPPED_KINDS:
         src = probe_folder(model_id, kind)
-        if not (src / "probe.json").exists():
+        if not (src / PROBE_FILES[-1]).exists():
             continue
-        written.append(_copy_files(src, out / paths.model_slug(model_id) / kind, ("probe.safetensors", "probe.json")))
+        written.append(_copy_files(src, out / paths.model_slug(model_id) / kind, PROBE_FILES))
     from .expert.adapter import expert_dir
 
     src = expert_dir(model_id)

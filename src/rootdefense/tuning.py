@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .data.split import edgy_half, split_of
 from .decoding import GenerationConfig
-from .decoding.correct import DegenerationGuard
+from .decoding.correct import CorrectionSettings, DegenerationGuard
 from .defaults import probe_folder, weights_sha256
 from .errors import InputError
 
@@ -64,8 +64,7 @@ class TuneSpec:
             raise InputError(f"tuning needs >= 1 harmful and >= 1 benign prompt, got {self.harmful}, {self.benign}")
         if not 0 <= self.max_benign_flag < 1:
             raise InputError(f"max_benign_flag must lie in [0, 1), got {self.max_benign_flag}")
-        if self.steer_tau is not None and not 0 < self.steer_tau < 1:
-            raise InputError(f"steer_tau must lie strictly between 0 and 1, got {self.steer_tau}")
+        CorrectionSettings(steer_tau=self.steer_tau).validate()  # the decoder's own check of the value
         if not 1 <= self.max_new_tokens <= 4096:
             raise InputError(f"max_new_tokens must lie in 1..4096, got {self.max_new_tokens}")
         from .evaluation.attacks import ATTACKS
