@@ -55,8 +55,8 @@ def test_prepared_probes_are_real(smollm):
 def test_prepared_probes_are_the_shipped_ones(smollm):
     """`prepare` installs the probes the shipped defaults were measured with (and the expert
     the correction results were measured with), so a fresh install applies its tuned
-    defaults to exactly those (on a home prepared before
-    the probes shipped, rerun `rootdefense prepare` on an empty ROOTDEFENSE_HOME)."""
+    defaults to exactly those, also on a home an earlier release prepared (its shipped
+    probes are replaced; probes trained here are kept: `prepare --reinstall` replaces them)."""
     from rootdefense import defaults
 
     for kind in ("response", "query", "paper"):

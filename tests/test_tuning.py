@@ -380,3 +380,120 @@ def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, r
     assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, "paper")) == paper
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--reinstall", "--train-probes"])
     assert r.exit_code == 2 and "choose one" in r.output
+
+
+def _probe(model, kind, folder, seed):
+    g = torch.Generator().manual_seed(seed)
+    LinearProbe(torch.randn(4, generator=g), 0.1, layer=1, threshold=0.5,
+                meta={"model_id": model, "kind": kind}).save(folder)
+    return defaults.weights_sha256(folder)
+
+
+def test_shipping_new_probes_records_the_ones_they_replace(rd_home, tmp_path):
+    """A release that ships a retrained probe lists the one it replaces in the package's
+    history, so `prepare` can tell an earlier release's probe from one trained here."""
+    model = "x/y"
+    pkg = tmp_path / "tuned"
+
+    def tune_and_ship():
+        path = _write_defaults(rd_home, model)
+        data = json.loads(path.read_text())
+        data["probe_sha256"] = defaults.weights_sha256(defaults.probe_folder(model))
+        path.write_text(json.dumps(data))
+        defaults.ship_tuned(model, pkg)
+
+    first = _probe(model, "response", defaults.probe_folder(model), 1)
+    paper = _probe(model, "paper", defaults.probe_folder(model, "paper"), 2)
+    tune_and_ship()
+    history = pkg / paths.model_slug(model) / defaults.HISTORY
+    assert not history.exists()  # nothing replaced yet
+    second = _probe(model, "response", defaults.probe_folder(model), 3)
+    tune_and_ship()
+    assert json.loads(history.read_text()) == {"response": [first]}  # the unchanged paper probe is not listed
+    _probe(model, "response", defaults.probe_folder(model), 4)
+    tune_and_ship()
+    assert json.loads(history.read_text()) == {"response": [first, second]}
+    assert paper not in history.read_text()
+
+
+def test_prepare_updates_an_earlier_release_and_keeps_what_was_trained_here(tiny_dir, rd_home, tmp_path, monkeypatch):
+    """A home prepared by an earlier release holds that release's shipped probes: `prepare`
+    replaces them with this release's (its shipped defaults were measured with those). A
+    probe trained here, or one the user's own tuned defaults were measured with, is kept."""
+    import rootdefense.probes.train as probe_train
+    from rootdefense.evaluation import judges
+    from rootdefense.models import load_model
+
+    lm = load_model(tiny_dir)
+    kinds = ("response", "query", "paper")
+    old = {k: tmp_path / "old" / k for k in kinds}
+    new = {k: tmp_path / "new" / k for k in kinds}
+    for i, k in enumerate(kinds):
+        for j, pkg in enumerate((old, new)):
+            LinearProbe(torch.randn(lm.hidden_size), 0.0, layer=1, threshold=0.5,
+                        meta={"model_id": lm.model_id, "kind": k, "seed": 10 * i + j}).save(pkg[k])
+    shipped = {"now": old}
+    monkeypatch.setattr(defaults, "shipped_probe_dir",
+                        lambda m, kind: shipped["now"][kind] if m == lm.model_id else None)
+    monkeypatch.setattr(defaults, "shipped_expert_dir", lambda m: None)
+    monkeypatch.setattr(probe_train, "train_probe", lambda *a, **kw: pytest.fail("nothing is trained"))
+    monkeypatch.setattr(judges, "ensure_harm_judge", lambda: "stub judge")
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])  # the earlier release prepares the home
+    assert r.exit_code == 0, r.output
+    sha = {k: defaults.weights_sha256(defaults.probe_folder(tiny_dir, k)) for k in kinds}
+    assert sha == {k: defaults.weights_sha256(old[k]) for k in kinds}
+    # the new release: other probes, the earlier ones in its history; the paper probe was trained here
+    shipped["now"] = new
+    monkeypatch.setattr(defaults, "earlier_shipped", lambda m: {k: [sha[k]] for k in kinds} if m == lm.model_id else {})
+    own_paper = _probe(tiny_dir, "paper", defaults.probe_folder(tiny_dir, "paper"), 5)
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("probe updated") == 2 and "replaces an earlier release's" in r.output
+    for k in ("response", "query"):
+        assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, k)) == defaults.weights_sha256(new[k])
+    assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, "paper")) == own_paper
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])  # up to date: nothing replaced again
+    assert r.exit_code == 0 and r.output.count("probe ready") == 3 and "updated" not in r.output
+    # the user tuned on the earlier release's response probe: their defaults keep it
+    import shutil
+
+    shutil.rmtree(defaults.probe_folder(tiny_dir, "response"))
+    shutil.copytree(old["response"], defaults.probe_folder(tiny_dir, "response"))
+    path = _write_defaults(rd_home, tiny_dir)
+    data = json.loads(path.read_text())
+    data["probe_sha256"] = sha["response"]
+    path.write_text(json.dumps(data))
+    assert not defaults.superseded(tiny_dir, "response", defaults.probe_folder(tiny_dir, "response"))
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])
+    assert r.exit_code == 0 and "updated" not in r.output
+    assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, "response")) == sha["response"]
+    # --train-probes never swaps a probe for a shipped one
+    path.unlink()
+    assert defaults.superseded(tiny_dir, "response", defaults.probe_folder(tiny_dir, "response"))
+    r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--train-probes"])
+    assert r.exit_code == 0 and "updated" not in r.output
+
+
+def test_an_earlier_release_expert_is_superseded(rd_home, tmp_path, monkeypatch):
+    from rootdefense.expert.adapter import expert_dir
+
+    model = "x/y"
+    folder = expert_dir(model)
+    folder.mkdir(parents=True)
+    (folder / defaults.EXPERT_FILES[0]).write_bytes(b"old weights")
+    old = defaults.weights_sha256(folder, defaults.EXPERT_FILES[0])
+    monkeypatch.setattr(defaults, "earlier_shipped", lambda m: {"expert": [old]})
+    assert defaults.superseded(model, "expert", folder)
+    assert not defaults.superseded(model, "response", folder)  # no probe weights there
+    (folder / defaults.EXPERT_FILES[0]).write_bytes(b"trained here")
+    assert not defaults.superseded(model, "expert", folder)
+
+
+def test_the_package_history_lists_the_earlier_embedded_probes():
+    history = defaults.earlier_shipped("smollm2-135m")
+    assert set(history) <= {*defaults.SHIPPED_KINDS, "expert"} and history["response"]
+    for kind, shas in history.items():
+        current = defaults.shipped_expert_dir("smollm2-135m") if kind == "expert" else \
+            defaults.shipped_probe_dir("smollm2-135m", kind)
+        name = defaults.EXPERT_FILES[0] if kind == "expert" else defaults.PROBE_FILES[0]
+        assert defaults.weights_sha256(current, name) not in shas and all(len(s) == 64 for s in shas)

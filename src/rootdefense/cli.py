@@ -119,7 +119,9 @@ def cli():
               help="replace the probes and expert already here with the shipped ones (where the package has them)")
 def prepare(model, probes, train_probes, reinstall):
     """Convert the embedded model once and install its default probes (cached): the probes
-    its shipped defaults were measured with where the package has them, else trained here."""
+    its shipped defaults were measured with where the package has them, else trained here.
+    Probes and an expert that an earlier release installed are replaced by this release's;
+    those trained here are kept (`--reinstall` replaces them too)."""
     from .api import probe_dir
     from .defaults import (
         install_shipped_expert,
@@ -127,6 +129,7 @@ def prepare(model, probes, train_probes, reinstall):
         load_defaults,
         shipped_expert_dir,
         shipped_probe_dir,
+        superseded,
     )
     from .expert.adapter import expert_dir
     from .models import load_model
@@ -140,12 +143,13 @@ def prepare(model, probes, train_probes, reinstall):
         return
     for kind in ("response", "paper", "query"):  # query: the tuned defaults' gate
         folder = probe_dir(lm.model_id, kind)
-        if (folder / "probe.json").exists() and not (reinstall and shipped_probe_dir(lm.model_id, kind)):
+        update = not train_probes and superseded(lm.model_id, kind, folder)
+        if (folder / "probe.json").exists() and not update and not (reinstall and shipped_probe_dir(lm.model_id, kind)):
             click.echo(f"probe ready: {folder}")
             continue
         if not train_probes and install_shipped_probe(lm.model_id, kind, folder, lm.hidden_size, lm.num_layers):
-            click.echo(f"probe ready: {folder} (shipped with rootdefense: the probe its tuned defaults were "
-                       "measured with)")
+            click.echo(f"probe {'updated' if update else 'ready'}: {folder} (shipped with rootdefense: the probe "
+                       "its tuned defaults were measured with" + ("; it replaces an earlier release's)" if update else ")"))
             continue
         click.echo(f"training the '{kind}' probe (once) ...")
         probe, metrics = train_probe(lm, TrainSpec(kind=kind), log=click.echo)
@@ -156,11 +160,12 @@ def prepare(model, probes, train_probes, reinstall):
         if tuned and not tuned["probe_matches"]:
             click.echo(f"note: {tuned['source']} was tuned for other probes; delete it to use the shipped defaults")
     folder = expert_dir(lm.model_id)
-    if (folder / "adapter_config.json").exists() and not (reinstall and shipped_expert_dir(lm.model_id)):
+    update = superseded(lm.model_id, "expert", folder)
+    if (folder / "adapter_config.json").exists() and not update and not (reinstall and shipped_expert_dir(lm.model_id)):
         click.echo(f"expert ready: {folder}")
     elif install_shipped_expert(lm.model_id, folder, lm.hidden_size):
-        click.echo(f"expert ready: {folder} (shipped with rootdefense: the adapter its correction results were "
-                   "measured with)")
+        click.echo(f"expert {'updated' if update else 'ready'}: {folder} (shipped with rootdefense: the adapter its "
+                   "correction results were measured with" + ("; it replaces an earlier release's)" if update else ")"))
     from .evaluation.judges import ensure_harm_judge
 
     click.echo(f"harm judge ready: {ensure_harm_judge()}")

@@ -42,9 +42,9 @@ def probe_folder(model_id: str, kind: str = "response") -> Path:
     return paths.home() / "probes" / paths.model_slug(model_id) / kind
 
 
-def weights_sha256(folder: str | Path) -> str | None:
-    """The sha256 of a probe folder's weights file (None when it has none)."""
-    f = Path(folder) / PROBE_FILES[0]
+def weights_sha256(folder: str | Path, name: str = PROBE_FILES[0]) -> str | None:
+    """The sha256 of a folder's weights file, a probe's by default (None when it has none)."""
+    f = Path(folder) / name
     return hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
 
 
@@ -130,6 +130,40 @@ def install_shipped_expert(model_id: str, dest: str | Path, hidden_size: int) ->
     return _copy_files(src, Path(dest), EXPERT_FILES)
 
 
+# sha256 of the weights that earlier releases shipped, per part ("response", "query", "paper",
+# "expert"): `prepare` replaces those with this release's, and keeps weights trained here
+HISTORY = "history.json"
+
+
+def _weights_name(part: str) -> str:
+    return EXPERT_FILES[0] if part == "expert" else PROBE_FILES[0]
+
+
+def earlier_shipped(model_id: str) -> dict[str, list[str]]:
+    """The weights' sha256 that earlier releases shipped for an embedded model, by part."""
+    res = resources.files("rootdefense") / "tuned" / paths.model_slug(model_id) / HISTORY
+    return json.loads(res.read_text(encoding="utf-8")) if res.is_file() else {}
+
+
+def superseded(model_id: str, part: str, folder: str | Path) -> bool:
+    """True when ``folder`` holds what an earlier release shipped for ``part`` (a probe kind or
+    "expert"), this release ships other weights, and no defaults tuned in this home were
+    measured with it: `prepare` then installs this release's, which its shipped defaults were
+    measured with. Weights trained here are never superseded."""
+    current = weights_sha256(folder, _weights_name(part))
+    if current is None or current not in earlier_shipped(model_id).get(part, []):
+        return False
+    own = probe_folder(model_id) / FILE
+    if own.exists():  # the user tuned on it: replacing it would void their defaults
+        try:
+            tuned = json.loads(own.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return False
+        if current in (tuned.get("probe_sha256"), tuned.get("query_probe_sha256")):
+            return False
+    return True
+
+
 def _copy_files(src: Path, dest: Path, names) -> Path:
     """Copy ``names`` from ``src`` into ``dest``, each through a temporary file, renamed in
     order once all are written (the last name marks the folder as complete)."""
@@ -157,6 +191,7 @@ def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
             data.get("query_probe_sha256") and data["query_probe_sha256"] != weights_sha256(probe_folder(model_id, "query"))):
         raise InputError(f"{path} was tuned for other probes than those in {folder.parent}; rerun `rootdefense tune`")
     out = Path(package_dir)
+    _record_superseded(model_id, out)
     written = []
     for kind in SHIPPED_KINDS:
         src = probe_folder(model_id, kind)
@@ -175,6 +210,25 @@ def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
     target = out / f"{paths.model_slug(model_id)}.json"
     target.write_text(path.read_text(encoding="utf-8"), encoding="utf-8")
     return [*written, target]
+
+
+def _record_superseded(model_id: str, package_dir: Path) -> None:
+    """Before ``ship_tuned`` replaces the package's weights, add those it replaces to the
+    package's history, so that `prepare` on a home installed from them updates it."""
+    from .expert.adapter import expert_dir
+
+    pkg = package_dir / paths.model_slug(model_id)
+    path = pkg / HISTORY
+    history = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    for part in (*SHIPPED_KINDS, "expert"):
+        name = _weights_name(part)
+        old = weights_sha256(pkg / part, name)
+        new = weights_sha256(expert_dir(model_id) if part == "expert" else probe_folder(model_id, part), name)
+        if old is not None and new is not None and old != new and old not in history.get(part, []):
+            history.setdefault(part, []).append(old)
+    if history:
+        pkg.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
 
 
 def load_defaults(model_id: str) -> dict | None:
