@@ -10,6 +10,8 @@ Methods (skipped, with the reason, when a part is missing):
 
 - ``hf-generate``: transformers ``generate``, the undefended reference;
 - ``hf-prompt-lookup``: transformers' own prompt-lookup decoding (the peer);
+- ``hf-prompt-lookup-kernels``: the same, with rootdefense's linear products (below), so
+  that the peer is compared on the same matrix kernels;
 - ``hf-assisted``: transformers assisted generation with ``--draft-model``;
 - ``plain``: rootdefense undefended (no probe);
 - ``rds-exact``: the threshold rule scoring candidates at every step (paper-style RDS);
@@ -34,6 +36,13 @@ of one probe call. Speculation gains when the tokens kept per forward outgrow th
 cost relative to a one-token forward; a batch gains what its rows' forward costs less than
 that many one-row forwards.
 
+The transformers methods run with transformers' own ``F.linear``; rootdefense's decoders
+run with the linear products its loader installs (``models/kernels.py``: per size, the
+faster of ``F.linear`` and ``W @ x.T`` on this machine), which is what makes a forward over
+a few drafted tokens cost about one token's forward on CPUs whose BLAS computes small
+products row by row. ``plain`` shows what they change for one-token decoding; the profile
+gives chain costs under both.
+
 Wall time covers the whole answer (prefill included) for every method alike. Peak RSS is
 the process's largest resident set seen while the method ran (sampled every 5 ms); the
 model's weights are shared by all methods, so it is the same baseline for each.
@@ -53,7 +62,7 @@ import torch
 
 from .errors import InputError
 
-METHODS = ("hf-generate", "hf-prompt-lookup", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
+METHODS = ("hf-generate", "hf-prompt-lookup", "hf-prompt-lookup-kernels", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
            "rds-expert-exact", "rds-spec-ngram", "rds-spec-head", "rds-spec-model", "rds-spec-threshold-ngram",
            "rds-spec-threshold-head", "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch",
            "rds-spec-ngram-batch", "rds-lazy", "rds-lazy-batch", "rds-spec-threshold-ngram+head")
@@ -129,13 +138,24 @@ def bench_prompts(n: int) -> dict[str, list[str]]:
             "harmful": [e.prompt for e in held_out("advbench", n)]}
 
 
-def _hf_runner(lm, extra: dict):
+def _hf_runner(lm, extra: dict, stock: bool = True):
+    """transformers as users run it: its own ``F.linear`` (the size-picked products of
+    ``models/kernels.py`` are rootdefense's, so the reference runs without them unless
+    ``stock`` is False)."""
+    from contextlib import ExitStack
+
+    from .models.kernels import stock_linears
+
     pad = lm.tokenizer.pad_token_id
     gen_cfg = {"do_sample": False, "eos_token_id": lm.eos_token_ids,
                "pad_token_id": pad if pad is not None else lm.eos_token_ids[0], **extra}
+    models = [lm.model] + ([extra["assistant_model"]] if "assistant_model" in extra else [])
 
     def run(ids, n):
-        out = lm.model.generate(ids, max_new_tokens=n, min_new_tokens=0, **gen_cfg)
+        with ExitStack() as stack:
+            for m in models if stock else ():
+                stack.enter_context(stock_linears(m))
+            out = lm.model.generate(ids, max_new_tokens=n, min_new_tokens=0, **gen_cfg)
         return out[0, ids.shape[1]:].tolist(), {}
 
     return run
@@ -181,6 +201,8 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
                 runners[name] = _hf_runner(lm, {})
             elif name == "hf-prompt-lookup":
                 runners[name] = _hf_runner(lm, {"prompt_lookup_num_tokens": spec.max_draft})
+            elif name == "hf-prompt-lookup-kernels":
+                runners[name] = _hf_runner(lm, {"prompt_lookup_num_tokens": spec.max_draft}, stock=False)
             elif name == "hf-assisted":
                 runners[name] = _hf_runner(lm, {"assistant_model": draft.model})
             elif name == "plain":
@@ -232,6 +254,8 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
     from .decoding.hidden import forward_hidden
     from .decoding.kvcache import new_cache
     from .decoding.verify import crop_to, forward_chain
+    from .models import kernels
+    from .models.kernels import stock_linears
     from .probes.base import LinearProbe
 
     candidates = candidates or GenerationConfig().top_m
@@ -262,6 +286,8 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
 
     layer = lm.num_layers // 2
     chain = {str(n): timed(lambda n=n: forward_chain(lm.model, cache, ids(n), context, layer)) for n in lengths}
+    with stock_linears(lm.model):  # what the same chains cost with transformers' own F.linear
+        stock = {str(n): timed(lambda n=n: forward_chain(lm.model, cache, ids(n), context, layer)) for n in lengths}
     pool = timed(lambda: forward_candidates(lm.model, cache, ids(candidates), context, layer))
     probe = LinearProbe(torch.randn(lm.hidden_size, generator=g), 0.0, layer=layer, threshold=0.5, meta={}).to(lm.device)
     hidden = torch.randn(max(lengths), lm.hidden_size, generator=g).to(lm.device)
@@ -273,11 +299,26 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
     rows_one, rows_pool = timed(lambda: batch_forward(1), rows), timed(lambda: batch_forward(candidates), rows)
     return {"context_tokens": context, "chain_forward_ms": chain,
             "chain_cost_vs_one_token": {k: round(v / base, 2) for k, v in chain.items()},
+            "linear_policy": kernels.mode() if kernels.installed(lm.model) else "stock",
+            "chain_forward_ms_stock_linear": stock,
+            "chain_cost_vs_one_token_stock_linear": {k: round(v / stock["1"], 2) for k, v in stock.items()},
             "candidate_forward_ms": {"candidates": candidates, "ms": pool, "vs_one_token": round(pool / base, 2)},
             "batch_forward_ms": {"rows": batch, "one_token": rows_one, "one_token_vs_one_row": round(rows_one / base, 2),
                                  "candidates": candidates, "pool": rows_pool,
                                  "pool_vs_one_row": round(rows_pool / base, 2)},
             "probe_ms": probe_ms}
+
+
+def _cpu_model() -> str:
+    """The processor's name (kernel speeds, and so every ratio, depend on it)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def _paired_ratio(items: list[dict], reference: list[dict]) -> float | None:
@@ -371,7 +412,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
                                                       for k, v in it.items()}}
                   for (name, set_name), items in per.items() for it in items]
     return {"results": results, "skipped": skipped, "per_prompt": per_prompt, "spec": asdict(spec), "profile": profile_forwards(lm, batch=spec.batch_size),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "device": str(lm.device), "dtype": str(lm.dtype),
                         "torch": torch.__version__},
             "created": datetime.now(UTC).isoformat(timespec="seconds")}

@@ -42,6 +42,7 @@ from .. import paths
 from ..decoding.hidden import layer_module
 from ..decoding.verify import crop_to
 from ..errors import InputError, ModelError
+from ..models import kernels
 from .base import Drafter
 
 WEIGHTS, META, FORMAT_VERSION = "head.safetensors", "head.json", 1
@@ -187,7 +188,9 @@ def load_head(folder: str | Path, lm) -> tuple[DraftHead, dict]:
         head.load_state_dict(tensors)
     except RuntimeError as exc:
         raise InputError(f"draft head in {folder} does not fit this model's layer: {exc}") from exc
-    return head.to(device=lm.device, dtype=lm.dtype).eval(), meta
+    head = head.to(device=lm.device, dtype=lm.dtype).eval()
+    kernels.install(head)  # as the target's layers (models/kernels.py)
+    return head, meta
 
 
 # --------------------------------------------------------------------------- drafting

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelError
+from . import kernels
 from .embedded import EMBEDDED_NAME, embedded_dir, ensure_embedded
 
 EMBEDDED_MODELS = (EMBEDDED_NAME,)
@@ -90,5 +91,6 @@ def load_model(name: str = EMBEDDED_NAME, dtype: str = "float32", device: str = 
     except ValueError as exc:
         raise ModelError(f"'{name}' is not a causal language model: {str(exc).splitlines()[0]}") from exc
     model.to(dev).eval()
+    kernels.install(model)  # size-picked linear products on CPU (models/kernels.py)
     model_id = EMBEDDED_NAME if name in EMBEDDED_MODELS else name.rstrip("/")
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, dtype=DTYPES[dtype], device=dev)

@@ -1,0 +1,117 @@
+"""The size-picked linear products (models/kernels.py): the same outputs as F.linear up to
+float rounding, the same greedy answers, installed by the loader on CPU, removable, and a
+clear error for an unknown policy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_tiny_model, save_tiny_model
+from torch import nn
+
+from rootdefense.errors import InputError
+from rootdefense.models import kernels
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-kernels-model"))
+
+
+@pytest.fixture()
+def model(tiny_tokenizer):
+    return make_tiny_model(tiny_tokenizer, seed=3).eval()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, kernels.MAX_ROWS, kernels.MAX_ROWS + 1])
+def test_the_transposed_product_is_f_linear_up_to_rounding(rows):
+    g = torch.Generator().manual_seed(rows)
+    lin = nn.Linear(64, 96, bias=True)
+    x = torch.randn(2, rows, 64, generator=g) if rows % 2 == 0 else torch.randn(rows, 64, generator=g)
+    want = F.linear(x, lin.weight, lin.bias)
+    assert kernels.install(lin, "transposed") == 1 and kernels.installed(lin)
+    got = lin(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if rows == 1:
+        assert torch.equal(got, want)  # one row: F.linear itself
+
+
+def test_installed_model_decodes_the_same_greedy_tokens(model, tiny_tokenizer):
+    ids = torch.tensor([[5, 9, 14, 3, 22, 7]])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
+                             pad_token_id=0)
+        ref_logits = model(input_ids=ids).logits
+        n = kernels.install(model, "transposed")
+        assert n == sum(type(m) is nn.Linear for m in model.modules()) and n > 0
+        got_logits = model(input_ids=ids).logits
+        got = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
+                             pad_token_id=0)
+    assert not torch.equal(got_logits, ref_logits)  # the other product really ran ...
+    torch.testing.assert_close(got_logits, ref_logits, atol=1e-5, rtol=1e-4)  # ... to the same values
+    assert got.tolist() == ref.tolist()
+
+
+def test_stock_linears_runs_f_linear_inside_and_restores(model, monkeypatch):
+    kernels.install(model, "transposed")
+    calls = []
+    real = kernels._transposed
+    monkeypatch.setattr(kernels, "_transposed", lambda w, x: calls.append(x.shape[0]) or real(w, x))
+    ids = torch.tensor([[5, 9, 14]])
+    with torch.no_grad():
+        with kernels.stock_linears(model):
+            assert not kernels.installed(model)
+            model(input_ids=ids)
+        assert calls == []
+        model(input_ids=ids)
+    assert kernels.installed(model) and calls and set(calls) == {3}
+    kernels.uninstall(model)
+    assert not kernels.installed(model)
+
+
+def test_auto_times_each_size_once_and_keeps_one_row_on_f_linear(monkeypatch):
+    lin = nn.Linear(32, 40)
+    kernels.install(lin, "auto")
+    timed = []
+    real = kernels._best_ms
+    monkeypatch.setattr(kernels, "_best_ms", lambda fn, reps=3: timed.append(1) or real(fn, reps))
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    with torch.no_grad():
+        for _ in range(3):
+            lin(torch.randn(4, 32))
+        lin(torch.randn(1, 32))
+        lin(torch.randn(kernels.MAX_ROWS + 1, 32))
+    assert len(timed) == 2  # rows 4 only: both products timed once, then remembered
+    assert list(kernels._CHOICES) == [(40, 32, torch.float32, 4, torch.get_num_threads())]
+
+
+def test_policy_from_the_environment(monkeypatch, model):
+    monkeypatch.setenv(kernels.ENV, "stock")
+    assert kernels.install(model) == 0 and not kernels.installed(model)
+    monkeypatch.setenv(kernels.ENV, "fast")
+    with pytest.raises(InputError, match="ROOTDEFENSE_LINEAR='fast'.*auto, stock, transposed"):
+        kernels.install(model)
+    with pytest.raises(InputError, match="unknown linear-layer policy"):
+        kernels.install(model, "nope")
+
+
+def test_the_loader_installs_them_on_cpu(tiny_dir, monkeypatch):
+    from rootdefense.models import load_model
+
+    assert kernels.installed(load_model(tiny_dir).model)
+    monkeypatch.setenv(kernels.ENV, "stock")
+    assert not kernels.installed(load_model(tiny_dir).model)
+
+
+def test_a_peft_adapter_wraps_an_installed_layer(model):
+    from peft import LoraConfig, get_peft_model
+
+    kernels.install(model, "transposed")
+    ids = torch.tensor([[5, 9, 14, 3]])
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=True))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=ids).logits, base)  # LoRA B starts at zero
