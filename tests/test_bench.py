@@ -43,6 +43,7 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
     for s in ("benign", "harmful"):
         assert got[("hf-generate", s)]["ratio_vs_generate"] == 1.0
         assert got[("hf-generate", s)]["paired_ratio_vs_generate"] == 1.0
+        assert got[("plain", s)]["ratio_vs_plain"] == 1.0 and got[("rds-lazy", s)]["ratio_vs_plain"] > 0
         assert got[("rds-batch", s)].get("paired_ratio_vs_generate") is None  # a batch has no per-prompt timing
         # the per-prompt rows are kept, and the paired ratio is their median
         plain = [x for x in report["per_prompt"] if x["method"] == "plain" and x["set"] == s]

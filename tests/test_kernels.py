@@ -34,8 +34,8 @@ def test_the_transposed_product_is_f_linear_up_to_rounding(rows):
     got = lin(x)
     assert got.shape == want.shape and got.is_contiguous()
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    if rows == 1:
-        assert torch.equal(got, want)  # one row: F.linear itself
+    if rows > kernels.MAX_ROWS:
+        assert torch.equal(got, want)  # prefill: F.linear itself
 
 
 def test_installed_model_decodes_the_same_greedy_tokens(model, tiny_tokenizer):
@@ -71,20 +71,26 @@ def test_stock_linears_runs_f_linear_inside_and_restores(model, monkeypatch):
     assert not kernels.installed(model)
 
 
-def test_auto_times_each_size_once_and_keeps_one_row_on_f_linear(monkeypatch):
-    lin = nn.Linear(32, 40)
-    kernels.install(lin, "auto")
+def test_auto_times_each_size_once_over_every_layer_of_the_shape(monkeypatch):
+    model = nn.Sequential(nn.Linear(32, 40), nn.ReLU(), nn.Linear(40, 32), nn.Linear(32, 40))
+    kernels.install(model, "auto")
     timed = []
-    real = kernels._best_ms
-    monkeypatch.setattr(kernels, "_best_ms", lambda fn, reps=3: timed.append(1) or real(fn, reps))
+    real = kernels._best_s
+
+    def spy(fn, reps=3):
+        timed.append(len(fn()))  # how many layers one timing reads
+        return real(fn, reps)
+
+    monkeypatch.setattr(kernels, "_best_s", spy)
     monkeypatch.setattr(kernels, "_CHOICES", {})
     with torch.no_grad():
         for _ in range(3):
-            lin(torch.randn(4, 32))
-        lin(torch.randn(1, 32))
-        lin(torch.randn(kernels.MAX_ROWS + 1, 32))
-    assert len(timed) == 2  # rows 4 only: both products timed once, then remembered
-    assert list(kernels._CHOICES) == [(40, 32, torch.float32, 4, torch.get_num_threads())]
+            model(torch.randn(4, 32))
+        model(torch.randn(kernels.MAX_ROWS + 1, 32))
+    # rows 4: each shape's two products timed once (both 32->40 layers together), then remembered
+    assert sorted(timed) == [1, 1, 2, 2]
+    assert sorted(k[:2] for k in kernels._CHOICES) == [(32, 40), (40, 32)]
+    assert all(k[3] == 4 for k in kernels._CHOICES)
 
 
 def test_policy_from_the_environment(monkeypatch, model):

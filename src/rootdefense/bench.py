@@ -10,8 +10,9 @@ Methods (skipped, with the reason, when a part is missing):
 
 - ``hf-generate``: transformers ``generate``, the undefended reference;
 - ``hf-prompt-lookup``: transformers' own prompt-lookup decoding (the peer);
-- ``hf-prompt-lookup-kernels``: the same, with rootdefense's linear products (below), so
-  that the peer is compared on the same matrix kernels;
+- ``hf-generate-kernels`` / ``hf-prompt-lookup-kernels``: the same two with rootdefense's
+  linear products (below), so that what the products alone give is seen apart from what
+  the decoders give;
 - ``hf-assisted``: transformers assisted generation with ``--draft-model``;
 - ``plain``: rootdefense undefended (no probe);
 - ``rds-exact``: the threshold rule scoring candidates at every step (paper-style RDS);
@@ -62,7 +63,7 @@ import torch
 
 from .errors import InputError
 
-METHODS = ("hf-generate", "hf-prompt-lookup", "hf-prompt-lookup-kernels", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
+METHODS = ("hf-generate", "hf-generate-kernels", "hf-prompt-lookup", "hf-prompt-lookup-kernels", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
            "rds-expert-exact", "rds-spec-ngram", "rds-spec-head", "rds-spec-model", "rds-spec-threshold-ngram",
            "rds-spec-threshold-head", "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch",
            "rds-spec-ngram-batch", "rds-lazy", "rds-lazy-batch", "rds-spec-threshold-ngram+head")
@@ -201,6 +202,8 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
                 runners[name] = _hf_runner(lm, {})
             elif name == "hf-prompt-lookup":
                 runners[name] = _hf_runner(lm, {"prompt_lookup_num_tokens": spec.max_draft})
+            elif name == "hf-generate-kernels":
+                runners[name] = _hf_runner(lm, {}, stock=False)
             elif name == "hf-prompt-lookup-kernels":
                 runners[name] = _hf_runner(lm, {"prompt_lookup_num_tokens": spec.max_draft}, stock=False)
             elif name == "hf-assisted":
@@ -402,6 +405,10 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
                                   2),
             "ratio_vs_generate": round(statistics.median(tps) / statistics.median(ref), 3),
             "paired_ratio_vs_generate": _paired_ratio(items, per[("hf-generate", set_name)]),
+            # against rootdefense's own undefended decoding, on the same linear products
+            "ratio_vs_plain": round(statistics.median(tps) / statistics.median(
+                it["tokens"] / it["wall_s"] for it in per[("plain", set_name)] if it["tokens"]), 3)
+            if ("plain", set_name) in per else None,
             "accepted_len": round(statistics.mean(acc), 3) if acc else None,
             "peak_rss_mb": round(max(it["peak_rss_mb"] for it in items), 1),
             "tokens_mean": round(statistics.mean(it["tokens"] for it in items), 1),

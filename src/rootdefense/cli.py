@@ -436,14 +436,16 @@ def bench(model, prompts, max_new_tokens, methods, draft_model, max_draft, threa
     if as_json:
         click.echo(text)
         return
-    click.echo(f"{'method':26} {'set':8} {'tok/s':>8} {'ms/tok':>8} {'x generate':>10} {'paired':>7} "
-               f"{'accepted':>9} {'peak MB':>8}")
+    click.echo(f"{'method':30} {'set':8} {'tok/s':>8} {'ms/tok':>8} {'x generate':>10} {'paired':>7} "
+               f"{'x plain':>8} {'accepted':>9} {'peak MB':>8}")
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.2f}"
+
     for r in report["results"]:
-        acc = "-" if r["accepted_len"] is None else f"{r['accepted_len']:.2f}"
-        paired = r.get("paired_ratio_vs_generate")
-        paired = "-" if paired is None else f"{paired:.2f}"
-        click.echo(f"{r['method']:26} {r['set']:8} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.1f} "
-                   f"{r['ratio_vs_generate']:10.2f} {paired:>7} {acc:>9} {r['peak_rss_mb']:8.0f}")
+        click.echo(f"{r['method']:30} {r['set']:8} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.1f} "
+                   f"{r['ratio_vs_generate']:10.2f} {fmt(r.get('paired_ratio_vs_generate')):>7} "
+                   f"{fmt(r.get('ratio_vs_plain')):>8} {fmt(r['accepted_len']):>9} {r['peak_rss_mb']:8.0f}")
     for name, why in report["skipped"].items():
         click.echo(f"skipped {name}: {why}")
 

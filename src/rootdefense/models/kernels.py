@@ -1,23 +1,25 @@
-"""Linear layers that keep verification cheap on a CPU.
+"""Linear layers whose matrix products suit decoding on a CPU.
 
-Speculative decoding pays off when a forward over a few new tokens costs about what a
-forward over one costs: the weights are read from memory once either way. On some CPUs the
-BLAS library does not behave so for ``F.linear``: on the 2-core AMD EPYC machine this project
-is developed on, the matrix products of a SmolLM2-135M forward take 15 ms for one new token
-and 28 / 41 ms for two / three (its small-matrix kernel computes row by row), while the same
-products written as ``W @ x.T`` take 12 / 16 ms. A 3-token verify forward then costs 0.96x a
-one-token forward instead of 1.94x.
+A decoding forward multiplies every weight matrix by a handful of rows: one for plain
+decoding, a few for speculative verification, a few per row for a batch. Such products are
+bound by reading the weights from memory, and should cost about the same for one row as for
+a few. Whether they do depends on the BLAS library's small-matrix kernels. On the 2-core AMD
+EPYC machine this project is developed on, ``F.linear`` does poorly there: a SmolLM2-135M
+forward after 200 cached tokens takes 40 ms for one new token and 68 / 84 ms for two / three
+(the one-row product is a slow matrix-vector kernel; a few rows are computed about row by
+row). The same products written as ``W @ x.T`` (one row doubled to two) take 25 / 28 / 35 ms.
 
-:func:`install` makes every ``nn.Linear`` of a CPU model pick, per weight shape and number of
-rows, whichever of the two products is faster, measured once per process the first time that
-size is seen (a few ms). Inputs of one row, and above :data:`MAX_ROWS` rows (prefill,
-training), keep ``F.linear``. The two products differ by float rounding only (about 1e-5 in
-SmolLM2's logits); at one row they are the same kernel and give identical outputs.
+:func:`install` makes every plain ``nn.Linear`` of a CPU model pick, per weight shape and
+number of rows up to :data:`MAX_ROWS`, whichever of the two products is faster, timed once
+per process the first time that size is seen (over every layer of the shape, so that the
+weights stream from memory as in a forward). Prefill and training (more rows) keep
+``F.linear``. The two products differ by float rounding only (about 1e-5 in SmolLM2's
+logits), so greedy answers can differ from transformers' only at near-exact ties.
 
 ``ROOTDEFENSE_LINEAR`` chooses the policy: ``auto`` (default), ``stock`` (never install;
-transformers as is) or ``transposed`` (always the transposed product in range; reproducible
-across runs, since ``auto``'s choice is a timing and could differ between runs of a noisy
-machine).
+transformers as is, bit for bit) or ``transposed`` (always the transposed product in range;
+reproducible across runs, since ``auto``'s choice is a timing and could differ between runs
+of a noisy machine).
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ def mode() -> str:
 
 
 def _transposed(weight: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``x2 @ weight.T`` computed as ``weight @ x2.T``; one row is doubled first, since a
+    one-column product is the same slow matrix-vector kernel as ``F.linear``'s."""
+    if x2.shape[0] == 1:
+        return torch.mm(weight, x2.expand(2, -1).contiguous().t())[:, :1].t().contiguous()
     return torch.mm(weight, x2.t()).t().contiguous()
 
 
-def _best_ms(fn, reps: int = 3) -> float:
+def _best_s(fn, reps: int = 3) -> float:
     fn()  # warm (first-call allocations)
     best = float("inf")
     for _ in range(reps):
@@ -64,23 +70,26 @@ def _best_ms(fn, reps: int = 3) -> float:
     return best
 
 
-def prefers_transposed(weight: torch.Tensor, rows: int) -> bool:
-    """Whether ``W @ x.T`` beats ``F.linear`` for ``rows`` input rows on this machine (timed
-    once per weight shape, dtype, row count and thread count; then remembered)."""
-    key = (*weight.shape, weight.dtype, rows, torch.get_num_threads())
+def prefers_transposed(weights: list[torch.Tensor], rows: int) -> bool:
+    """Whether ``W @ x.T`` beats ``F.linear`` for ``rows`` input rows on this machine, timed
+    over ``weights`` (every layer of one shape, each read once, so the weights stream from
+    memory as in a forward rather than sitting in cache); remembered per weight shape,
+    dtype, row count and thread count."""
+    w0 = weights[0]
+    key = (*w0.shape, w0.dtype, rows, torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
         with torch.no_grad():
-            x2 = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-            stock = _best_ms(lambda: F.linear(x2, weight))
-            transposed = _best_ms(lambda: _transposed(weight, x2))
+            x2 = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
+            stock = _best_s(lambda: [F.linear(x2, w) for w in weights])
+            transposed = _best_s(lambda: [_transposed(w, x2) for w in weights])
         choice = _CHOICES[key] = transposed < MARGIN * stock
     return choice
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() > 1 else 1
-    if 1 < rows <= MAX_ROWS and (self._rd_policy == "transposed" or prefers_transposed(self.weight, rows)):
+    if rows <= MAX_ROWS and (self._rd_policy == "transposed" or prefers_transposed(self._rd_group, rows)):
         y = _transposed(self.weight, x.reshape(rows, x.shape[-1]))
         if self.bias is not None:
             y = y + self.bias
@@ -100,14 +109,14 @@ def install(model: nn.Module, policy: str | None = None) -> int:
         raise InputError(f"unknown linear-layer policy {policy!r}; choose one of {', '.join(MODES)}")
     if policy == "stock":
         return 0
-    n = 0
-    for m in _linears(model):
-        if m.weight.device.type != "cpu":
-            continue
-        m._rd_policy = policy
+    layers = [m for m in _linears(model) if m.weight.device.type == "cpu"]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for m in layers:  # the layers of one shape are timed together (see prefers_transposed)
+        groups.setdefault((*m.weight.shape, m.weight.dtype), []).append(m.weight)
+    for m in layers:
+        m._rd_policy, m._rd_group = policy, groups[(*m.weight.shape, m.weight.dtype)]
         m.forward = types.MethodType(_forward, m)
-        n += 1
-    return n
+    return len(layers)
 
 
 def installed(model: nn.Module) -> bool:
@@ -118,18 +127,19 @@ def uninstall(model: nn.Module) -> None:
     for m in _linears(model):
         m.__dict__.pop("forward", None)
         m.__dict__.pop("_rd_policy", None)
+        m.__dict__.pop("_rd_group", None)
 
 
 @contextmanager
 def stock_linears(model: nn.Module):
     """Run ``model`` with transformers' own ``F.linear`` inside the block (the bench's
     transformers reference methods), then restore what was installed."""
-    policies = {m: m.__dict__.get("_rd_policy") for m in _linears(model)}
+    saved = {m: (m.__dict__["_rd_policy"], m.__dict__["_rd_group"]) for m in _linears(model)
+             if "_rd_policy" in m.__dict__}
     uninstall(model)
     try:
         yield model
     finally:
-        for m, policy in policies.items():
-            if policy is not None:
-                m._rd_policy = policy
-                m.forward = types.MethodType(_forward, m)
+        for m, (policy, group) in saved.items():
+            m._rd_policy, m._rd_group = policy, group
+            m.forward = types.MethodType(_forward, m)
