@@ -61,7 +61,7 @@ def test_bench_json_covers_every_method_and_set(tiny_dir, rd_home, tmp_path):
         assert got[("rds-batch", s)]["ratio_vs_single"] > 0 and got[("rds-batch", s)]["batch_size"] == 3
         for batched in ("rds-spec-threshold-ngram-batch", "rds-spec-ngram-batch"):
             assert got[(batched, s)]["accepted_len"] is not None and got[(batched, s)]["ratio_vs_rds_exact"] > 0
-    assert report["machine"]["cpu"]
+    assert report["machine"]["cpu"] and report["machine"]["linear_calibration_s"] >= 0
     prof = report["profile"]
     assert prof["linear_policy"] == "auto" and set(prof["chain_forward_ms_stock_linear"]) == set(prof["chain_forward_ms"])
     assert set(prof["chain_forward_ms"]) == {"1", "2", "3", "4", "5", "6", "8", "12"}

@@ -71,7 +71,7 @@ def test_stock_linears_runs_f_linear_inside_and_restores(model, monkeypatch):
     assert not kernels.installed(model)
 
 
-def test_auto_times_each_size_once_over_every_layer_of_the_shape(monkeypatch):
+def test_auto_times_each_size_once_over_every_layer_of_the_shape(monkeypatch, rd_home):
     model = nn.Sequential(nn.Linear(32, 40), nn.ReLU(), nn.Linear(40, 32), nn.Linear(32, 40))
     kernels.install(model, "auto")
     timed = []
@@ -83,6 +83,7 @@ def test_auto_times_each_size_once_over_every_layer_of_the_shape(monkeypatch):
 
     monkeypatch.setattr(kernels, "_best_s", spy)
     monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.setattr(kernels, "_LOADED", set())
     with torch.no_grad():
         for _ in range(3):
             model(torch.randn(4, 32))
@@ -121,3 +122,31 @@ def test_a_peft_adapter_wraps_an_installed_layer(model):
     wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=True))
     with torch.no_grad():
         torch.testing.assert_close(wrapped(input_ids=ids).logits, base)  # LoRA B starts at zero
+
+
+def test_choices_are_kept_in_the_home_and_calibrate_covers_every_bucket(monkeypatch, rd_home):
+    model = nn.Sequential(nn.Linear(16, 24), nn.Linear(24, 16))
+    kernels.install(model, "auto")
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.setattr(kernels, "_LOADED", set())
+    spent = kernels.calibrate(model)
+    assert spent > 0 and len(kernels._CHOICES) == 2 * len(kernels.BUCKETS)
+    first = dict(kernels._CHOICES)
+    saved = rd_home / kernels.CACHE_FILE
+    assert saved.exists()
+    # a later process on the same machine reads them instead of timing again
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.setattr(kernels, "_LOADED", set())
+    real = kernels._best_s
+    monkeypatch.setattr(kernels, "_best_s", lambda fn, reps=3: pytest.fail("timed again"))
+    kernels.calibrate(model)
+    assert kernels._CHOICES == first
+    with torch.no_grad():
+        model(torch.randn(5, 16))  # 5 rows: bucket 6, known
+    # an unreadable file is timed again and rewritten, not an error
+    saved.write_text("{not json")
+    monkeypatch.setattr(kernels, "_best_s", real)
+    monkeypatch.setattr(kernels, "_CHOICES", {})
+    monkeypatch.setattr(kernels, "_LOADED", set())
+    assert kernels.calibrate(model) > 0 and saved.read_text().startswith("{")
+    assert str(rd_home) in str(kernels._saved_path())

@@ -41,8 +41,14 @@ MODES = ("auto", "stock", "transposed")
 MAX_ROWS = 32  # the widest verify or batched round the decoders run; prefill keeps F.linear
 MARGIN = 0.9  # the transposed product must be at least 10% faster to be chosen
 
-# (out, in, dtype, rows, threads) -> True when the transposed product is faster
+# row counts are timed in buckets (a count uses the choice of the smallest bucket >= it)
+BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+assert BUCKETS[-1] == MAX_ROWS
+CACHE_FILE = "linear-kernels.json"  # in the rootdefense home: choices kept across processes
+
+# (out, in, dtype, bucket, threads) -> True when the transposed product is faster
 _CHOICES: dict[tuple, bool] = {}
+_LOADED: set[str] = set()  # homes whose saved choices are read
 
 
 def mode() -> str:
@@ -70,21 +76,96 @@ def _best_s(fn, reps: int = 3) -> float:
     return best
 
 
+def _bucket(rows: int) -> int:
+    return next(b for b in BUCKETS if b >= rows)
+
+
+def _machine() -> str:
+    """What a saved choice holds for: this processor and torch build."""
+    import platform
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")), cpu)
+    except OSError:
+        pass
+    return f"{cpu or 'unknown cpu'} | torch {torch.__version__}"
+
+
+def _saved_path():
+    from .. import paths
+
+    return paths.home() / CACHE_FILE
+
+
+def _load_saved() -> None:
+    import json
+
+    path = _saved_path()
+    if str(path) in _LOADED:
+        return
+    _LOADED.add(str(path))
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8")).get(_machine(), {})
+    except (OSError, ValueError, AttributeError):
+        return  # none yet, or unreadable: time again (and rewrite it)
+    for key, choice in saved.items():
+        out, inp, dtype, bucket, threads = key.split(",")
+        _CHOICES.setdefault((int(out), int(inp), dtype, int(bucket), int(threads)), bool(choice))
+
+
+def _save(key: tuple, choice: bool) -> None:
+    import json
+
+    path = _saved_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data.setdefault(_machine(), {})[",".join(map(str, key))] = choice
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only home: the choice holds for this process
+
+
 def prefers_transposed(weights: list[torch.Tensor], rows: int) -> bool:
     """Whether ``W @ x.T`` beats ``F.linear`` for ``rows`` input rows on this machine, timed
     over ``weights`` (every layer of one shape, each read once, so the weights stream from
-    memory as in a forward rather than sitting in cache); remembered per weight shape,
-    dtype, row count and thread count."""
+    memory as in a forward rather than sitting in cache) at the row count's bucket;
+    remembered per weight shape, dtype, bucket and thread count, for this process and (in
+    the rootdefense home) for later ones on the same processor and torch."""
     w0 = weights[0]
-    key = (*w0.shape, w0.dtype, rows, torch.get_num_threads())
+    bucket = _bucket(rows)
+    key = (*w0.shape, str(w0.dtype).replace("torch.", ""), bucket, torch.get_num_threads())
     choice = _CHOICES.get(key)
     if choice is None:
+        _load_saved()
+        choice = _CHOICES.get(key)
+    if choice is None:
         with torch.no_grad():
-            x2 = torch.randn(rows, w0.shape[1], dtype=w0.dtype, device=w0.device)
+            x2 = torch.randn(bucket, w0.shape[1], dtype=w0.dtype, device=w0.device)
             stock = _best_s(lambda: [F.linear(x2, w) for w in weights])
             transposed = _best_s(lambda: [_transposed(w, x2) for w in weights])
         choice = _CHOICES[key] = transposed < MARGIN * stock
+        _save(key, choice)
     return choice
+
+
+def calibrate(model: nn.Module) -> float:
+    """Time every installed layer shape at every row bucket now (skipping what is already
+    known), so that no timing falls inside a decode later; returns the seconds spent."""
+    t0 = time.perf_counter()
+    groups = {id(m._rd_group): m._rd_group for m in _linears(model) if m.__dict__.get("_rd_policy") == "auto"}
+    for group in groups.values():
+        for rows in BUCKETS:
+            prefers_transposed(group, rows)
+    return time.perf_counter() - t0
 
 
 def _forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
