@@ -129,7 +129,20 @@ def test_batch_pools_are_scored_in_stages(tiny_model, tiny_tokenizer, first):
         assert scored < exact * cfg.top_m
 
 
-def test_all_harmful_pools_fall_back_to_the_least_harmful(tiny_model, tiny_tokenizer):
+def test_pool_stages():
+    from rootdefense.drafting.batched import BATCH_STAGES
+    from rootdefense.drafting.decoder import pool_stages
+
+    assert pool_stages(20, 0, 3, True) == [0, 3, 20]
+    assert pool_stages(20, 0, 3, True, more=BATCH_STAGES) == [0, 3, 6, 10, 20]
+    assert pool_stages(8, 0, 3, True, more=(10, 6, 6, 2)) == [0, 3, 6, 8]  # inside (first, m) only, once each
+    assert pool_stages(20, 1, 3, True, more=BATCH_STAGES) == [0, 20]  # own token not first: all at once
+    assert pool_stages(20, 0, 3, False, more=BATCH_STAGES) == [0, 20]  # sampling: all at once
+    assert pool_stages(20, 0, 0, True, more=BATCH_STAGES) == [0, 20]
+
+
+@pytest.mark.parametrize("top_m", [6, 20])
+def test_all_harmful_pools_fall_back_to_the_least_harmful(tiny_model, tiny_tokenizer, top_m):
     """Every candidate harmful: the rule takes the least harmful, which may have been scored
     in the first stage; it is then forwarded alone. Same answers as the plain decoder,
     single-stream and batched."""
@@ -137,7 +150,7 @@ def test_all_harmful_pools_fall_back_to_the_least_harmful(tiny_model, tiny_token
     ids = [prompt_ids(tok, t) for t in TEXTS]
     probe = random_probe(tiny_model.config.hidden_size, layer=2, seed=5)
     rule = ThresholdRule(1e-6)
-    cfg = GenerationConfig(max_new_tokens=12, top_m=6)
+    cfg = GenerationConfig(max_new_tokens=12, top_m=top_m)  # 20: the batch scores in stages 3 / 6 / 10 / 20
     plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
     single = [SpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule).generate(i, cfg) for i in ids]
     batch = BatchSpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule).generate(ids, cfg)

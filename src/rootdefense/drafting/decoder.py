@@ -52,11 +52,13 @@ from .base import Drafter
 FIRST_CANDIDATES = 3
 
 
-def pool_stages(m: int, own_idx: int, first: int, greedy: bool) -> list[int]:
+def pool_stages(m: int, own_idx: int, first: int, greedy: bool, more: tuple[int, ...] = ()) -> list[int]:
     """Bounds of the stages in which a pool of ``m`` candidates is scored: ``[0, first, m]``
     when greedy with the own token first (:meth:`ThresholdRule.settled` can then stop early),
-    else ``[0, m]`` (the whole pool at once)."""
-    return [0, first, m] if greedy and own_idx == 0 and 0 < first < m else [0, m]
+    with the bounds in ``more`` between, else ``[0, m]`` (the whole pool at once)."""
+    if not (greedy and own_idx == 0 and 0 < first < m):
+        return [0, m]
+    return [0, first, *sorted(b for b in set(more) if first < b < m), m]
 
 
 def check_draft_settings(max_draft: int, first: int) -> None:
