@@ -258,7 +258,6 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
     from .decoding.kvcache import new_cache
     from .decoding.verify import crop_to, forward_chain
     from .models import kernels
-    from .models.kernels import stock_linears
     from .probes.base import LinearProbe
 
     candidates = candidates or GenerationConfig().top_m
@@ -289,7 +288,7 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
 
     layer = lm.num_layers // 2
     chain = {str(n): timed(lambda n=n: forward_chain(lm.model, cache, ids(n), context, layer)) for n in lengths}
-    with stock_linears(lm.model):  # what the same chains cost with transformers' own F.linear
+    with kernels.stock_linears(lm.model):  # what the same chains cost with transformers' own F.linear
         stock = {str(n): timed(lambda n=n: forward_chain(lm.model, cache, ids(n), context, layer)) for n in lengths}
     pool = timed(lambda: forward_candidates(lm.model, cache, ids(candidates), context, layer))
     probe = LinearProbe(torch.randn(lm.hidden_size, generator=g), 0.0, layer=layer, threshold=0.5, meta={}).to(lm.device)
@@ -310,18 +309,6 @@ def profile_forwards(lm, context: int = 160, lengths=(1, 2, 3, 4, 5, 6, 8, 12), 
                                  "candidates": candidates, "pool": rows_pool,
                                  "pool_vs_one_row": round(rows_pool / base, 2)},
             "probe_ms": probe_ms}
-
-
-def _cpu_model() -> str:
-    """The processor's name (kernel speeds, and so every ratio, depend on it)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _paired_ratio(items: list[dict], reference: list[dict]) -> float | None:
@@ -423,7 +410,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
                                                       for k, v in it.items()}}
                   for (name, set_name), items in per.items() for it in items]
     return {"results": results, "skipped": skipped, "per_prompt": per_prompt, "spec": asdict(spec), "profile": profile_forwards(lm, batch=spec.batch_size),
-            "machine": {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "machine": {"platform": platform.platform(), "cpu": kernels.cpu_name(), "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "linear_calibration_s": round(calibration_s, 2), "device": str(lm.device), "dtype": str(lm.dtype),
                         "torch": torch.__version__},
             "created": datetime.now(UTC).isoformat(timespec="seconds")}

@@ -156,9 +156,9 @@ def superseded(model_id: str, part: str, folder: str | Path) -> bool:
     own = probe_folder(model_id) / FILE
     if own.exists():  # the user tuned on it: replacing it would void their defaults
         try:
-            tuned = json.loads(own.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return False
+            tuned = _read(own)
+        except InputError:
+            return False  # unreadable: keep what is there rather than guess
         if current in (tuned.get("probe_sha256"), tuned.get("query_probe_sha256")):
             return False
     return True

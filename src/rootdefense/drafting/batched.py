@@ -62,6 +62,7 @@ from ..decoding.verify import step_logprobs, verified_choice
 from ..errors import InputError, ModelError
 from .base import Drafter
 from .decoder import FIRST_CANDIDATES, check_draft_settings, pool_stages
+from .ngram import PromptLookupDrafter
 
 # A batched round is as wide as its widest row, so a row scoring the rest of its pool in one
 # stage (17 slots) makes every row pay 17 slots: 8 rows x 20 cost 11.7x a one-row forward on
@@ -69,7 +70,6 @@ from .decoder import FIRST_CANDIDATES, check_draft_settings, pool_stages
 # choice as soon as a harmless candidate is scored (same choice, tested): on 8 held-out
 # harmful prompts, stages 3 / 6 / 10 / 20 decoded 105 tokens/s against 82 for 3 / 20.
 BATCH_STAGES = (6, 10)
-from .ngram import PromptLookupDrafter
 
 MAX_FILL = 32  # the most slots a fill draft takes (a round is never widened for it)
 

@@ -80,17 +80,23 @@ def _bucket(rows: int) -> int:
     return next(b for b in BUCKETS if b >= rows)
 
 
-def _machine() -> str:
-    """What a saved choice holds for: this processor and torch build."""
+def cpu_name() -> str:
+    """The processor's name (the small-matrix kernels' speed, and so every choice, depend on it)."""
     import platform
 
-    cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.lower().startswith("model name")), cpu)
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu or 'unknown cpu'} | torch {torch.__version__}"
+    return platform.processor() or "unknown"
+
+
+def _machine() -> str:
+    """What a saved choice holds for: this processor and torch build."""
+    return f"{cpu_name()} | torch {torch.__version__}"
 
 
 def _saved_path():
