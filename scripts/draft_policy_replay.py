@@ -23,8 +23,9 @@ from rootdefense.bench import bench_prompts
 from rootdefense.decoding import GenerationConfig
 from rootdefense.drafting import PromptLookupDrafter, SpeculativeDecoder
 from rootdefense.drafting.base import FirstOfDrafter
-from rootdefense.drafting.head import HeadDrafter, head_dir, load_head
+from rootdefense.drafting.head import HeadDrafter, load_head
 from rootdefense.models import encode_chat
+from rootdefense.paths import head_dir
 
 first, last = int(sys.argv[1]), int(sys.argv[2])
 profile = json.loads(Path(sys.argv[3] if len(sys.argv) > 3 else

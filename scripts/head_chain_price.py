@@ -24,6 +24,7 @@ import torch
 
 from rootdefense.drafting import head as H
 from rootdefense.models import load_model
+from rootdefense.paths import head_dir
 
 MAX_CHAIN = 5
 
@@ -58,7 +59,7 @@ def main() -> None:
     torch.set_num_threads(1)
     cost = {int(k): v for k, v in json.loads(args.bench.read_text())["profile"]["chain_cost_vs_one_token"].items()}
     lm = load_model(args.model)
-    folder = Path(H.head_dir(lm.model_id))
+    folder = head_dir(lm.model_id)
 
     def held_out(taps) -> list[dict]:
         """The saved held-out answers with the features a head of these taps reads."""

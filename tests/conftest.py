@@ -67,12 +67,12 @@ def save_tiny_model(folder, max_positions: int | None = None) -> str:
 
 def save_response_probe(model_id: str, seed: int = 5):
     """A random response probe for ``model_id`` in the current rootdefense home."""
-    from rootdefense import defaults
+    from rootdefense import paths
     from rootdefense.probes.base import LinearProbe
 
     g = torch.Generator().manual_seed(seed)
     LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
-                meta={"model_id": model_id, "kind": "response"}).save(defaults.probe_folder(model_id))
+                meta={"model_id": model_id, "kind": "response"}).save(paths.probe_dir(model_id))
 
 
 @pytest.fixture(scope="session")

@@ -210,7 +210,7 @@ def test_expert_train_command(tiny_dir, tmp_path):
 def test_generate_rds_expert_streams_with_rollback_info(tiny_dir, tiny_probe, rd_home):
     from test_defenses import write_expert
 
-    from rootdefense.expert import expert_dir
+    from rootdefense.paths import expert_dir
 
     tok = make_tokenizer()
     write_expert(tok, expert_dir(tiny_dir), model_id=tiny_dir)

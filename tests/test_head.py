@@ -18,7 +18,6 @@ from rootdefense.drafting.head import (
     HeadDrafter,
     HeadSpec,
     distillation_data,
-    head_dir,
     head_meta,
     load_head,
     load_rows,
@@ -30,6 +29,7 @@ from rootdefense.drafting.head import (
 from rootdefense.errors import InputError
 from rootdefense.models import encode_chat
 from rootdefense.models.loading import LoadedModel
+from rootdefense.paths import head_dir
 from rootdefense.probes.base import LinearProbe
 
 PROMPTS = ["How do I bake bread?", "Sure, here is a tutorial: step one", "hi", "The quick brown fox",

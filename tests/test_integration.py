@@ -57,14 +57,14 @@ def test_prepared_probes_are_the_shipped_ones(smollm):
     the correction results were measured with), so a fresh install applies its tuned
     defaults to exactly those, also on a home an earlier release prepared (its shipped
     probes are replaced; probes trained here are kept: `prepare --reinstall` replaces them)."""
-    from rootdefense import defaults
+    from rootdefense import defaults, paths
 
     for kind in ("response", "query", "paper"):
         shipped = defaults.shipped_probe_dir(smollm.model_id, kind)
         assert shipped is not None, kind
-        assert defaults.weights_sha256(defaults.probe_folder(smollm.model_id, kind)) == \
+        assert defaults.weights_sha256(paths.probe_dir(smollm.model_id, kind)) == \
             defaults.weights_sha256(shipped), kind
-    from rootdefense.expert.adapter import expert_dir
+    from rootdefense.paths import expert_dir
 
     shipped = defaults.shipped_expert_dir(smollm.model_id)
     assert shipped is not None

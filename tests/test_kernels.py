@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import make_tiny_model, save_tiny_model
 from torch import nn
 
+from rootdefense import paths
 from rootdefense.errors import InputError
 from rootdefense.models import kernels
 
@@ -132,7 +133,7 @@ def test_choices_are_kept_in_the_home_and_calibrate_covers_every_bucket(monkeypa
     spent = kernels.calibrate(model)
     assert spent > 0 and len(kernels._CHOICES) == 2 * len(kernels.BUCKETS)
     first = dict(kernels._CHOICES)
-    saved = rd_home / kernels.CACHE_FILE
+    saved = rd_home / paths.KERNELS_FILE
     assert saved.exists()
     # a later process on the same machine reads them instead of timing again
     monkeypatch.setattr(kernels, "_CHOICES", {})
@@ -149,4 +150,4 @@ def test_choices_are_kept_in_the_home_and_calibrate_covers_every_bucket(monkeypa
     monkeypatch.setattr(kernels, "_CHOICES", {})
     monkeypatch.setattr(kernels, "_LOADED", set())
     assert kernels.calibrate(model) > 0 and saved.read_text().startswith("{")
-    assert str(rd_home) in str(kernels._saved_path())
+    assert paths.kernels_file() == saved

@@ -209,18 +209,18 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "3", "--benign", "3",
                                  "--max-new-tokens", "6", "--max-benign-flag", "0.5"])
     assert r.exit_code == 0, r.output
-    saved = json.loads((defaults.probe_folder(tiny_dir) / defaults.FILE).read_text())
+    saved = json.loads((paths.probe_dir(tiny_dir) / defaults.FILE).read_text())
     m = saved["measured"]
     assert m["harmful_prompts"] == 3 and m["benign_prompts"] == 3 and m["attacks"] == ["none", "prefill"]
     assert m["chosen"]["benign_flag_rate"] <= 0.5 and saved["probe_sha256"] == defaults.weights_sha256(
-        defaults.probe_folder(tiny_dir))
+        paths.probe_dir(tiny_dir))
     r = CliRunner().invoke(cli, ["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "3", "--json"])
     assert r.exit_code == 0, r.output
     settings = json.loads(r.stdout)["settings"]
     assert settings["defense"] == "rds-expert" and settings["tau"] == saved["settings"]["tau"]
     assert settings["settings_source"].startswith("tuned defaults")
     # the calibration answers were kept: --reuse re-sweeps them (here with another budget)
-    calib = defaults.probe_folder(tiny_dir) / "calibration.jsonl"
+    calib = paths.probe_dir(tiny_dir) / "calibration.jsonl"
     assert len(calib.read_text().splitlines()) == 1 + 3 * 2 + 3 + 1
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "3", "--benign", "3",
                                  "--max-new-tokens", "6", "--max-benign-flag", "0.0", "--reuse", "--json"])
@@ -251,8 +251,8 @@ def test_tuned_probes_ship_and_install_bit_for_bit(rd_home, tmp_path, monkeypatc
     """`ship_tuned` copies the tuned defaults with the probes they were measured with; a
     fresh home installs those probes (not retrained ones), so the defaults match them."""
     model = "x/y"
-    folder = defaults.probe_folder(model)
-    query = defaults.probe_folder(model, "query")
+    folder = paths.probe_dir(model)
+    query = paths.probe_dir(model, "query")
     LinearProbe(torch.randn(4), 0.1, layer=1, threshold=0.5, meta={"model_id": model, "kind": "response"}).save(folder)
     LinearProbe(torch.randn(4), 0.2, layer=2, threshold=0.3, meta={"model_id": model, "kind": "query"}).save(query)
     path = _write_defaults(rd_home, model, gate=0.5)
@@ -269,11 +269,11 @@ def test_tuned_probes_ship_and_install_bit_for_bit(rd_home, tmp_path, monkeypatc
                         lambda m, kind: shipped.get(kind) if m == model else None)
     monkeypatch.setenv("ROOTDEFENSE_HOME", str(tmp_path / "fresh"))
     for kind in ("response", "query"):
-        dest = defaults.install_shipped_probe(model, kind, defaults.probe_folder(model, kind), 4, 3)
+        dest = defaults.install_shipped_probe(model, kind, paths.probe_dir(model, kind), 4, 3)
         assert defaults.weights_sha256(dest) == defaults.weights_sha256(shipped[kind])
     assert defaults.install_shipped_probe(model, "paper", tmp_path / "p", 4, 3) is None
     # the shipped defaults file sits beside the fresh probes and matches them
-    defaults.save_defaults(defaults.probe_folder(model), {k: v for k, v in json.loads(target.read_text()).items()
+    defaults.save_defaults(paths.probe_dir(model), {k: v for k, v in json.loads(target.read_text()).items()
                                                          if k != "format_version"})
     assert defaults.load_defaults(model)["probe_matches"] is True
     # a shipped probe for another model or size is refused before it is installed
@@ -284,10 +284,10 @@ def test_tuned_probes_ship_and_install_bit_for_bit(rd_home, tmp_path, monkeypatc
 
 def test_the_expert_ships_and_installs_with_the_defaults(rd_home, tmp_path, monkeypatch):
     from rootdefense.errors import ExpertError
-    from rootdefense.expert.adapter import expert_dir
+    from rootdefense.paths import expert_dir
 
     model = "x/y"
-    folder = defaults.probe_folder(model)
+    folder = paths.probe_dir(model)
     LinearProbe(torch.randn(4), 0.1, layer=1, threshold=0.5, meta={"model_id": model}).save(folder)
     path = _write_defaults(rd_home, model)
     data = json.loads(path.read_text())
@@ -316,7 +316,7 @@ def test_the_expert_ships_and_installs_with_the_defaults(rd_home, tmp_path, monk
 
 def test_shipping_defaults_tuned_for_other_probes_is_refused(rd_home, tmp_path):
     model = "x/y"
-    folder = defaults.probe_folder(model)
+    folder = paths.probe_dir(model)
     LinearProbe(torch.zeros(4), 0.0, layer=1, threshold=0.5, meta={"model_id": model}).save(folder)
     with pytest.raises(InputError, match="no tuned defaults"):
         defaults.ship_tuned(model, tmp_path / "tuned")
@@ -334,7 +334,7 @@ def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, r
     lacks; `--train-probes` trains every missing probe here instead."""
     import rootdefense.probes.train as probe_train
     from rootdefense.evaluation import judges
-    from rootdefense.expert.adapter import expert_dir
+    from rootdefense.paths import expert_dir
     from rootdefense.models import load_model
 
     lm = load_model(tiny_dir)
@@ -359,25 +359,25 @@ def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, r
     assert r.exit_code == 0, r.output
     assert trained == ["paper"] and r.output.count("shipped with rootdefense") == 2
     for kind in ("response", "query"):
-        assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, kind)) == defaults.weights_sha256(shipped[kind])
+        assert defaults.weights_sha256(paths.probe_dir(tiny_dir, kind)) == defaults.weights_sha256(shipped[kind])
     assert not expert_dir(tiny_dir).exists() and "expert ready" not in r.output
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])  # cached: nothing installed or trained again
     assert r.exit_code == 0 and r.output.count("probe ready") == 3 and trained == ["paper"]
     for kind in ("response", "query", "paper"):
-        (defaults.probe_folder(tiny_dir, kind) / "probe.json").unlink()
+        (paths.probe_dir(tiny_dir, kind) / "probe.json").unlink()
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--train-probes"])
     assert r.exit_code == 0, r.output
     assert trained == ["paper", "response", "paper", "query"] and "shipped with rootdefense" not in r.output
     # probes trained here: --reinstall puts the shipped ones back (and only those the package has)
     for kind in ("response", "query"):
-        assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, kind)) != defaults.weights_sha256(shipped[kind])
-    paper = defaults.weights_sha256(defaults.probe_folder(tiny_dir, "paper"))
+        assert defaults.weights_sha256(paths.probe_dir(tiny_dir, kind)) != defaults.weights_sha256(shipped[kind])
+    paper = defaults.weights_sha256(paths.probe_dir(tiny_dir, "paper"))
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--reinstall"])
     assert r.exit_code == 0, r.output
     assert r.output.count("shipped with rootdefense") == 2 and len(trained) == 4
     for kind in ("response", "query"):
-        assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, kind)) == defaults.weights_sha256(shipped[kind])
-    assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, "paper")) == paper
+        assert defaults.weights_sha256(paths.probe_dir(tiny_dir, kind)) == defaults.weights_sha256(shipped[kind])
+    assert defaults.weights_sha256(paths.probe_dir(tiny_dir, "paper")) == paper
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--reinstall", "--train-probes"])
     assert r.exit_code == 2 and "choose one" in r.output
 
@@ -398,19 +398,19 @@ def test_shipping_new_probes_records_the_ones_they_replace(rd_home, tmp_path):
     def tune_and_ship():
         path = _write_defaults(rd_home, model)
         data = json.loads(path.read_text())
-        data["probe_sha256"] = defaults.weights_sha256(defaults.probe_folder(model))
+        data["probe_sha256"] = defaults.weights_sha256(paths.probe_dir(model))
         path.write_text(json.dumps(data))
         defaults.ship_tuned(model, pkg)
 
-    first = _probe(model, "response", defaults.probe_folder(model), 1)
-    paper = _probe(model, "paper", defaults.probe_folder(model, "paper"), 2)
+    first = _probe(model, "response", paths.probe_dir(model), 1)
+    paper = _probe(model, "paper", paths.probe_dir(model, "paper"), 2)
     tune_and_ship()
     history = pkg / paths.model_slug(model) / defaults.HISTORY
     assert not history.exists()  # nothing replaced yet
-    second = _probe(model, "response", defaults.probe_folder(model), 3)
+    second = _probe(model, "response", paths.probe_dir(model), 3)
     tune_and_ship()
     assert json.loads(history.read_text()) == {"response": [first]}  # the unchanged paper probe is not listed
-    _probe(model, "response", defaults.probe_folder(model), 4)
+    _probe(model, "response", paths.probe_dir(model), 4)
     tune_and_ship()
     assert json.loads(history.read_text()) == {"response": [first, second]}
     assert paper not in history.read_text()
@@ -440,42 +440,42 @@ def test_prepare_updates_an_earlier_release_and_keeps_what_was_trained_here(tiny
     monkeypatch.setattr(judges, "ensure_harm_judge", lambda: "stub judge")
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])  # the earlier release prepares the home
     assert r.exit_code == 0, r.output
-    sha = {k: defaults.weights_sha256(defaults.probe_folder(tiny_dir, k)) for k in kinds}
+    sha = {k: defaults.weights_sha256(paths.probe_dir(tiny_dir, k)) for k in kinds}
     assert sha == {k: defaults.weights_sha256(old[k]) for k in kinds}
     # the new release: other probes, the earlier ones in its history; the paper probe was trained here
     shipped["now"] = new
     monkeypatch.setattr(defaults, "earlier_shipped", lambda m: {k: [sha[k]] for k in kinds} if m == lm.model_id else {})
-    own_paper = _probe(tiny_dir, "paper", defaults.probe_folder(tiny_dir, "paper"), 5)
+    own_paper = _probe(tiny_dir, "paper", paths.probe_dir(tiny_dir, "paper"), 5)
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])
     assert r.exit_code == 0, r.output
     assert r.output.count("probe updated") == 2 and "replaces an earlier release's" in r.output
     for k in ("response", "query"):
-        assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, k)) == defaults.weights_sha256(new[k])
-    assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, "paper")) == own_paper
+        assert defaults.weights_sha256(paths.probe_dir(tiny_dir, k)) == defaults.weights_sha256(new[k])
+    assert defaults.weights_sha256(paths.probe_dir(tiny_dir, "paper")) == own_paper
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])  # up to date: nothing replaced again
     assert r.exit_code == 0 and r.output.count("probe ready") == 3 and "updated" not in r.output
     # the user tuned on the earlier release's response probe: their defaults keep it
     import shutil
 
-    shutil.rmtree(defaults.probe_folder(tiny_dir, "response"))
-    shutil.copytree(old["response"], defaults.probe_folder(tiny_dir, "response"))
+    shutil.rmtree(paths.probe_dir(tiny_dir, "response"))
+    shutil.copytree(old["response"], paths.probe_dir(tiny_dir, "response"))
     path = _write_defaults(rd_home, tiny_dir)
     data = json.loads(path.read_text())
     data["probe_sha256"] = sha["response"]
     path.write_text(json.dumps(data))
-    assert not defaults.superseded(tiny_dir, "response", defaults.probe_folder(tiny_dir, "response"))
+    assert not defaults.superseded(tiny_dir, "response", paths.probe_dir(tiny_dir, "response"))
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])
     assert r.exit_code == 0 and "updated" not in r.output
-    assert defaults.weights_sha256(defaults.probe_folder(tiny_dir, "response")) == sha["response"]
+    assert defaults.weights_sha256(paths.probe_dir(tiny_dir, "response")) == sha["response"]
     # --train-probes never swaps a probe for a shipped one
     path.unlink()
-    assert defaults.superseded(tiny_dir, "response", defaults.probe_folder(tiny_dir, "response"))
+    assert defaults.superseded(tiny_dir, "response", paths.probe_dir(tiny_dir, "response"))
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir, "--train-probes"])
     assert r.exit_code == 0 and "updated" not in r.output
 
 
 def test_an_earlier_release_expert_is_superseded(rd_home, tmp_path, monkeypatch):
-    from rootdefense.expert.adapter import expert_dir
+    from rootdefense.paths import expert_dir
 
     model = "x/y"
     folder = expert_dir(model)

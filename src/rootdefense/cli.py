@@ -122,7 +122,6 @@ def prepare(model, probes, train_probes, reinstall):
     its shipped defaults were measured with where the package has them, else trained here.
     Probes and an expert that an earlier release installed are replaced by this release's;
     those trained here are kept (`--reinstall` replaces them too)."""
-    from .api import probe_dir
     from .defaults import (
         install_shipped_expert,
         install_shipped_probe,
@@ -131,8 +130,8 @@ def prepare(model, probes, train_probes, reinstall):
         shipped_probe_dir,
         superseded,
     )
-    from .expert.adapter import expert_dir
     from .models import load_model
+    from .paths import expert_dir, probe_dir
     from .probes.train import TrainSpec, train_probe
 
     if reinstall and train_probes:
@@ -292,8 +291,8 @@ def probe():
 @dtype_option
 def probe_train(model, kind, out, per_dataset, self_answers, target_fpr, layers, dtype):
     """Collect hidden states from installed datasets and fit a probe."""
-    from .api import probe_dir
     from .models import load_model
+    from .paths import probe_dir
     from .probes.train import TrainSpec, train_probe
 
     try:
@@ -352,9 +351,10 @@ def expert():
               help="afterwards, compare refusal rates of base and expert on held-out prompts")
 def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check):
     """Fit the expert: refusals for harmful prompts, the model's own answers for benign ones."""
-    from .expert import ExpertSpec, expert_dir, train_expert
+    from .expert import ExpertSpec, train_expert
     from .expert.train import refusal_rates
     from .models import load_model
+    from .paths import expert_dir
 
     spec = ExpertSpec(harmful=harmful, benign=benign, epochs=epochs, rank=rank, answer_tokens=answer_tokens)
     lm = load_model(model)
@@ -392,15 +392,16 @@ def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag
     made (an interrupted run resumes); --reuse re-sweeps them with other settings."""
     from pathlib import Path
 
-    from .defaults import probe_folder, save_defaults
+    from .defaults import save_defaults
     from .models import load_model
+    from .paths import probe_dir
     from .tuning import TuneSpec, read_calibration
     from .tuning import tune as run_tune
 
     spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)), max_new_tokens=max_new_tokens,
                     max_benign_flag=max_benign_flag, steer_tau=steer_tau)
     lm = load_model(model, dtype=dtype)
-    folder = Path(out or probe_folder(lm.model_id))
+    folder = Path(out or probe_dir(lm.model_id))
     folder.mkdir(parents=True, exist_ok=True)
     records = read_calibration(folder / "calibration.jsonl", lm, spec) if reuse else None
     result = run_tune(lm, spec, log=lambda m: click.echo(m, err=True), records=records,
@@ -492,7 +493,6 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
         HeadSpec,
         check_taps,
         distillation_data,
-        head_dir,
         head_meta,
         load_head,
         reference_data,
@@ -502,6 +502,7 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
         train_head,
     )
     from .models import load_model
+    from .paths import head_dir
 
     if val_prompts < 1:
         raise InputError("--val-prompts must be positive")

@@ -24,7 +24,7 @@ from pathlib import Path
 from . import paths
 from .errors import InputError
 
-FILE = "defaults.json"
+FILE = paths.DEFAULTS_FILE
 FORMAT_VERSION = 1
 PRESETS = ("tuned", "paper")
 # the paper-faithful setting: RDS with the paper's Eq. 9 (read as intended) on the paper's probe
@@ -36,10 +36,6 @@ FALLBACK = {"defense": "rds", "rule": "threshold"}
 # a probe folder's files, as rootdefense.probes.base names them (not imported from there:
 # that would load torch with this module); the metadata comes last and marks a probe present
 PROBE_FILES = ("probe.safetensors", "probe.json")
-
-
-def probe_folder(model_id: str, kind: str = "response") -> Path:
-    return paths.home() / "probes" / paths.model_slug(model_id) / kind
 
 
 def weights_sha256(folder: str | Path, name: str = PROBE_FILES[0]) -> str | None:
@@ -153,7 +149,7 @@ def superseded(model_id: str, part: str, folder: str | Path) -> bool:
     current = weights_sha256(folder, _weights_name(part))
     if current is None or current not in earlier_shipped(model_id).get(part, []):
         return False
-    own = probe_folder(model_id) / FILE
+    own = paths.defaults_file(model_id)
     if own.exists():  # the user tuned on it: replacing it would void their defaults
         try:
             tuned = _read(own)
@@ -182,25 +178,23 @@ def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
     adapter (when trained) from the rootdefense home into ``package_dir``
     (``src/rootdefense/tuned``): what a release ships so that a fresh install decodes exactly
     as measured. Refused when the defaults do not match the probes in the home."""
-    folder = probe_folder(model_id)
-    path = folder / FILE
+    folder = paths.probe_dir(model_id)
+    path = paths.defaults_file(model_id)
     if not path.exists():
         raise InputError(f"no tuned defaults at {path}; run `rootdefense tune --model {model_id}` first")
     data = _read(path)
     if data.get("probe_sha256") != weights_sha256(folder) or (
-            data.get("query_probe_sha256") and data["query_probe_sha256"] != weights_sha256(probe_folder(model_id, "query"))):
+            data.get("query_probe_sha256") and data["query_probe_sha256"] != weights_sha256(paths.probe_dir(model_id, "query"))):
         raise InputError(f"{path} was tuned for other probes than those in {folder.parent}; rerun `rootdefense tune`")
     out = Path(package_dir)
     _record_superseded(model_id, out)
     written = []
     for kind in SHIPPED_KINDS:
-        src = probe_folder(model_id, kind)
+        src = paths.probe_dir(model_id, kind)
         if not (src / PROBE_FILES[-1]).exists():
             continue
         written.append(_copy_files(src, out / paths.model_slug(model_id) / kind, PROBE_FILES))
-    from .expert.adapter import expert_dir
-
-    src = expert_dir(model_id)
+    src = paths.expert_dir(model_id)
     if all((src / name).exists() for name in EXPERT_FILES):
         dest = _copy_files(src, out / paths.model_slug(model_id) / "expert", EXPERT_FILES[:2])
         config = json.loads((src / "adapter_config.json").read_text(encoding="utf-8"))
@@ -215,15 +209,13 @@ def ship_tuned(model_id: str, package_dir: str | Path) -> list[Path]:
 def _record_superseded(model_id: str, package_dir: Path) -> None:
     """Before ``ship_tuned`` replaces the package's weights, add those it replaces to the
     package's history, so that `prepare` on a home installed from them updates it."""
-    from .expert.adapter import expert_dir
-
     pkg = package_dir / paths.model_slug(model_id)
     path = pkg / HISTORY
     history = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
     for part in (*SHIPPED_KINDS, "expert"):
         name = _weights_name(part)
         old = weights_sha256(pkg / part, name)
-        new = weights_sha256(expert_dir(model_id) if part == "expert" else probe_folder(model_id, part), name)
+        new = weights_sha256(paths.expert_dir(model_id) if part == "expert" else paths.probe_dir(model_id, part), name)
         if old is not None and new is not None and old != new and old not in history.get(part, []):
             history.setdefault(part, []).append(old)
     if history:
@@ -235,14 +227,14 @@ def load_defaults(model_id: str) -> dict | None:
     """The model's tuned defaults: the file beside its response probe, else the shipped one,
     else None. Adds ``source`` and ``probe_matches`` (False when the response probe, or the
     query probe of a gate, was retrained since tuning)."""
-    folder = probe_folder(model_id)
-    path = folder / FILE
+    folder = paths.probe_dir(model_id)
+    path = paths.defaults_file(model_id)
     data = {**_read(path), "source": str(path)} if path.exists() else shipped_defaults(model_id)
     if data is None:
         return None
     current = weights_sha256(folder)
     data["probe_matches"] = current is None or data.get("probe_sha256") in (None, current)
     if data.get("query_probe_sha256"):  # tuned with a gate: the query probe counts too
-        query = weights_sha256(probe_folder(model_id, "query"))
+        query = weights_sha256(paths.probe_dir(model_id, "query"))
         data["probe_matches"] = data["probe_matches"] and query in (None, data["query_probe_sha256"])
     return data

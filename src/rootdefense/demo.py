@@ -38,7 +38,7 @@ def run_demo(max_new_tokens: int = 64, out: str | None = None, rule: str | None 
     """Undefended vs the model's default defense (its tuned settings; ``rule``: the token
     rule instead)."""
     console = Console()
-    out_dir = Path(out) if out else paths.home() / "demo"
+    out_dir = Path(out) if out else paths.demo_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     lm = load_model("smollm2-135m")
     plain = Defender.load(lm=lm, defense="none")

@@ -1,9 +1,15 @@
-"""Where rootdefense keeps its cache: converted models, probes, default outputs."""
+"""Where rootdefense keeps its cache: converted models, probes, experts, draft heads,
+judges, tuned defaults, kernel choices, the demo's output. Every path inside the home is
+named here, so the layout can be read (and changed) in one place."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+DEFAULTS_FILE = "defaults.json"  # a model's tuned defaults, beside its response probe
+CALIBRATION_FILE = "calibration.jsonl"  # the answers `rootdefense tune` measured, beside its defaults
+KERNELS_FILE = "linear-kernels.json"  # linear kernel choices kept across processes
 
 
 def home() -> Path:
@@ -18,6 +24,46 @@ def model_slug(model_id: str) -> str:
     import re
 
     return re.sub(r"[^A-Za-z0-9._-]+", "--", model_id)
+
+
+def model_dir(name: str) -> Path:
+    """An embedded model, converted once to a safetensors folder."""
+    return home() / "models" / name
+
+
+def probe_dir(model_id: str, kind: str = "response") -> Path:
+    """The model's cached probe of ``kind`` (its response probe folder also holds the tuned defaults)."""
+    return home() / "probes" / model_slug(model_id) / kind
+
+
+def defaults_file(model_id: str) -> Path:
+    """The model's tuned defaults (`rootdefense tune`)."""
+    return probe_dir(model_id) / DEFAULTS_FILE
+
+
+def expert_dir(model_id: str) -> Path:
+    """The model's safety-expert adapter."""
+    return home() / "experts" / model_slug(model_id)
+
+
+def head_dir(model_id: str) -> Path:
+    """The model's draft head and its saved distillation data."""
+    return home() / "draft-heads" / model_slug(model_id)
+
+
+def judge_dir(name: str) -> Path:
+    """A trained evaluation judge."""
+    return home() / "judges" / name
+
+
+def kernels_file() -> Path:
+    """The linear kernel choices measured on this machine."""
+    return home() / KERNELS_FILE
+
+
+def demo_dir() -> Path:
+    """Where `rootdefense demo` writes its answers and trace page by default."""
+    return home() / "demo"
 
 
 def package_dir(dist_module: str, pip_name: str) -> Path:

@@ -32,8 +32,9 @@ from tqdm.auto import tqdm
 from .data.split import edgy_half, split_of
 from .decoding import GenerationConfig
 from .decoding.correct import CorrectionSettings, DegenerationGuard
-from .defaults import probe_folder, weights_sha256
+from .defaults import weights_sha256
 from .errors import InputError
+from .paths import expert_dir, probe_dir
 
 HARMFUL_SOURCES = ("advbench", "harmbench")
 BENIGN_SOURCES = ("mtbench", "sharegpt", "edgy", "sensitive")
@@ -240,8 +241,8 @@ def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
     guard = DegenerationGuard(4, 3, 12)
     jobs = [(a, e) for a in spec.attacks for e in harmful] + [(None, e) for e in benign]
     header = {"kind": "calibration", "model_id": lm.model_id, "spec": _spec_key(spec),
-              "probe_sha256": weights_sha256(probe_folder(lm.model_id)),
-              "query_probe_sha256": None if query is None else weights_sha256(probe_folder(lm.model_id, "query"))}
+              "probe_sha256": weights_sha256(probe_dir(lm.model_id)),
+              "query_probe_sha256": None if query is None else weights_sha256(probe_dir(lm.model_id, "query"))}
     records, writer = _resume(path, header, log)
     done = {(r["attack"], r["prompt"]) for r in records}
     for attack, ex in tqdm(jobs, desc="tuning: undefended answers", unit="answer", initial=len(done)):
@@ -304,7 +305,7 @@ def read_calibration(path, lm, spec: TuneSpec) -> list[dict]:
     if not old or old[0].get("kind") != "calibration":
         raise InputError(f"{path} holds no calibration answers; run `rootdefense tune` without --reuse first")
     head = old[0]
-    if head.get("model_id") != lm.model_id or head.get("probe_sha256") != weights_sha256(probe_folder(lm.model_id)):
+    if head.get("model_id") != lm.model_id or head.get("probe_sha256") != weights_sha256(probe_dir(lm.model_id)):
         raise InputError(f"{path} was made for another model or an earlier response probe; run tune without --reuse")
     if head.get("spec") != json.loads(json.dumps(_spec_key(spec))):
         raise InputError(f"{path} was made with other tuning settings ({head.get('spec')}); run tune without --reuse")
@@ -318,7 +319,6 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     earlier :func:`collect`) and choose its defaults."""
     from .api import find_probe
     from .evaluation.judges import make_judge
-    from .expert.adapter import expert_dir
 
     t0 = time.perf_counter()
     probe = find_probe(lm.model_id, "response")
@@ -370,8 +370,8 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
         "defense": "rds-expert",
         "settings": settings,
         "probe": {"kind": "response", "layer": probe.layer, "threshold": round(probe.threshold, 6)},
-        "probe_sha256": weights_sha256(probe_folder(lm.model_id)),
-        "query_probe_sha256": weights_sha256(probe_folder(lm.model_id, "query")) if gate is not None else None,
+        "probe_sha256": weights_sha256(probe_dir(lm.model_id)),
+        "query_probe_sha256": weights_sha256(probe_dir(lm.model_id, "query")) if gate is not None else None,
         "expert_trained": (expert_dir(lm.model_id) / "adapter_model.safetensors").exists(),
         "measured": {"chosen": chosen, "single_setting": best, "undefended_refusal_rate": round(refusal_rate, 4),
                      "harmful_prompts": len(plain_answers) or max(map(len, traces.values()), default=0),

@@ -62,7 +62,8 @@ def make_drafter(name: str | None, lm) -> Drafter | None:
     check_drafter_name(name)
     if name in (None, "none"):
         return None
-    from .head import HeadDrafter, head_dir, load_head
+    from ..paths import head_dir
+    from .head import HeadDrafter, load_head
 
     if name == "auto":
         return make_drafter("ngram+head" if head_pays(head_dir(lm.model_id)) else "ngram", lm)

@@ -38,7 +38,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import paths
 from ..decoding.hidden import layer_module
 from ..decoding.verify import crop_to
 from ..errors import InputError, ModelError
@@ -46,10 +45,6 @@ from ..models import kernels
 from .base import Drafter
 
 WEIGHTS, META, FORMAT_VERSION = "head.safetensors", "head.json", 1
-
-
-def head_dir(model_id: str) -> Path:
-    return paths.home() / "draft-heads" / paths.model_slug(model_id)
 
 
 def _decoder(model):

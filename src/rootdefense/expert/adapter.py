@@ -9,15 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import paths
 from ..errors import ExpertError
+from ..paths import expert_dir
 
 EXPERT_ADAPTER = "expert"
 META = "expert.json"
-
-
-def expert_dir(model_id: str) -> Path:
-    return paths.home() / "experts" / paths.model_slug(model_id)
 
 
 @dataclass

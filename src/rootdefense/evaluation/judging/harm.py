@@ -21,7 +21,7 @@ judges gibberish harmless and starting to comply harmful while the packaged data
 neither. Training takes one to two minutes on a CPU, almost all of it embedding ~2,800
 texts.
 
-Files, in ``rootdefense.paths.home() / "judges" / "harm-minilm"``:
+Files, in ``rootdefense.paths.judge_dir("harm-minilm")``:
 
 - ``judge.safetensors``: ``weight`` (float32, [1152]) and ``bias`` (float32, [1]);
 - ``judge.json``: embedding model and package version, feature recipe, threshold, ``C``,
@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ...errors import InputError, JudgeError
-from ...paths import home
+from ...paths import judge_dir
 from ..base import Judge, Verdict
 from .embedding import (
     EMBED_DIM,
@@ -79,7 +79,7 @@ TRAIN_COMMAND = "rootdefense judge train"
 
 def harm_judge_dir() -> Path:
     """Where the trained harm judge lives (inside the rootdefense home)."""
-    return home() / "judges" / JUDGE_DIRNAME
+    return judge_dir(JUDGE_DIRNAME)
 
 
 # --------------------------------------------------------------------------- features
