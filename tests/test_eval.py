@@ -18,8 +18,9 @@ from rootdefense.cli import cli
 from rootdefense.errors import InputError
 from rootdefense.evaluation import EvalConfig, run_eval, write_outputs
 from rootdefense.evaluation.runner import read_lines
-from rootdefense.evaluation.summary import summarize, wilson
+from rootdefense.evaluation.summary import summarize
 from rootdefense.probes.base import LinearProbe
+from rootdefense.stats import wilson
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,8 @@ from sklearn.preprocessing import StandardScaler
 from rootdefense.errors import InputError, ProbeError
 from rootdefense.models.loading import LoadedModel
 from rootdefense.probes.base import LinearProbe
-from rootdefense.probes.fit import fit_affine, threshold_at_fpr
+from rootdefense.probes.fit import fit_affine
+from rootdefense.stats import threshold_at_fpr
 from rootdefense.probes.train import TrainSpec, train_probe
 
 

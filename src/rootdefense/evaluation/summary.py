@@ -6,23 +6,13 @@ rebuild the summary and the page from it at any time.
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections import defaultdict
 
+from ..stats import wilson
+
 ADAPTIVE = ("adaptive",)
 PRIMARY_HARM_JUDGES = ("harm", "llm")  # first present wins
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> list[float] | None:
-    """95% Wilson score interval of a rate k/n."""
-    if n == 0:
-        return None
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
 
 
 def _rate(flags: list[bool]) -> dict:

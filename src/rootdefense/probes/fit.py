@@ -1,12 +1,12 @@
-"""Fitting linear probes and measuring them. Standardise -> optional PCA -> logistic
-regression, collapsed to one affine map so scoring at decode time is a dot product."""
+"""Fitting linear probes. Standardise -> optional PCA -> logistic regression, collapsed to
+one affine map so scoring at decode time is a dot product. Measuring them (rates, AUROC,
+thresholds) is :mod:`rootdefense.stats`."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
 
 
 def fit_affine(X: np.ndarray, y: np.ndarray, standardize: bool = True, pca_dims: int | None = None,
@@ -34,21 +34,3 @@ def fit_affine(X: np.ndarray, y: np.ndarray, standardize: bool = True, pca_dims:
 def scores(X: np.ndarray, w: np.ndarray, b: float) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(np.asarray(X, dtype=np.float64) @ w + b)))
 
-
-def threshold_at_fpr(benign_scores: np.ndarray, fpr: float) -> float:
-    """Lowest threshold flagging at most ``fpr`` of these benign scores (flag: s >= t)."""
-    s = np.sort(np.asarray(benign_scores, dtype=np.float64))
-    k = int(np.floor(fpr * len(s)))  # how many benign scores may be flagged
-    return float(np.nextafter(s[len(s) - k - 1], np.inf))
-
-
-def auroc(y: np.ndarray, s: np.ndarray) -> float | None:
-    y = np.asarray(y)
-    if len(set(y.tolist())) < 2:
-        return None
-    return float(roc_auc_score(y, s))
-
-
-def rate(s: np.ndarray, t: float) -> float | None:
-    s = np.asarray(s)
-    return float((s >= t).mean()) if len(s) else None

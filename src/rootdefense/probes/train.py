@@ -27,7 +27,8 @@ from ..data.split import edgy_half, split_of
 from ..errors import InputError
 from .base import KINDS, LinearProbe
 from .features import query_features, response_features, self_answers
-from .fit import auroc, fit_affine, rate, scores, threshold_at_fpr
+from ..stats import auroc, rate, threshold_at_fpr
+from .fit import fit_affine, scores
 
 # manyshot is HarmBench with answers (same prompts): used only as answer pairs
 HARMFUL_SETS = ("advbench", "harmbench", "donotanswer", "uncensorbench")

@@ -218,7 +218,7 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     """n, positives, predicted positives, accuracy, F1, Cohen's kappa, AUROC (None where undefined)."""
     from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score
 
-    from ...probes.fit import auroc
+    from ...stats import auroc
 
     y = np.asarray(y, dtype=bool)
     pred = np.asarray(p) >= threshold
