@@ -19,9 +19,9 @@ from rootdefense.evaluation.summary import current_results
 
 
 def rows(path: str) -> list[dict]:
-    from rootdefense.evaluation.runner import read_lines
+    from rootdefense.jsonl import read_objects
 
-    return current_results(read_lines(path))
+    return current_results(read_objects(path))
 
 
 def table(full: list[dict], ablation: list[dict]) -> list[dict]:

@@ -26,7 +26,7 @@ from rootdefense.api import Defender, resolve_settings
 from rootdefense.decoding.config import GenerationConfig
 from rootdefense.evaluation.attacks import make_attack
 from rootdefense.evaluation.base import EvalContext
-from rootdefense.evaluation.judges import make_judge
+from rootdefense.evaluation.judging import make_judge
 from rootdefense.jsonl import JsonlWriter, read_objects
 from rootdefense.models import load_model, normalize_messages
 from rootdefense.tuning import TuneSpec, calibration_prompts

@@ -17,7 +17,7 @@ from rootdefense import paths
 from rootdefense.cli import cli
 from rootdefense.errors import InputError
 from rootdefense.evaluation import EvalConfig, run_eval, write_outputs
-from rootdefense.evaluation.runner import read_lines
+from rootdefense.jsonl import read_objects
 from rootdefense.evaluation.summary import summarize
 from rootdefense.probes.base import LinearProbe
 from rootdefense.stats import wilson
@@ -119,7 +119,7 @@ def test_eval_runs_resumes_and_refuses_to_mix(tiny_dir, home_with_probe, tmp_pat
     cfg = small_config(tiny_dir)
     out = tmp_path / "run"
     summary = run_eval(cfg, out, progress=False)
-    lines = read_lines(out / "results.jsonl")
+    lines = read_objects(out / "results.jsonl")
     results = [o for o in lines if o["kind"] == "result"]
     # 2 advbench x 3 attacks x 3 defenses + 2 mtbench x 1 attack x 3 defenses
     assert len(results) == 2 * 3 * 3 + 2 * 3 == summary["run"]["results"] == lines[0]["planned"]
@@ -143,7 +143,7 @@ def test_eval_runs_resumes_and_refuses_to_mix(tiny_dir, home_with_probe, tmp_pat
     with pytest.raises(InputError, match="pass --resume"):
         run_eval(cfg, out, progress=False)
     run_eval(cfg, out, resume=True, progress=False)
-    again = [o for o in read_lines(out / "results.jsonl") if o["kind"] == "result"]
+    again = [o for o in read_objects(out / "results.jsonl") if o["kind"] == "result"]
     assert sorted(r["key"] for r in again) == sorted(r["key"] for r in results)
     before = {r["key"]: r["answer"] for r in results}
     assert all(before[r["key"]] == r["answer"] for r in again)  # greedy: same answers after resume
@@ -157,13 +157,13 @@ def test_a_run_is_extended_without_redoing_finished_items(tiny_dir, home_with_pr
     small = small_config(tiny_dir, limit=1, attacks=["none"], defenses=["none"])
     first = run_eval(small, out, progress=False)
     assert first["run"]["results"] == 2
-    before = {o["key"]: o["answer"] for o in read_lines(out / "results.jsonl") if o["kind"] == "result"}
+    before = {o["key"]: o["answer"] for o in read_objects(out / "results.jsonl") if o["kind"] == "result"}
     bigger = small_config(tiny_dir, limit=2, attacks=["none", "prefill"], defenses=["none", "self-reminder"])
     summary = run_eval(bigger, out, resume=True, progress=False)
     assert summary["run"]["results"] == 2 * 2 * 2 + 2 * 2
-    session = [o for o in read_lines(out / "results.jsonl") if o["kind"] == "session"][-1]
+    session = [o for o in read_objects(out / "results.jsonl") if o["kind"] == "session"][-1]
     assert session["items"] == summary["run"]["results"] - 2  # the two finished items were kept
-    after = {o["key"]: o["answer"] for o in read_lines(out / "results.jsonl") if o["kind"] == "result"}
+    after = {o["key"]: o["answer"] for o in read_objects(out / "results.jsonl") if o["kind"] == "result"}
     assert all(after[k] == v for k, v in before.items())
     # narrowing again reports only what the latest session asked for
     assert run_eval(small, out, resume=True, progress=False)["run"]["results"] == 2
@@ -195,7 +195,7 @@ def test_cli_eval_and_report(tiny_dir, home_with_probe, tmp_path):
                                  "none,gcg-transfer", "--defenses", "none,rds", "--limit", "1", "--out", str(out)])
     assert r.exit_code == 0, r.output
     assert "attack success" in r.output and "report:" in r.output
-    results = [o for o in read_lines(out / "results.jsonl") if o["kind"] == "result"]
+    results = [o for o in read_objects(out / "results.jsonl") if o["kind"] == "result"]
     assert len(results) == 1 * 2 * 2 + 1 * 1 * 2
     r = CliRunner().invoke(cli, ["report", str(out / "results.jsonl"), "--out", str(tmp_path / "rep")])
     assert r.exit_code == 0, r.output
@@ -310,7 +310,7 @@ def test_summary_without_a_refusal_judge_and_with_failed_llm_verdicts():
 def test_judge_apply_rejudges_stored_answers(tiny_dir, home_with_probe, tmp_path):
     cfg = small_config(tiny_dir, limit=1, attacks=["none"], defenses=["none"], judges=["refusal"])
     run_eval(cfg, tmp_path / "a", progress=False)
-    lines = read_lines(tmp_path / "a" / "results.jsonl")
+    lines = read_objects(tmp_path / "a" / "results.jsonl")
     for o in lines:  # drop the stored verdicts, so that apply must recompute them
         if o["kind"] == "result":
             o["verdicts"] = {}
@@ -319,12 +319,12 @@ def test_judge_apply_rejudges_stored_answers(tiny_dir, home_with_probe, tmp_path
     r = CliRunner().invoke(cli, ["judge", "apply", str(tmp_path / "a" / "results.jsonl"), "--judges", "refusal",
                                  "--out", str(tmp_path / "b" / "results.jsonl")])
     assert r.exit_code == 0, r.output
-    again = read_lines(tmp_path / "b" / "results.jsonl")
+    again = read_objects(tmp_path / "b" / "results.jsonl")
     assert all("refusal" in o["verdicts"] for o in again if o["kind"] == "result")
     assert (tmp_path / "b" / "report.html").exists()
     # the re-judged file continues as a run with the same settings: nothing left to do
     summary = run_eval(cfg, tmp_path / "b", resume=True, progress=False)
-    session = [o for o in read_lines(tmp_path / "b" / "results.jsonl") if o["kind"] == "session"][-1]
+    session = [o for o in read_objects(tmp_path / "b" / "results.jsonl") if o["kind"] == "session"][-1]
     assert session["items"] == 0 and summary["run"]["results"] == 2
     r = CliRunner().invoke(cli, ["judge", "apply", str(tmp_path / "a" / "results.jsonl"), "--judges", "nope",
                                  "--out", str(tmp_path / "c.jsonl")])

@@ -6,7 +6,7 @@ import pytest
 from test_eval import home_with_probe, small_config, tiny_dir  # noqa: F401  (fixtures)
 
 from rootdefense.evaluation import run_eval
-from rootdefense.evaluation.runner import read_lines
+from rootdefense.jsonl import read_objects
 
 ray = pytest.importorskip("ray")
 
@@ -18,8 +18,8 @@ def test_ray_sharded_run_matches_local_run(tiny_dir, home_with_probe, tmp_path):
     assert sharded["run"]["results"] == local["run"]["results"]
 
     def answers(folder):
-        return {o["key"]: o["answer"] for o in read_lines(folder / "results.jsonl") if o["kind"] == "result"}
+        return {o["key"]: o["answer"] for o in read_objects(folder / "results.jsonl") if o["kind"] == "result"}
 
     assert answers(tmp_path / "ray") == answers(tmp_path / "local")
-    session = [o for o in read_lines(tmp_path / "ray" / "results.jsonl") if o["kind"] == "session"][-1]
+    session = [o for o in read_objects(tmp_path / "ray" / "results.jsonl") if o["kind"] == "session"][-1]
     assert session["ray"] == "local" and session["workers"] == 2

@@ -14,7 +14,7 @@ import pytest
 
 from rootdefense.errors import InputError, RootDefenseError
 from rootdefense.evaluation.base import Verdict
-from rootdefense.evaluation.judges import JUDGES, make_judge
+from rootdefense.evaluation.judging import JUDGES, make_judge
 from rootdefense.evaluation.judging import harm as harm_mod
 from rootdefense.evaluation.judging.harm import (
     FEATURE_DIM,

@@ -165,7 +165,7 @@ def prepare(model, probes, train_probes, reinstall):
     elif install_shipped_expert(lm.model_id, folder, lm.hidden_size):
         click.echo(f"expert {'updated' if update else 'ready'}: {folder} (shipped with rootdefense: the adapter its "
                    "correction results were measured with" + ("; it replaces an earlier release's)" if update else ")"))
-    from .evaluation.judges import ensure_harm_judge
+    from .evaluation.judging import ensure_harm_judge
 
     click.echo(f"harm judge ready: {ensure_harm_judge()}")
 
@@ -701,7 +701,7 @@ def judge():
 @click.option("--force", is_flag=True, help="retrain even if a judge is cached")
 def judge_train(force):
     """Fit the MiniLM harm judge on human-labelled data from installed packages."""
-    from .evaluation.judges import ensure_harm_judge, train_harm_judge
+    from .evaluation.judging import ensure_harm_judge, train_harm_judge
 
     metrics = train_harm_judge() if force else None
     folder = ensure_harm_judge()
@@ -718,7 +718,7 @@ def judge_train(force):
 def judge_apply(results, names, out_path):
     """Judge a finished run's answers again (new or retrained judges); nothing is regenerated."""
     from .evaluation import write_outputs
-    from .evaluation.judges import JUDGES
+    from .evaluation.judging import JUDGES
     from .evaluation.rejudge import rejudge
 
     chosen = _csv(names) or []

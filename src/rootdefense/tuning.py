@@ -318,7 +318,7 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     """Measure the undefended model on calibration prompts (or reuse ``records`` from an
     earlier :func:`collect`) and choose its defaults."""
     from .api import find_probe
-    from .evaluation.judges import make_judge
+    from .evaluation.judging import make_judge
 
     t0 = time.perf_counter()
     probe = find_probe(lm.model_id, "response")

@@ -130,7 +130,7 @@ class EvalConfig:
     def validate(self) -> None:
         from .attacks import ATTACKS
         from .defenses import DEFENSES
-        from .judges import JUDGES
+        from .judging import JUDGES
 
         for key in ("model", "dtype", "device"):
             _typed(key, getattr(self, key), (str,), "a string")

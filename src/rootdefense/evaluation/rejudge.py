@@ -18,7 +18,7 @@ def rejudge(results: str | Path, judges: list[str], out: str | Path, options: di
     """Write ``out``: ``results`` with the verdicts of ``judges`` recomputed (or added) on
     every answer; the run header and the parts line record the judges as they are now, so
     ``rootdefense eval --resume`` on ``out`` continues with them."""
-    from .judges import make_judge
+    from .judging import make_judge
 
     src, dst = Path(results), Path(out)
     if not src.exists():

@@ -12,9 +12,10 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
-from .runner import read_lines
+from ..jsonl import read_objects
 from .summary import current_results, summarize
 
+SUMMARY, REPORT = "summary.json", "report.html"
 PALETTE = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 
 
@@ -23,15 +24,15 @@ def write_outputs(results: str | Path, out_dir: str | Path | None = None) -> dic
     path = Path(results)
     if not path.exists():
         raise InputError(f"results file '{path}' does not exist")
-    lines = read_lines(path)
+    lines = read_objects(path)
     if not any(o.get("kind") == "result" for o in lines):
         raise InputError(f"'{path}' holds no result lines (is it a results.jsonl written by `rootdefense eval`?)")
     out = Path(out_dir) if out_dir else path.parent
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(lines)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
-    (out / "report.html").write_text(render_report(summary, current_results(lines)), encoding="utf-8")
-    summary["files"] = {"summary": str(out / "summary.json"), "report": str(out / "report.html")}
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
+    (out / REPORT).write_text(render_report(summary, current_results(lines)), encoding="utf-8")
+    summary["files"] = {"summary": str(out / SUMMARY), "report": str(out / REPORT)}
     return summary
 
 

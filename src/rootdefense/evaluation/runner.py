@@ -24,15 +24,13 @@ from ..data import DATASETS
 from ..data.records import Example
 from ..data.split import held_out
 from ..errors import InputError, RootDefenseError
-from ..jsonl import JsonlWriter
-from ..jsonl import read_objects as read_lines
+from ..jsonl import JsonlWriter, read_objects
 from .base import AttackedPrompt, EvalContext
 from .config import EvalConfig
+from .report import REPORT, SUMMARY, write_outputs
 
 RESULTS = "results.jsonl"
 ATTACKS_FILE = "attacks.jsonl"
-SUMMARY = "summary.json"
-REPORT = "report.html"
 
 
 # --------------------------------------------------------------------------- planning
@@ -119,7 +117,7 @@ class Worker:
 
     def judges(self) -> dict:
         if self._judges is None:
-            from .judges import make_judge
+            from .judging import make_judge
 
             self._judges = {}
             for name in self.cfg.judges:
@@ -266,8 +264,6 @@ class _LocalPool:
 def run_eval(cfg: EvalConfig, out_dir: str | Path, resume: bool = False, overwrite: bool = False,
              ray_address: str | None = None, workers: int | None = None, progress: bool = True) -> dict:
     """Run (or continue) an evaluation into ``out_dir``; returns the summary."""
-    from .report import write_outputs
-
     out = Path(out_dir)
     results, attacks_file = out / RESULTS, out / ATTACKS_FILE
     if results.exists() and not (resume or overwrite):
@@ -275,7 +271,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, resume: bool = False, overwri
     if overwrite:
         for f in (results, attacks_file, out / SUMMARY, out / REPORT):
             f.unlink(missing_ok=True)
-    earlier = read_lines(results)  # the file as this session found it (empty unless resuming)
+    earlier = read_objects(results)  # the file as this session found it (empty unless resuming)
     if resume:
         _check_header(earlier, results, cfg)
     examples = load_examples(cfg)
@@ -283,7 +279,7 @@ def run_eval(cfg: EvalConfig, out_dir: str | Path, resume: bool = False, overwri
     done = {o["key"] for o in earlier if o.get("kind") == "result"}
     same = {cfg.fingerprint()} | {o.get("config_hash") for o in earlier
                                    if o.get("kind") == "run" and cfg.same_answers(o.get("answer_settings", {}))}
-    cached = {o["key"]: o["attacked"] for o in read_lines(attacks_file)
+    cached = {o["key"]: o["attacked"] for o in read_objects(attacks_file)
               if o.get("kind") == "attack" and o.get("config_hash") in same}
     todo_jobs = [j for j in jobs if j["key"] not in cached]
     todo = [it for it in items if it["key"] not in done]
