@@ -7,7 +7,7 @@ repetition runs both variants back to back on every prompt, so machine noise hit
 alike; it checks that they give the same answers. Writes one JSON object (medians and every
 run) to OUT.
 
-Usage: python scripts/steer_stage_ablation.py [N_PROMPTS=10] [REPS=1] [OUT=results/correction-v3/steer-stage-ablation.json]
+Usage: python scripts/steer_stage_ablation.py [N_PROMPTS=10] [REPS=1] [OUT=results/bench/steer-stage-ablation.json]
 """
 
 import json
@@ -25,7 +25,7 @@ from rootdefense.evaluation.attacks import prefill_text
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 10
 reps = int(sys.argv[2]) if len(sys.argv) > 2 else 1
-out = Path(sys.argv[3] if len(sys.argv) > 3 else "results/correction-v3/steer-stage-ablation.json")
+out = Path(sys.argv[3] if len(sys.argv) > 3 else "results/bench/steer-stage-ablation.json")
 torch.set_num_threads(2)
 d = Defender.load(defense="rds-expert")
 cfg = GenerationConfig(max_new_tokens=128)
