@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from rootdefense.decoding import Decoder, GenerationConfig, ThresholdRule, make_rule
-from rootdefense.decoding.batched import BatchDecoder
 from rootdefense.models import encode_chat
 from rootdefense.probes.base import LinearProbe
 
@@ -31,7 +30,7 @@ def test_batch_equals_one_by_one(parts, rule, n):
     cfg = GenerationConfig(max_new_tokens=n, stop=["step"] if n == 30 else [])
     eos = [tok.eos_token_id]
     single = [Decoder(model, tok, probe=probe, rule=r, eos_token_ids=eos).generate(i, cfg) for i in ids]
-    batch = BatchDecoder(model, tok, probe=probe, rule=r, eos_token_ids=eos).generate(ids, cfg)
+    batch = Decoder(model, tok, probe=probe, rule=r, eos_token_ids=eos).generate_batch(ids, cfg)
     for a, b in zip(single, batch, strict=True):
         assert b.token_ids == a.token_ids and b.text == a.text and b.trace.finish_reason == a.trace.finish_reason
         assert [s.replaced for s in b.trace.steps] == [s.replaced for s in a.trace.steps]
@@ -51,11 +50,11 @@ def test_rows_finish_independently(parts):
     stop = next(free.text[i:i + 3] for i in range(2, len(free.text) - 3) if free.text[i:i + 3].strip())
     cfg = GenerationConfig(max_new_tokens=20, stop=[stop])
     single = [Decoder(model, tok, probe=probe, rule=rule, eos_token_ids=eos).generate(i, cfg) for i in ids]
-    gens = BatchDecoder(model, tok, probe=probe, rule=rule, eos_token_ids=eos).generate(ids, cfg)
+    gens = Decoder(model, tok, probe=probe, rule=rule, eos_token_ids=eos).generate_batch(ids, cfg)
     assert [g.token_ids for g in gens] == [g.token_ids for g in single]
     assert gens[0].trace.finish_reason == "stop" and len({len(g.token_ids) for g in gens}) > 1
     assert gens[0].timings["batch_size"] == 4 and gens[0].timings["batch_tokens"] == sum(len(g.token_ids) for g in gens)
-    assert BatchDecoder(model, tok).generate([], cfg) == []
+    assert Decoder(model, tok).generate_batch([], cfg) == []
 
 
 @pytest.mark.parametrize("drafter", [None, "ngram"])

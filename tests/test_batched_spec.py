@@ -17,9 +17,8 @@ from test_drafting import (
 )
 
 from rootdefense.decoding import Decoder, GenerationConfig, ThresholdRule, make_rule
-from rootdefense.drafting import PromptLookupDrafter, SpeculativeDecoder
+from rootdefense.drafting import PromptLookupDrafter
 from rootdefense.drafting.base import NoDrafter
-from rootdefense.drafting.batched import BatchSpeculativeDecoder
 from rootdefense.errors import InputError
 
 TEXTS = PROMPTS + [REPETITIVE, "hi"]
@@ -47,9 +46,9 @@ def test_undefended_batch_equals_plain(tiny_model, tiny_tokenizer, draft_model, 
     ids = [prompt_ids(tok, t) for t in TEXTS]
     cfg = GenerationConfig(max_new_tokens=n)
     eos = [tok.eos_token_id]
-    dec = BatchSpeculativeDecoder(tiny_model, tok, make_drafter(kind, tok, tiny_model, draft_model),
+    dec = Decoder(tiny_model, tok, drafter=make_drafter(kind, tok, tiny_model, draft_model),
                                   eos_token_ids=eos, max_draft=5)
-    batch = dec.generate(ids, cfg)
+    batch = dec.generate_batch(ids, cfg)
     for i, g in zip(ids, batch, strict=True):
         _same(g, Decoder(tiny_model, tok, eos_token_ids=eos).generate(i, cfg))
     t = batch[TEXTS.index(REPETITIVE)].timings
@@ -68,11 +67,11 @@ def test_defended_batch_equals_single_speculative(tiny_model, tiny_tokenizer, dr
     probe = random_probe(tiny_model.config.hidden_size, layer=layer, seed=seed)
     rule = ThresholdRule(_tau_for(tiny_model, tok, probe, ids[0]))
     cfg = GenerationConfig(max_new_tokens=30, top_m=8)
-    single = [SpeculativeDecoder(tiny_model, tok, make_drafter(kind, tok, tiny_model, draft_model), probe=probe,
+    single = [Decoder(tiny_model, tok, drafter=make_drafter(kind, tok, tiny_model, draft_model), probe=probe,
                                  rule=rule).generate(i, cfg) for i in ids]
     plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
-    batch = BatchSpeculativeDecoder(tiny_model, tok, make_drafter(kind, tok, tiny_model, draft_model),
-                                    probe=probe, rule=rule).generate(ids, cfg)
+    batch = Decoder(tiny_model, tok, drafter=make_drafter(kind, tok, tiny_model, draft_model),
+                                    probe=probe, rule=rule).generate_batch(ids, cfg)
     assert sum(g.trace.replaced for g in plain) > 0, "tau chosen so that the rule intervenes"
     for b, s, p in zip(batch, single, plain, strict=True):
         _same(b, s)
@@ -91,8 +90,8 @@ def test_lazy_rows_fill_the_slots_a_pool_paid_for(tiny_model, tiny_tokenizer, se
     rule = ThresholdRule(_tau_for(tiny_model, tok, probe, ids[0]))
     cfg = GenerationConfig(max_new_tokens=40, top_m=8)
     plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
-    runs = {fill: BatchSpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule, fill=fill)
-            .generate(ids, cfg) for fill in (True, False)}
+    runs = {fill: Decoder(tiny_model, tok, drafter=NoDrafter(), probe=probe, rule=rule, fill=fill)
+            .generate_batch(ids, cfg) for fill in (True, False)}
     for filled, unfilled, p in zip(runs[True], runs[False], plain, strict=True):
         _same(filled, p)
         _same(unfilled, p)
@@ -114,8 +113,8 @@ def test_batch_pools_are_scored_in_stages(tiny_model, tiny_tokenizer, first):
     rule = ThresholdRule(_tau_for(tiny_model, tok, probe, ids[1], quantile=0.4))
     cfg = GenerationConfig(max_new_tokens=30, top_m=8)
     plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
-    batch = BatchSpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule,
-                                    first_candidates=first).generate(ids, cfg)
+    batch = Decoder(tiny_model, tok, drafter=NoDrafter(), probe=probe, rule=rule,
+                                    first_candidates=first).generate_batch(ids, cfg)
     assert sum(g.trace.replaced for g in plain) > 0
     for b, p in zip(batch, plain, strict=True):
         _same(b, p)
@@ -130,8 +129,8 @@ def test_batch_pools_are_scored_in_stages(tiny_model, tiny_tokenizer, first):
 
 
 def test_pool_stages():
-    from rootdefense.drafting.batched import BATCH_STAGES
-    from rootdefense.drafting.decoder import pool_stages
+    from rootdefense.decoding.pools import BATCH_STAGES
+    from rootdefense.decoding.pools import pool_stages
 
     assert pool_stages(20, 0, 3, True) == [0, 3, 20]
     assert pool_stages(20, 0, 3, True, more=BATCH_STAGES) == [0, 3, 6, 10, 20]
@@ -152,8 +151,8 @@ def test_all_harmful_pools_fall_back_to_the_least_harmful(tiny_model, tiny_token
     rule = ThresholdRule(1e-6)
     cfg = GenerationConfig(max_new_tokens=12, top_m=top_m)  # 20: the batch scores in stages 3 / 6 / 10 / 20
     plain = [Decoder(tiny_model, tok, probe=probe, rule=rule).generate(i, cfg) for i in ids]
-    single = [SpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule).generate(i, cfg) for i in ids]
-    batch = BatchSpeculativeDecoder(tiny_model, tok, NoDrafter(), probe=probe, rule=rule).generate(ids, cfg)
+    single = [Decoder(tiny_model, tok, drafter=NoDrafter(), probe=probe, rule=rule).generate(i, cfg) for i in ids]
+    batch = Decoder(tiny_model, tok, drafter=NoDrafter(), probe=probe, rule=rule).generate_batch(ids, cfg)
     forced = 0
     for b, s, p in zip(batch, single, plain, strict=True):
         _same(b, p)
@@ -170,54 +169,31 @@ def test_rows_finish_at_different_times(tiny_model, tiny_tokenizer):
     free = Decoder(tiny_model, tok).generate(ids[0], GenerationConfig(max_new_tokens=20))
     stop = next(free.text[i:i + 3] for i in range(2, len(free.text) - 3) if free.text[i:i + 3].strip())
     cfg = GenerationConfig(max_new_tokens=20, stop=[stop])
-    gens = BatchSpeculativeDecoder(tiny_model, tok, PromptLookupDrafter()).generate(ids, cfg)
+    gens = Decoder(tiny_model, tok, drafter=PromptLookupDrafter()).generate_batch(ids, cfg)
     want = [Decoder(tiny_model, tok).generate(i, cfg) for i in ids]
     assert [g.token_ids for g in gens] == [w.token_ids for w in want]
     assert gens[0].trace.finish_reason == "stop" and len({len(g.token_ids) for g in gens}) > 1
-    assert BatchSpeculativeDecoder(tiny_model, tok, PromptLookupDrafter()).generate([], cfg) == []
-
-
-def test_watch_hands_rows_over(tiny_model, tiny_tokenizer):
-    """A watcher that flags a row takes it out of the batch (None), the others go on."""
-    tok = tiny_tokenizer
-    ids = [prompt_ids(tok, t) for t in TEXTS]
-
-    class After:
-        def __init__(self):
-            self.n = 0
-
-        def update(self, tokens, harm, loops=True):
-            return len(tokens) >= 7 and tokens[0] == first[0]
-
-    first = Decoder(tiny_model, tok).generate(ids[1], GenerationConfig(max_new_tokens=3)).token_ids
-    cfg = GenerationConfig(max_new_tokens=25)
-    gens = BatchSpeculativeDecoder(tiny_model, tok, PromptLookupDrafter()).generate(ids, cfg, watch=lambda i: After())
-    plain = [Decoder(tiny_model, tok).generate(i, cfg) for i in ids]
-    for g, p in zip(gens, plain, strict=True):
-        if p.token_ids[0] == first[0] and len(p.token_ids) >= 7:
-            assert g is None
-        else:
-            assert g is not None and g.token_ids == p.token_ids
-    assert gens[1] is None
+    assert Decoder(tiny_model, tok, drafter=PromptLookupDrafter()).generate_batch([], cfg) == []
 
 
 def test_bad_settings_are_refused(tiny_model, tiny_tokenizer):
     probe = random_probe(tiny_model.config.hidden_size, layer=2)
     with pytest.raises(InputError, match="threshold rule only"):
-        BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), probe=probe,
+        Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter(), probe=probe,
                                 rule=make_rule("paper", tau=0.5))
     with pytest.raises(InputError, match="max_draft"):
-        BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), max_draft=-1)
+        Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter(), max_draft=-1)
     for bad in (-1, 2.5):
         with pytest.raises(InputError, match="first_candidates must be an integer >= 0"):
-            BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), first_candidates=bad)
+            Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter(), first_candidates=bad)
         with pytest.raises(InputError, match="first_candidates must be an integer >= 0"):
-            SpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), first_candidates=bad)
+            Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter(), first_candidates=bad)
 
     class Featured(PromptLookupDrafter):
         name = "feature-drafter"
         needs_target_features = True
 
     with pytest.raises(InputError, match="cannot draft for a batch"):
-        BatchSpeculativeDecoder(tiny_model, tiny_tokenizer, Featured())
+        Decoder(tiny_model, tiny_tokenizer, drafter=Featured()).generate_batch(
+            [prompt_ids(tiny_tokenizer, t) for t in TEXTS[:2]], GenerationConfig(max_new_tokens=4))
     assert torch.is_grad_enabled()

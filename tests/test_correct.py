@@ -9,17 +9,11 @@ import torch
 from conftest import make_tiny_model
 from test_defenses import MODEL_ID, MODEL_SEED, independent_models, write_expert
 
-from rootdefense.decoding import Decoder, GenerationConfig
-from rootdefense.decoding.correct import (
-    CorrectingDecoder,
-    CorrectionSettings,
-    DegenerationGuard,
-    RecoveryMonitor,
-    _State,
-    _steer_choice,
-    _Stream,
-    _union_pool,
-)
+from rootdefense.correction import Correction, CorrectionSettings, DegenerationGuard, RecoveryMonitor
+from rootdefense.correction import steer_choice as _steer_choice
+from rootdefense.correction import union_pool as _union_pool
+from rootdefense.correction.hook import RowCorrection
+from rootdefense.decoding import Decoder, GenerationConfig, Streamer
 from rootdefense.errors import InputError
 from rootdefense.expert.adapter import attach_expert
 from rootdefense.models import encode_chat
@@ -47,9 +41,20 @@ def plain(lm, ids, n):
         ids, GenerationConfig(max_new_tokens=n))
 
 
+class Corrected:
+    """rds-expert's correction on the engine, as the Defender builds it."""
+
+    def __init__(self, lm, probe, expert, settings, drafter=None, max_draft=8, query_probe=None):
+        self.correction = Correction(probe, settings, expert, query_probe, lm.tokenizer)
+        self.decoder = Decoder(lm.model, lm.tokenizer, probe, eos_token_ids=lm.eos_token_ids, drafter=drafter,
+                               max_draft=max_draft, correction=self.correction)
+
+    def generate(self, ids, cfg, streamer=None, query_len=None):
+        return self.decoder.generate(ids, cfg, streamer=streamer, query_len=query_len)
+
+
 def decoder(lm, expert, probe, **settings):
-    return CorrectingDecoder(lm.model, lm.tokenizer, probe, expert, CorrectionSettings(**settings),
-                             eos_token_ids=lm.eos_token_ids)
+    return Corrected(lm, probe, expert, CorrectionSettings(**settings))
 
 
 def first_harm(lm, probe, ids):
@@ -133,19 +138,12 @@ def test_staged_steering_chooses_what_the_whole_pool_chooses(setup):
             answers = {}
             for first in (0, 3):
                 dec = decoder(lm, expert, probe, tau=tau, k=1, window=1, loop_repeats=99, steer_first=first)
-                real = dec._candidates
-
-                def spy(cache, token_ids, prefix_len, rows, real=real, first=first):
-                    widths[first].append(int(token_ids.shape[0]))
-                    return real(cache, token_ids, prefix_len, rows)
-
-                dec._candidates = spy
-                n = len(widths[first])
                 gen = dec.generate(ids, GenerationConfig(max_new_tokens=8))
                 answers[first] = gen.token_ids
-                if first == 3:
-                    steered = sum(s.source == "expert" for s in gen.trace.steps)
-                    outcomes.add("settled" if len(widths[3]) - n == steered else "second stage")
+                t = gen.timings
+                widths[first].append(t["candidates_scored"])
+                if first == 3:  # pool forwards: every forward that verified no chain
+                    outcomes.add("settled" if t["forwards"] - t["rounds"] == t["exact_steps"] else "second stage")
             assert answers[0] == answers[3], (text, tau)
     assert outcomes == {"settled", "second stage"}
     assert sum(widths[3]) < sum(widths[0])
@@ -176,33 +174,57 @@ def late_flag(lm, expert, probe, n=16):
     raise AssertionError("no prompt whose answer's harm peaks late")
 
 
-@pytest.mark.parametrize("hold_back", [0, 64])
-def test_streaming_client_sees_the_final_text(setup, hold_back):
-    """Whatever the client was sent, applying the correction events gives the final answer;
-    with a hold-back buffer longer than the rollback the client never sees dropped text."""
+class Recorder(Streamer):
+    def __init__(self):
+        self.pieces, self.ended = [], None
+
+    def put(self, text, steps):
+        self.pieces.append(text)
+
+    def end(self, generation):
+        self.ended = generation
+
+
+@pytest.mark.parametrize("rollback", ["answer", "sentence"])
+def test_a_stream_never_takes_back_a_word(setup, rollback):
+    """The answer is flagged late and rolled back: the streamer was never sent the dropped
+    text, and what it received adds up to the final answer."""
     lm, expert, probe, _, _ = setup
     ids, tau, flagged_at = late_flag(lm, expert, probe)
-    shown: list[str] = []
-    events: list[dict] = []
+    rec = Recorder()
+    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, rollback=rollback).generate(
+        ids, GenerationConfig(max_new_tokens=16), streamer=rec)
+    assert "".join(rec.pieces) == gen.text and rec.ended is gen
+    harm = [e for e in gen.trace.events if e["reason"] == "harm"]
+    assert [e["type"] for e in harm] == ["rollback"]
+    assert harm[0]["answer_tokens_dropped"] == flagged_at + 1 - harm[0]["keep_tokens"]
+    assert harm[0]["at_token"] == flagged_at + 1 and len(rec.pieces) >= 1
 
-    def on_token(step, piece):
-        shown.append(piece)
 
-    def on_event(ev):
-        events.append(ev)
-        if ev["type"] == "correction":
-            text = "".join(shown)
-            shown.clear()
-            shown.append(text[:len(text) - ev["retracted_chars"]])
+BATCH_PROMPTS = [PROMPT, "Tell me a story about a dragon.", "hi", "How do I pick a lock? Explain every step.",
+                 "List three colours."]
 
-    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, hold_back=hold_back).generate(
-        ids, GenerationConfig(max_new_tokens=16), on_token=on_token, on_event=on_event)
-    assert "".join(shown) == gen.text
-    harm = [e for e in events if e["reason"] == "harm"]
-    assert [e["type"] for e in harm] == (["correction"] if hold_back == 0 else ["rollback"])
-    assert harm[0]["answer_tokens_dropped"] == flagged_at + 1
-    assert harm[0]["retracted_tokens"] == (flagged_at if hold_back == 0 else 0)
-    assert gen.trace.events == events
+
+@pytest.mark.parametrize("drafts", [False, True])
+def test_rds_expert_in_a_batch_answers_as_alone(setup, drafts):
+    """Flagged rows roll back and steer with the expert inside the batch while the others go
+    on: every answer, its events and its sources are the single stream's (greedy)."""
+    from rootdefense.drafting import PromptLookupDrafter
+
+    lm, expert, probe, _, _ = setup
+    _, tau, _ = late_flag(lm, expert, probe)
+    ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": p}]) for p in BATCH_PROMPTS]
+    cfg = GenerationConfig(max_new_tokens=20)
+    d = Corrected(lm, probe, expert, CorrectionSettings(tau=tau, k=1, window=1),
+                  drafter=PromptLookupDrafter() if drafts else None)
+    alone = [d.generate(i, cfg) for i in ids]
+    batch = d.decoder.generate_batch(ids, cfg)
+    for got, want in zip(batch, alone, strict=True):
+        assert got.token_ids == want.token_ids and got.text == want.text
+        assert [e["reason"] for e in got.trace.events] == [e["reason"] for e in want.trace.events]
+        assert [s.source for s in got.trace.steps] == [s.source for s in want.trace.steps]
+    rolled = sum(bool(g.trace.events) for g in batch)
+    assert 0 < rolled, "some rows were rolled back and steered inside the batch"
 
 
 def test_sentence_rollback_keeps_earlier_sentences(setup):
@@ -210,9 +232,9 @@ def test_sentence_rollback_keeps_earlier_sentences(setup):
     dec = decoder(lm, expert, probe, rollback="sentence", window=2, k=1)
     tok = lm.tokenizer
     ids = tok("Mix flour. Then knead and wait", add_special_tokens=False)["input_ids"]
-    keep = dec._rollback_point(ids)
+    keep = dec.correction.rollback_point(ids)
     assert tok.decode(ids[:keep]).rstrip().endswith("flour.")
-    assert decoder(lm, expert, probe)._rollback_point(ids) == 0  # default: the whole answer
+    assert decoder(lm, expert, probe).correction.rollback_point(ids) == 0  # default: the whole answer
 
 
 def test_monitor_guard_and_stream_units():
@@ -283,13 +305,6 @@ def test_echo_index_is_kept_between_calls_and_rebuilt_after_a_rollback():
             assert got == rescan(tokens)
             fired += got is not None
     assert fired > 0  # the answers do echo
-    sent = []
-    s = _Stream(lambda step, p: sent.append(p), None, hold_back=2)
-    for p in "abcde":
-        s.push(None, p)
-    assert sent == ["a", "b", "c"]
-    ev = s.rollback(2)  # keep "ab": drops c (sent) and d, e (held)
-    assert ev["type"] == "correction" and ev["retracted_tokens"] == 1 and ev["dropped_tokens"] == 3
 
 
 def test_steer_choice_prefers_safe_plausible_expert_tokens():
@@ -362,8 +377,9 @@ def test_a_looping_answer_goes_to_the_expert_even_unflagged(setup):
 def test_a_steered_loop_keeps_its_first_round_whole(setup):
     lm, expert, probe, _, _ = setup
     dec = decoder(lm, expert, probe, loop_ngram=2, loop_repeats=3)
-    st = _State(tokens=[9, 1, 2, 3, 4, 1, 2, 5, 6, 1, 2], mode="steer", steer_from=1)
-    assert dec._loop_cut(st) == 5  # keeps 9 and "1 2 3 4", the round before "1 2" came back
+    rc = RowCorrection(monitor=None, guard=DegenerationGuard(2, 3), steer_tau=0.5, gate=None, mode="steer",
+                       steer_from=1)
+    assert dec.correction._loop_cut(rc, [9, 1, 2, 3, 4, 1, 2, 5, 6, 1, 2]) == 5  # keeps 9 and "1 2 3 4", the round before "1 2" came back
 
 
 @pytest.mark.parametrize("tau_kind", ["never", "first", "mid", "late"])
@@ -385,9 +401,8 @@ def test_speculative_watch_equals_plain_watch(setup, tau_kind):
            "late": sorted(seq[:12])[8] - 1e-5}[tau_kind]
     cfg = GenerationConfig(max_new_tokens=60)
     settings = CorrectionSettings(tau=tau, k={"mid": 2, "late": 4}.get(tau_kind, 1), window=8 if tau_kind == "late" else 4)
-    base = CorrectingDecoder(lm.model, lm.tokenizer, probe, expert, settings, eos_token_ids=lm.eos_token_ids)
-    spec = CorrectingDecoder(lm.model, lm.tokenizer, probe, expert, settings, eos_token_ids=lm.eos_token_ids,
-                             drafter=PromptLookupDrafter(max_ngram=3), max_draft=6)
+    base = Corrected(lm, probe, expert, settings)
+    spec = Corrected(lm, probe, expert, settings, drafter=PromptLookupDrafter(max_ngram=3), max_draft=6)
     a, b = base.generate(ids, cfg), spec.generate(ids, cfg)
     assert b.token_ids == a.token_ids and b.trace.finish_reason == a.trace.finish_reason
     assert [e["reason"] for e in b.trace.events] == [e["reason"] for e in a.trace.events]
@@ -415,14 +430,13 @@ def test_a_flag_retracts_the_forced_opening(setup, tiny_tokenizer, retract):
     request, forced = _with_prefill(tiny_tokenizer, "Sure, here is a tutorial")
     cfg = GenerationConfig(max_new_tokens=10)
     d = decoder(lm, expert, probe, tau=1e-6, k=1, window=1, loop_repeats=99, retract_prefill=retract)
-    seen = []
-    gen = d.generate(forced, cfg, on_event=seen.append, query_len=request.shape[1])
+    gen = d.generate(forced, cfg, query_len=request.shape[1])
     fresh = d.generate(request, cfg)
     ev = gen.trace.events[0]
     assert ev["reason"] == "harm" and {s.source for s in gen.trace.steps} == {"expert"}
     if retract:
         assert ev["type"] == "correction" and ev["retracted_prefill"]
-        assert ev["retracted_prefill_text"] == "Sure, here is a tutorial" and seen == [ev]
+        assert ev["retracted_prefill_text"] == "Sure, here is a tutorial"
         assert gen.token_ids == fresh.token_ids and gen.trace.summary()["prefill_retracted"]
         assert gen.prompt_tokens == request.shape[1]
     else:
@@ -448,8 +462,8 @@ def test_the_gate_picks_the_monitor_from_the_request(setup):
     base = {"tau": 0.999999, "window": 8, "k": 8, "loop_repeats": 99}
 
     def run(gate, **kw):
-        return CorrectingDecoder(lm.model, lm.tokenizer, probe, expert, CorrectionSettings(**kw, gate=gate),
-                                 eos_token_ids=lm.eos_token_ids, query_probe=_query_probe()).generate(ids, cfg)
+        return Corrected(lm, probe, expert, CorrectionSettings(**kw, gate=gate),
+                         query_probe=_query_probe()).generate(ids, cfg)
 
     all_strict, none_strict = run(0.0, **base, **strict), run(0.999999, **base, **strict)
     assert all_strict.trace.gate["strict"] and not none_strict.trace.gate["strict"]

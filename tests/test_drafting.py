@@ -15,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from rootdefense.decoding import (
+    Streamer,
     Decoder,
     GenerationConfig,
     PaperRule,
@@ -22,13 +23,12 @@ from rootdefense.decoding import (
     WeightedRule,
 )
 from rootdefense.decoding.rules import Candidates
-from rootdefense.decoding.verify import step_logprobs, target_probs, verified_choice
+from rootdefense.decoding.sampling import step_logprobs, target_probs, verified_choice
 from rootdefense.drafting import (
     Drafter,
     DraftModelDrafter,
     NoDrafter,
     PromptLookupDrafter,
-    SpeculativeDecoder,
 )
 from rootdefense.errors import InputError, ModelError
 from rootdefense.models import encode_chat, normalize_messages
@@ -195,7 +195,7 @@ def test_draft_model_with_another_vocabulary_is_refused(tiny_tokenizer):
 def test_greedy_equals_plain_decoder(tiny_model, tiny_tokenizer, draft_model, kind, text):
     ids = prompt_ids(tiny_tokenizer, text)
     drafter = make_drafter(kind, tiny_tokenizer, tiny_model, draft_model)
-    spec = SpeculativeDecoder(tiny_model, tiny_tokenizer, drafter, max_draft=5)
+    spec = Decoder(tiny_model, tiny_tokenizer, drafter=drafter, max_draft=5)
     for n in (1, 6, 40):
         cfg = GenerationConfig(max_new_tokens=n)
         plain = Decoder(tiny_model, tiny_tokenizer).generate(ids, cfg)
@@ -215,7 +215,7 @@ def test_eos_and_stop_strings_inside_drafts(tiny_model, tiny_tokenizer, draft_mo
         eos_tok = plain.token_ids[pos]
         cfg = GenerationConfig(max_new_tokens=30)
         want = Decoder(tiny_model, tiny_tokenizer, eos_token_ids=[eos_tok]).generate(ids, cfg)
-        got = SpeculativeDecoder(tiny_model, tiny_tokenizer, drafter, eos_token_ids=[eos_tok]).generate(ids, cfg)
+        got = Decoder(tiny_model, tiny_tokenizer, drafter=drafter, eos_token_ids=[eos_tok]).generate(ids, cfg)
         assert got.token_ids == want.token_ids and got.trace.finish_reason == "eos"
     for start in (3, len(plain.text) // 2):
         stop = plain.text[start:start + 2]
@@ -223,17 +223,22 @@ def test_eos_and_stop_strings_inside_drafts(tiny_model, tiny_tokenizer, draft_mo
             continue
         cfg = GenerationConfig(max_new_tokens=30, stop=[stop])
         want = Decoder(tiny_model, tiny_tokenizer).generate(ids, cfg)
-        got = SpeculativeDecoder(tiny_model, tiny_tokenizer, drafter).generate(ids, cfg)
+        got = Decoder(tiny_model, tiny_tokenizer, drafter=drafter).generate(ids, cfg)
         assert got.token_ids == want.token_ids and got.text == want.text
         assert got.trace.finish_reason == "stop" and stop not in got.text
 
 
-def test_on_token_sees_every_step(tiny_model, tiny_tokenizer):
+def test_the_streamer_sees_every_step(tiny_model, tiny_tokenizer):
     ids = prompt_ids(tiny_tokenizer, REPETITIVE)
     seen = []
-    gen = SpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter()).generate(
-        ids, GenerationConfig(max_new_tokens=25), on_token=lambda step, piece: seen.append((step, piece)))
-    assert [s for s, _ in seen] == gen.trace.steps
+
+    class Seen(Streamer):
+        def put(self, text, steps):
+            seen.append((steps, text))
+
+    gen = Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter()).generate(
+        ids, GenerationConfig(max_new_tokens=25), streamer=Seen())
+    assert [s for steps, _ in seen for s in steps] == gen.trace.steps
     assert "".join(p for _, p in seen) == gen.text
 
 
@@ -241,7 +246,7 @@ def test_acceptance_counts(tiny_model, tiny_tokenizer, draft_model):
     ids = prompt_ids(tiny_tokenizer, REPETITIVE)
     cfg = GenerationConfig(max_new_tokens=40)
     for kind in DRAFTERS:
-        gen = SpeculativeDecoder(tiny_model, tiny_tokenizer, make_drafter(kind, tiny_tokenizer, tiny_model,
+        gen = Decoder(tiny_model, tiny_tokenizer, drafter=make_drafter(kind, tiny_tokenizer, tiny_model,
                                                                           draft_model)).generate(ids, cfg)
         t = gen.timings
         assert 0 <= t["accepted"] <= t["drafted"]
@@ -277,7 +282,7 @@ def test_defended_greedy_equals_plain_defended(tiny_model, tiny_tokenizer, draft
     cfg = GenerationConfig(max_new_tokens=30, top_m=8)
     plain = Decoder(tiny_model, tiny_tokenizer, probe=probe, rule=rule).generate(ids, cfg)
     drafter = make_drafter(kind, tiny_tokenizer, tiny_model, draft_model)
-    gen = SpeculativeDecoder(tiny_model, tiny_tokenizer, drafter, probe=probe, rule=rule).generate(ids, cfg)
+    gen = Decoder(tiny_model, tiny_tokenizer, drafter=drafter, probe=probe, rule=rule).generate(ids, cfg)
     assert plain.trace.replaced > 0, "tau chosen so that the rule intervenes"
     assert gen.token_ids == plain.token_ids
     for got, want in zip(gen.trace.steps, plain.trace.steps, strict=True):
@@ -301,7 +306,7 @@ def test_monitoring_probe_records_the_same_harms(tiny_model, tiny_tokenizer):
     probe = random_probe(tiny_model.config.hidden_size, layer=2)
     cfg = GenerationConfig(max_new_tokens=25)
     plain = Decoder(tiny_model, tiny_tokenizer, probe=probe).generate(ids, cfg)
-    gen = SpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), probe=probe).generate(ids, cfg)
+    gen = Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter(), probe=probe).generate(ids, cfg)
     assert gen.token_ids == plain.token_ids and gen.timings["accepted"] > 0
     assert [s.harm for s in gen.trace.steps] == pytest.approx([s.harm for s in plain.trace.steps], abs=1e-4)
 
@@ -310,17 +315,17 @@ def test_rules_that_replace_harmless_tokens_are_refused(tiny_model, tiny_tokeniz
     probe = random_probe(tiny_model.config.hidden_size, layer=2)
     for rule in (PaperRule(5), WeightedRule(2.0)):
         with pytest.raises(InputError, match="threshold rule only"):
-            SpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), probe=probe, rule=rule)
+            Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter(), probe=probe, rule=rule)
     with pytest.raises(ValueError, match="needs a probe"):
-        SpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), rule=ThresholdRule(0.5))
+        Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter(), rule=ThresholdRule(0.5))
     with pytest.raises(InputError, match="max_draft"):
-        SpeculativeDecoder(tiny_model, tiny_tokenizer, PromptLookupDrafter(), max_draft=-1)
+        Decoder(tiny_model, tiny_tokenizer, drafter=PromptLookupDrafter(), max_draft=-1)
 
 
 def test_defended_sampling_is_seeded_and_stays_in_allowed_set(tiny_model, tiny_tokenizer):
     ids = prompt_ids(tiny_tokenizer, PROMPTS[0])
     probe = random_probe(tiny_model.config.hidden_size, layer=3, seed=1)
-    dec = SpeculativeDecoder(tiny_model, tiny_tokenizer, DraftModelDrafter(tiny_model, tiny_tokenizer, tiny_tokenizer),
+    dec = Decoder(tiny_model, tiny_tokenizer, drafter=DraftModelDrafter(tiny_model, tiny_tokenizer, tiny_tokenizer),
                              probe=probe, rule=ThresholdRule(0.5))
     cfg = GenerationConfig(max_new_tokens=20, temperature=1.0, top_p=0.95, seed=11)
     a, b = dec.generate(ids, cfg), dec.generate(ids, cfg)
@@ -336,7 +341,7 @@ def test_defended_sampling_is_seeded_and_stays_in_allowed_set(tiny_model, tiny_t
 # ---- lossless sampling -----------------------------------------------------------------
 
 def test_target_probs_is_what_own_choice_samples_from():
-    from rootdefense.decoding.loop import own_choice
+    from rootdefense.decoding.sampling import own_choice
 
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0)) * 3
     for temperature, top_p in ((1.0, 1.0), (0.7, 0.8), (1.5, 0.3)):
@@ -409,7 +414,7 @@ def test_speculative_sampling_matches_the_target_distribution(tiny_model, tiny_t
             p2 = target_probs(step_logprobs(tiny_model(input_ids=seq).logits[0, -1], cfg), cfg.top_p)
             table[t1] = int(torch.argsort(p2, descending=True)[rank % 2])  # the best or the second best
             expected.update({(t1, t2): float(p1[t1] * p2[t2]) for t2 in torch.nonzero(p2)[:, 0].tolist()})
-    dec = SpeculativeDecoder(tiny_model, tiny_tokenizer, _TableDrafter(table))
+    dec = Decoder(tiny_model, tiny_tokenizer, drafter=_TableDrafter(table))
     n = 1000
     counts: dict[tuple[int, int], int] = {}
     accepted = 0
@@ -447,7 +452,7 @@ def test_staged_scoring_changes_no_token(tiny_model, tiny_tokenizer, first):
     rule = ThresholdRule(_tau_for(tiny_model, tiny_tokenizer, probe, ids, quantile=0.4))
     cfg = GenerationConfig(max_new_tokens=30, top_m=8)
     plain = Decoder(tiny_model, tiny_tokenizer, probe=probe, rule=rule).generate(ids, cfg)
-    gen = SpeculativeDecoder(tiny_model, tiny_tokenizer, NoDrafter(), probe=probe, rule=rule,
+    gen = Decoder(tiny_model, tiny_tokenizer, drafter=NoDrafter(), probe=probe, rule=rule,
                              first_candidates=first).generate(ids, cfg)
     assert plain.trace.replaced > 0
     assert gen.token_ids == plain.token_ids

@@ -13,7 +13,6 @@ from conftest import make_tiny_model, make_tokenizer, save_tiny_model
 
 from rootdefense.cli import cli
 from rootdefense.decoding import Decoder, GenerationConfig, ThresholdRule
-from rootdefense.drafting import SpeculativeDecoder
 from rootdefense.drafting.head import (
     HeadDrafter,
     HeadSpec,
@@ -95,7 +94,7 @@ def test_head_drafts_change_no_token(trained):
         for rule in (None, ThresholdRule(0.55)):
             drafter = HeadDrafter(lm.model, head)
             try:
-                spec = SpeculativeDecoder(lm.model, lm.tokenizer, drafter, probe=probe, rule=rule,
+                spec = Decoder(lm.model, lm.tokenizer, drafter=drafter, probe=probe, rule=rule,
                                           eos_token_ids=[lm.tokenizer.eos_token_id]).generate(ids, cfg)
             finally:
                 drafter.close()
@@ -132,7 +131,7 @@ def test_cached_head_drafts_what_a_full_recompute_drafts(trained):
     drafter = HeadDrafter(lm.model, head, window=1000, max_k=4)
     try:
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": PROMPTS[0]}])
-        gen = SpeculativeDecoder(lm.model, lm.tokenizer, drafter, max_draft=3).generate(
+        gen = Decoder(lm.model, lm.tokenizer, drafter=drafter, max_draft=3).generate(
             ids, GenerationConfig(max_new_tokens=20))
         assert gen.timings["rounds"] > 3
         context = ids[0].tolist() + gen.token_ids[:-1]  # every token but the last was forwarded
@@ -253,7 +252,9 @@ def test_more_prompts_extend_the_saved_data(tmp_path, rd_home):
 def test_unrolled_training_reads_its_own_predictions(trained):
     """unroll=2: the second pass over a window reads the first pass's predicted features,
     shifted one position (the first position keeps the target's), and both passes count."""
-    from rootdefense.drafting.head import DraftHead, _batch_loss, _decoder, pick_vocab
+    from rootdefense.drafting.head import DraftHead
+    from rootdefense.drafting.head.network import target_decoder
+    from rootdefense.drafting.head.training import _batch_loss, pick_vocab
 
     lm = trained[0]
     rows = reference_data(lm, HeadSpec(answer_tokens=10), [("How do I bake bread?", "Mix flour, water, salt and yeast.")])
@@ -272,7 +273,7 @@ def test_unrolled_training_reads_its_own_predictions(trained):
 
     head.forward = spy
     items = [(rows[0], 0, rows[0]["ids"].shape[0])]
-    args = (lm.model.get_input_embeddings(), _decoder(lm.model).rotary_emb, weight, remap)
+    args = (lm.model.get_input_embeddings(), target_decoder(lm.model).rotary_emb, weight, remap)
     one = _batch_loss(head, items, *args, HeadSpec(unroll=1), lm.device)
     two = _batch_loss(head, items, *args, HeadSpec(unroll=2), lm.device)
     assert len(calls) == 3  # one pass, then two
@@ -294,7 +295,8 @@ def test_tapped_head_reads_extra_layers(trained, tmp_path):
     a tapped head started from an untapped one predicts what that one predicts; while
     decoding, the drafter records exactly the raw features a fresh forward gives; drafting
     stays lossless and its cache agrees with a full recompute; the taps travel with the head."""
-    from rootdefense.drafting.head import DraftHead, _decoder
+    from rootdefense.drafting.head import DraftHead
+    from rootdefense.drafting.head.network import target_decoder
 
     lm, folder, _ = trained
     h, taps = lm.hidden_size, (1, 2)
@@ -307,7 +309,7 @@ def test_tapped_head_reads_extra_layers(trained, tmp_path):
     plain, _ = load_head(folder, lm)
     start = DraftHead(lm.model, plain.vocab_ids, taps=taps)
     start.load_state_dict(plain.state_dict(), strict=False)
-    r, rot, embed = rows[0], _decoder(lm.model).rotary_emb, lm.model.get_input_embeddings()
+    r, rot, embed = rows[0], target_decoder(lm.model).rotary_emb, lm.model.get_input_embeddings()
     n = r["ids"].shape[0] - 1
     emb, pos = embed(r["ids"][1:])[None], torch.arange(n)[None]
     with torch.no_grad():
@@ -327,7 +329,7 @@ def test_tapped_head_reads_extra_layers(trained, tmp_path):
         ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}])
         drafter = HeadDrafter(lm.model, loaded, window=1000, max_k=3)
         try:
-            got = SpeculativeDecoder(lm.model, lm.tokenizer, drafter, probe=probe, rule=ThresholdRule(0.55),
+            got = Decoder(lm.model, lm.tokenizer, drafter=drafter, probe=probe, rule=ThresholdRule(0.55),
                                      eos_token_ids=[lm.tokenizer.eos_token_id]).generate(ids, cfg)
             want = Decoder(lm.model, lm.tokenizer, probe=probe, rule=ThresholdRule(0.55),
                            eos_token_ids=[lm.tokenizer.eos_token_id]).generate(ids, cfg)
@@ -372,13 +374,14 @@ def test_bad_taps_are_refused(trained, tmp_path, rd_home):
 def test_taps_a_model_cannot_hook_are_refused(trained, monkeypatch):
     """Where a tapped layer's output cannot be caught by a hook (the checked mapping of
     decoding.hidden fails), drafting with a tapped head stops with a clear error."""
-    from rootdefense.drafting import head as H
+    from rootdefense.drafting.head import DraftHead
+    from rootdefense.drafting.head import drafter as head_drafter
     from rootdefense.errors import ModelError
 
     lm, folder, _ = trained
     plain, _ = load_head(folder, lm)
-    tapped = H.DraftHead(lm.model, plain.vocab_ids, taps=(1,))
-    monkeypatch.setattr(H, "layer_module", lambda model, layer: None)
+    tapped = DraftHead(lm.model, plain.vocab_ids, taps=(1,))
+    monkeypatch.setattr(head_drafter, "layer_module", lambda model, layer: None)
     with pytest.raises(ModelError, match=r"hidden states \[1\] cannot all be caught by hooks"):
         HeadDrafter(lm.model, tapped)
     drafter = HeadDrafter(lm.model, plain)  # no taps: nothing to catch

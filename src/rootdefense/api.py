@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 
 from . import defaults, paths
+from .correction import Correction, CorrectionSettings
 from .decoding import Decoder, Generation, GenerationConfig, make_rule
-from .decoding.batched import BatchDecoder
-from .decoding.correct import CorrectingDecoder, CorrectionSettings
 from .decoding.rules import RULES
-from .drafting import SpeculativeDecoder, check_drafter_name, make_drafter
-from .drafting.batched import BatchSpeculativeDecoder
-from .drafting.ngram import PromptLookupDrafter
+from .decoding.streamer import Streamer, TextStreamer
+from .drafting import check_drafter_name, make_drafter
 from .errors import InputError, ProbeError
 from .expert.adapter import attach_expert, expert_dir
 from .models import LoadedModel, encode_chat, load_model, normalize_messages
@@ -54,7 +52,6 @@ class DefenseSettings:
     probe: str | None = None  # path; default: the cached probe for the model and rule
     expert: str | None = None  # rds-expert: adapter folder; default: the cached expert for the model
     rollback: str = "answer"  # rds-expert: restart the "answer" or the current "sentence"
-    hold_back: int = 0  # rds-expert: tokens held back from streaming callers
     correction: dict = field(default_factory=dict)  # rds-expert: more CorrectionSettings (window, k, ...)
     drafter: str | None = None  # speculative decoding: none, auto, ngram, model:NAME (None: none)
     max_draft: int = 8  # drafted tokens verified per forward
@@ -69,15 +66,13 @@ class DefenseSettings:
             raise InputError(f"tau must lie strictly between 0 and 1, got {self.tau}")
         if self.rollback not in ("answer", "sentence"):
             raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
-        if self.hold_back < 0:
-            raise InputError(f"hold_back must be >= 0, got {self.hold_back}")
         check_drafter_name(self.drafter)
         if not isinstance(self.max_draft, int) or not 1 <= self.max_draft <= 64:
             raise InputError(f"max_draft must be an integer in 1..64, got {self.max_draft!r}")
         if self.drafter not in (None, "none") and self.defense == "rds" and self.rule != "threshold":
             raise InputError(f"speculative decoding needs the threshold rule (the '{self.rule}' rule may replace "
                              "harmless tokens, so every step needs candidate scoring); use --drafter none")
-        known = {f.name for f in fields(CorrectionSettings)} - {"tau", "rollback", "hold_back"}
+        known = {f.name for f in fields(CorrectionSettings)} - {"tau", "rollback"}
         unknown = sorted(set(self.correction) - known)
         if unknown:
             raise InputError(f"unknown correction setting(s) {', '.join(unknown)}; valid: {', '.join(sorted(known))}")
@@ -154,8 +149,7 @@ class Defender:
                 raise ProbeError("the rds-expert defense needs a probe")
             probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
             probe.to(lm.device)
-            cs = CorrectionSettings(tau=settings.tau, rollback=settings.rollback, hold_back=settings.hold_back,
-                                    **settings.correction)
+            cs = CorrectionSettings(tau=settings.tau, rollback=settings.rollback, **settings.correction)
             if cs.use_expert:
                 self.expert = expert if expert is not None else attach_expert(lm, settings.expert)
             query_probe = None
@@ -163,9 +157,10 @@ class Defender:
                 query_probe = find_probe(lm.model_id, "query")
                 query_probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
                 query_probe.to(lm.device)
-            self.decoder = CorrectingDecoder(lm.model, lm.tokenizer, probe, self.expert, cs,
-                                             eos_token_ids=lm.eos_token_ids, drafter=make_drafter(settings.drafter, lm),
-                                             max_draft=settings.max_draft, query_probe=query_probe)
+            self.correction = Correction(probe, cs, self.expert, query_probe, lm.tokenizer)
+            self.decoder = Decoder(lm.model, lm.tokenizer, probe, eos_token_ids=lm.eos_token_ids,
+                                   drafter=make_drafter(settings.drafter, lm), max_draft=settings.max_draft,
+                                   correction=self.correction)
             return
         if settings.defense == "rds":
             if probe is None:
@@ -175,13 +170,9 @@ class Defender:
         if probe is not None:
             probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
             probe.to(lm.device)
-        drafter = make_drafter(settings.drafter, lm)
-        if drafter is not None:
-            self.decoder = SpeculativeDecoder(lm.model, lm.tokenizer, drafter, probe=probe, rule=self.rule,
-                                              eos_token_ids=lm.eos_token_ids, max_draft=settings.max_draft)
-        else:
-            self.decoder = Decoder(lm.model, lm.tokenizer, probe=probe, rule=self.rule,
-                                   eos_token_ids=lm.eos_token_ids)
+        self.correction = None
+        self.decoder = Decoder(lm.model, lm.tokenizer, probe=probe, rule=self.rule, eos_token_ids=lm.eos_token_ids,
+                               drafter=make_drafter(settings.drafter, lm), max_draft=settings.max_draft)
 
     @classmethod
     def load(cls, model: str = "smollm2-135m", dtype: str = "float32", device: str = "auto",
@@ -209,12 +200,9 @@ class Defender:
     def describe(self) -> dict:
         out = {"model": self.lm.model_id, "defense": self.settings.defense,
                "dtype": str(self.lm.dtype).replace("torch.", ""), "device": str(self.lm.device)}
-        if self.rule is not None:
-            out.update(self.rule.describe())
-        if isinstance(self.decoder, SpeculativeDecoder):
-            out.update(self.decoder.drafter.describe(), max_draft=self.decoder.max_draft)
-        if isinstance(self.decoder, CorrectingDecoder):
-            out.update(self.decoder.describe(), expert=None if self.expert is None else str(self.expert.info.path))
+        out.update(self.decoder.describe())
+        if self.correction is not None:
+            out["expert"] = None if self.expert is None else str(self.expert.info.path)
         if self.probe is not None:
             out["probe"] = {"kind": self.probe.meta.get("kind"), "layer": self.probe.layer,
                             "threshold": round(self.probe.threshold, 4)}
@@ -229,57 +217,45 @@ class Defender:
         return encode_chat(self.lm.tokenizer, msgs, self.lm.max_context, reserve=cfg.max_new_tokens,
                            prefill=prefill)
 
+    def _request_ids(self, prompt, messages, cfg, prefill: str = ""):
+        """Prompt ids and, with a forced opening, where the request ends (else None)."""
+        ids = self.encode(prompt, messages, cfg, prefill=prefill)
+        if not prefill:
+            return ids, None
+        request = self.encode(prompt, messages, cfg)[0]
+        n = min(len(request), ids.shape[1])
+        return ids, next((i for i in range(n) if int(ids[0, i]) != int(request[i])), n)
+
     def generate_batch(self, items: list[str | list[dict]], config: GenerationConfig | None = None) -> list[Generation]:
-        """Answer several prompts (each a string or a message list) in one batch: one forward per step for
-        all of them, each answer equal to :meth:`generate`'s (greedy). With ``rds-expert``
-        the batch is its watch mode; an answer it flags leaves the batch and is answered by
-        the correcting decoder alone (its watched prefix recomputed: flags come early)."""
+        """Answer several prompts (each a string or a message list) in one batch: one forward
+        per step for all of them, each answer equal to :meth:`generate`'s (greedy). Under
+        rds-expert a flagged answer is rolled back and steered inside the batch."""
         cfg = config or GenerationConfig()
         ids = [self.encode(*((x, None) if isinstance(x, str) else (None, x)), cfg) for x in items]
-        watch = None
-        if isinstance(self.decoder, CorrectingDecoder):
-            strict = [self._strict(i) for i in ids]
-            watch = lambda row: self.decoder.watcher(strict[row])
-        out = self._batch_decoder().generate(ids, cfg, watch=watch)
-        # rds-expert: answers the monitor flags (or the loop guard would cut) leave the batch
-        # and are answered by the correcting decoder itself, from the start
-        return [g if g is not None else self.decoder.generate(i, cfg) for g, i in zip(out, ids, strict=True)]
+        return self._batch_decoder().generate_batch(ids, cfg)
 
-    @torch.no_grad()
-    def _strict(self, ids) -> bool:
-        """Whether the gate puts the request ``ids`` (1, T) under the strict monitor."""
-        if self.decoder.settings.gate is None:
-            return False
-        out = self.lm.model(input_ids=ids.to(self.lm.device), output_hidden_states=True, logits_to_keep=1)
-        return self.decoder.gate(out.hidden_states, ids.shape[1] - 1)["strict"]
+    def _batch_decoder(self) -> Decoder:
+        """The decoder for batches: the draft head drafts single streams only, so under
+        ``auto`` a batch drafts by prompt lookup."""
+        d = self.decoder
+        if getattr(d.drafter, "needs_target_features", False) and self.settings.drafter == "auto":
+            from .drafting.ngram import PromptLookupDrafter
 
-    def _batch_decoder(self):
-        """Batched speculation with the defender's drafter (one copy per prompt); the draft
-        head drafts single streams only, so under ``auto`` a batch drafts by prompt lookup."""
-        kwargs = {"probe": self.probe, "rule": self.rule, "eos_token_ids": self.lm.eos_token_ids}
-        drafter = getattr(self.decoder, "drafter", None)
-        if drafter is None:
-            return BatchDecoder(self.lm.model, self.lm.tokenizer, **kwargs)
-        if getattr(drafter, "needs_target_features", False) and self.settings.drafter == "auto":
-            drafter = PromptLookupDrafter()
-        return BatchSpeculativeDecoder(self.lm.model, self.lm.tokenizer, drafter, max_draft=self.settings.max_draft,
-                                       **kwargs)
+            return Decoder(d.model, d.tokenizer, d.probe, d.rule, d.eos_token_ids, drafter=PromptLookupDrafter(),
+                           max_draft=d.max_draft, correction=d.correction)
+        return d
 
     def generate(self, prompt: str | None = None, messages: list | None = None,
-                 config: GenerationConfig | None = None, on_token=None, prefill: str = "",
-                 on_event=None) -> Generation:
+                 config: GenerationConfig | None = None, prefill: str = "", streamer: Streamer | None = None,
+                 on_text=None) -> Generation:
         """Answer ``prompt`` (or ``messages``); with ``prefill`` the answer continues that
         text and the returned text is the continuation only, unless ``rds-expert`` withdrew
         the forced opening (a correction event with ``retracted_prefill``; the trace summary's
-        ``prefill_retracted``): then it is a whole new answer. ``on_event(event)`` (rds-expert)
-        is told about rollbacks, and about corrections of text already sent to ``on_token``."""
+        ``prefill_retracted``): then it is a whole new answer. ``streamer`` (or ``on_text(piece)``)
+        receives the answer's text as it becomes final: nothing it receives is ever withdrawn
+        (see :mod:`rootdefense.decoding.streamer`)."""
         cfg = config or GenerationConfig()
-        ids = self.encode(prompt, messages, cfg, prefill=prefill)
-        if isinstance(self.decoder, CorrectingDecoder):
-            query_len = None
-            if prefill:  # where the request ends and the forced opening begins
-                request = self.encode(prompt, messages, cfg)[0]
-                n = min(len(request), ids.shape[1])
-                query_len = next((i for i in range(n) if int(ids[0, i]) != int(request[i])), n)
-            return self.decoder.generate(ids, cfg, on_token=on_token, on_event=on_event, query_len=query_len)
-        return self.decoder.generate(ids, cfg, on_token=on_token)
+        ids, query_len = self._request_ids(prompt, messages, cfg, prefill)
+        if streamer is None and on_text is not None:
+            streamer = TextStreamer(on_text)
+        return self.decoder.generate(ids, cfg, streamer=streamer, query_len=query_len)

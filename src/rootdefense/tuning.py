@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .data.split import edgy_half, split_of
 from .decoding import GenerationConfig
-from .decoding.correct import CorrectionSettings, DegenerationGuard
+from .correction import CorrectionSettings, DegenerationGuard
 from .defaults import weights_sha256
 from .errors import InputError
 from .paths import expert_dir, probe_dir

@@ -68,18 +68,21 @@ def layer_module(model, layer: int):
     return module
 
 
-def forward_hidden(model, layer: int | None, **kwargs):
-    """``model(**kwargs)`` and its ``hidden_states[layer]`` (None when ``layer`` is None)."""
+def forward_hidden(model, layer: int | None, runner=None, **kwargs):
+    """``model(**kwargs)`` and its ``hidden_states[layer]`` (None when ``layer`` is None).
+    ``runner``: what runs the forward instead of ``model`` itself (a peft wrapper of it
+    with per-row adapters); the layer is still looked up on ``model``."""
+    run = runner or model
     if layer is None:
-        return model(**kwargs), None
+        return run(**kwargs), None
     module = layer_module(model, layer)
     if module is None:
-        out = model(**kwargs, output_hidden_states=True)
+        out = run(**kwargs, output_hidden_states=True)
         return out, out.hidden_states[layer]
     caught: list = []
     handle = _catch(module, caught)
     try:
-        out = model(**kwargs)
+        out = run(**kwargs)
     finally:
         handle.remove()
     return out, caught[-1]

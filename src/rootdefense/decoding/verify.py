@@ -1,11 +1,6 @@
-"""Verification: one target forward over a drafted chain, and the acceptance rule that keeps
-speculative decoding lossless.
-
-The drafters here are deterministic, so the draft distribution q is a point mass on the
-drafted token d. Speculative sampling's acceptance min(1, p(d)/q(d)) is then p(d), and the
-residual max(0, p - q), renormalised, is p with d removed. The token kept at each position
-is thus distributed exactly as p, the distribution the plain decoder samples from.
-"""
+"""A single row's chain forward and cache crop: the primitives a draft model or draft head
+uses on its own cache, and the bench's profile of forward costs. (The engine runs chains of
+every row in one forward; see :mod:`.engine`.)"""
 
 from __future__ import annotations
 
@@ -13,31 +8,7 @@ import torch
 
 from ..errors import ModelError
 from .candidates import StepOutput
-from .config import GenerationConfig
 from .hidden import forward_hidden
-from .loop import own_choice, target_probs
-
-
-def step_logprobs(logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
-    """Next-token log-probabilities with the temperature applied, on the CPU, as the plain
-    decoder computes them."""
-    temp = cfg.temperature if not cfg.greedy else 1.0
-    return torch.log_softmax(logits / temp, dim=-1).cpu()
-
-
-def verified_choice(logprobs: torch.Tensor, draft: int, cfg: GenerationConfig,
-                    rng: torch.Generator | None) -> int:
-    """The model's own token at a drafted position. Greedy: the argmax (the draft survives
-    when it is the argmax). Sampling: the draft with probability p(draft), otherwise a sample
-    from p with the draft removed."""
-    if cfg.greedy:
-        return own_choice(logprobs, cfg, rng)
-    probs = target_probs(logprobs, cfg.top_p)
-    if float(torch.rand(1, generator=rng)) < float(probs[draft]):
-        return draft
-    residual = probs.clone()
-    residual[draft] = 0.0
-    return int(torch.multinomial(residual / residual.sum(), 1, generator=rng).item())
 
 
 @torch.no_grad()

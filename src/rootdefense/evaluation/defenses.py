@@ -19,24 +19,13 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
-from transformers import DynamicCache
-
 from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings, resolve_settings
-from ..decoding import Generation, GenerationConfig, TokenStep, Trace
-from ..decoding.kvcache import new_cache
-from ..decoding.loop import (
-    Detokenizer,
-    decode_timings,
-    end_reason,
-    final_text,
-    own_choice,
-    sampling_rng,
-)
+from ..decoding import Decoder, Generation, GenerationConfig
+from ..decoding.mix import SafeDecodingMix, safedecoding_choice, safedecoding_probs, top_k_intersection
 from ..errors import ExpertError, InputError, ProbeError
 from ..expert.adapter import EXPERT_ADAPTER, SharedExpert, attach_expert, expert_dir
 from ..models import encode_chat, normalize_messages
@@ -219,7 +208,6 @@ class RDSPaperDefense(RDSDefense):
 # --------------------------------------------------------------------------- the expert
 
 
-MIXED_ADAPTERS = ["__base__", EXPERT_ADAPTER]  # row 0: base model, row 1: expert
 EXPERT_CACHE_KEY = "expert"
 
 
@@ -255,46 +243,10 @@ def release_expert(ctx: EvalContext) -> None:
         expert.peft_model.unload()
 
 
-# --------------------------------------------------------------------------- SafeDecoding rule
+# --------------------------------------------------------------------------- SafeDecoding
 
 
-def top_k_intersection(p_base: torch.Tensor, p_expert: torch.Tensor, c: int) -> tuple[torch.Tensor, int]:
-    """Tokens in both top-k sets for the smallest k >= c at which there are at least c of them.
-
-    Equivalent to growing k from c one at a time: a token is in both top-k sets iff its
-    worse rank of the two is below k. Ties in probability rank by token id. Returns the
-    token ids (ascending) and k.
-    """
-    vocab = p_base.shape[0]
-    c = min(c, vocab)
-    positions = torch.arange(vocab, device=p_base.device)
-    worse = torch.zeros(vocab, dtype=torch.long, device=p_base.device)
-    for p in (p_base, p_expert):
-        rank = torch.empty(vocab, dtype=torch.long, device=p_base.device)
-        rank[torch.sort(p, descending=True, stable=True).indices] = positions
-        worse = torch.maximum(worse, rank)
-    k = max(c, int(torch.kthvalue(worse, c).values) + 1)
-    return (worse < k).nonzero().flatten(), k
-
-
-def safedecoding_probs(p_base: torch.Tensor, p_expert: torch.Tensor, pool: torch.Tensor,
-                       alpha: float) -> torch.Tensor | None:
-    """SafeDecoding's distribution over ``pool``: p_base + alpha (p_expert - p_base), negative
-    scores clipped to zero, renormalised. None when no token keeps a positive score."""
-    score = (p_base[pool] + alpha * (p_expert[pool] - p_base[pool])).clamp(min=0.0)
-    total = float(score.sum())
-    return score / total if total > 0 else None
-
-
-def safedecoding_choice(p_base: torch.Tensor, p_expert: torch.Tensor, alpha: float, c: int,
-                        cfg: GenerationConfig, rng: torch.Generator | None) -> tuple[int, int]:
-    """The token SafeDecoding emits (argmax, or a sample with the config's top-p) and the
-    size of the pool it came from. Falls back to the expert's top token."""
-    pool, _ = top_k_intersection(p_base, p_expert, c)
-    probs = safedecoding_probs(p_base, p_expert, pool, alpha)
-    if probs is None:
-        return int(torch.argmax(p_expert)), len(pool)
-    return int(pool[own_choice(probs.log(), cfg, rng)]), len(pool)
+__all__ = ["safedecoding_choice", "safedecoding_probs", "top_k_intersection"]  # SafeDecoding's rule, for tests
 
 
 @dataclass
@@ -309,105 +261,6 @@ class SafeDecodingGeneration(Generation):
         return {**super().to_dict(with_trace), "rule_steps": self.rule_steps}
 
 
-@dataclass
-class _StepState:
-    """Running state of one SafeDecoding generation."""
-
-    detok: Detokenizer
-    trace: Trace = field(default_factory=Trace)
-    generated: list[int] = field(default_factory=list)
-
-
-class SafeDecoder:
-    """Decode one prompt with SafeDecoding over a :class:`SharedExpert`.
-
-    Prefill and the first ``m`` steps run base and expert as two rows of ONE forward (peft
-    mixed adapters). After ``m`` tokens, the expert row is dropped from the KV cache and the
-    base row continues alone, with the adapter switched off. When sampling, both
-    distributions are taken at the config's temperature and the rule's distribution is
-    sampled with its top-p and seed; the base model's own token (``original`` in the trace)
-    is drawn first from the same generator, as the Decoder does.
-    """
-
-    def __init__(self, expert: SharedExpert, tokenizer, eos_token_ids: list[int] | None = None,
-                 m: int = 2, alpha: float = 3.0, c: int = 5):
-        self.expert = expert
-        self.base = expert.peft_model.base_model.model  # the shared model itself
-        self.tokenizer = tokenizer
-        self.eos = set(eos_token_ids or [])
-        self.m, self.alpha, self.c = m, alpha, c
-
-    def _forward(self, ids: torch.Tensor, cache: DynamicCache, mixed: bool) -> torch.Tensor:
-        """Forward ``ids`` (1, T) into ``cache``; last-position logits, (2, V) mixed or (1, V)."""
-        if not mixed:
-            out = self.base(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1].float()
-        with self.expert.active() as model:
-            out = model(input_ids=ids.repeat(2, 1), cache=cache, use_cache=True,
-                        adapter_names=MIXED_ADAPTERS, logits_to_keep=1)
-        return out.logits[:, -1].float()
-
-    def _step(self, step: int, logits: torch.Tensor, cfg: GenerationConfig, rng, state: _StepState) -> int:
-        """Choose and record one token from the current logits."""
-        temp = cfg.temperature if not cfg.greedy else 1.0
-        base_lp = torch.log_softmax(logits[0] / temp, dim=-1).cpu()
-        own = own_choice(base_lp, cfg, rng)
-        token, pool = own, 1
-        if step < self.m:
-            p_expert = torch.softmax(logits[1] / temp, dim=-1).cpu()
-            token, pool = safedecoding_choice(base_lp.exp(), p_expert, self.alpha, self.c, cfg, rng)
-        original = state.detok.piece(own) if token != own else None
-        piece = state.detok.push(token)
-        state.trace.steps.append(TokenStep(
-            token_id=token, token=piece, prob=float(base_lp[token].exp()), harm=None,
-            original_id=own, original=piece if original is None else original,
-            original_prob=float(base_lp[own].exp()), original_harm=None,
-            replaced=token != own, candidates=pool,
-        ))
-        state.generated.append(token)
-        return token
-
-    def _finished(self, token: int, cfg: GenerationConfig, state: _StepState) -> bool:
-        reason = end_reason(token, self.eos, state.detok.text, cfg)
-        if reason:
-            state.trace.finish_reason = reason
-        return reason is not None
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, cfg: GenerationConfig, on_token=None) -> SafeDecodingGeneration:
-        """``input_ids``: (1, T) prompt. ``on_token(step, piece)`` is called per token."""
-        device = next(self.base.parameters()).device
-        input_ids = input_ids.to(device)
-        rng = sampling_rng(cfg)
-        cache = new_cache(self.base)
-        t0 = time.perf_counter()
-        logits = self._forward(input_ids, cache, mixed=self.m > 0)
-        t_prefill = time.perf_counter() - t0
-        state = _StepState(detok=Detokenizer(self.tokenizer))
-        t1 = time.perf_counter()
-        for step in range(cfg.max_new_tokens):
-            token = self._step(step, logits, cfg, rng, state)
-            if on_token is not None:
-                on_token(state.trace.steps[-1], state.trace.steps[-1].token)
-            if self._finished(token, cfg, state) or step + 1 == cfg.max_new_tokens:
-                break
-            mixed = step + 1 < self.m
-            if step + 1 == self.m:  # the rule is done: keep the base row only
-                cache.batch_select_indices(torch.tensor([0], device=device))
-            logits = self._forward(torch.tensor([[token]], device=device), cache, mixed=mixed)
-        elapsed = time.perf_counter() - t1
-        return self._result(state, cfg, int(input_ids.shape[1]), t_prefill, elapsed)
-
-    def _result(self, state: _StepState, cfg: GenerationConfig, prompt_tokens: int,
-                t_prefill: float, elapsed: float) -> SafeDecodingGeneration:
-        n = len(state.generated)
-        return SafeDecodingGeneration(
-            text=final_text(state.detok.text, state.trace, cfg), token_ids=state.generated, trace=state.trace,
-            prompt_tokens=prompt_tokens, timings=decode_timings(t_prefill, elapsed, n),
-            rule_steps=min(self.m, n),
-        )
-
-
 class SafeDecodingDefense(Defense):
     """SafeDecoding over the model's safety-expert LoRA adapter.
 
@@ -420,22 +273,18 @@ class SafeDecodingDefense(Defense):
     description: ClassVar[str] = "SafeDecoding (Xu et al. 2024) over the safety-expert LoRA adapter"
 
     def __init__(self, m: int = 2, alpha: float = 3.0, c: int = 5, expert: str | None = None) -> None:
-        if not isinstance(m, int) or m < 0:
-            raise InputError(f"safedecoding m must be a non-negative integer, got {m!r}")
-        if not isinstance(c, int) or c < 1:
-            raise InputError(f"safedecoding c must be a positive integer, got {c!r}")
-        if not isinstance(alpha, (int, float)) or alpha < 0:
-            raise InputError(f"safedecoding alpha must be a non-negative number, got {alpha!r}")
+        SafeDecodingMix(None, m, alpha, c)  # validates now, before any model is loaded
         self.m, self.alpha, self.c, self.expert_path = m, float(alpha), c, expert
         self._expert: SharedExpert | None = None
 
     def setup(self, ctx: EvalContext) -> None:
         self._expert = shared_expert(ctx, self.expert_path)
 
-    def decoder(self, ctx: EvalContext) -> SafeDecoder:
+    def decoder(self, ctx: EvalContext) -> Decoder:
         if self._expert is None or ctx.cache.get(EXPERT_CACHE_KEY) is not self._expert:
             self.setup(ctx)
-        return SafeDecoder(self._expert, ctx.lm.tokenizer, ctx.lm.eos_token_ids, self.m, self.alpha, self.c)
+        return Decoder(ctx.lm.model, ctx.lm.tokenizer, eos_token_ids=ctx.lm.eos_token_ids,
+                       mix=SafeDecodingMix(self._expert, self.m, self.alpha, self.c))
 
     def generate(self, attacked: AttackedPrompt, cfg: GenerationConfig, ctx: EvalContext) -> Generation:
         decoder = self.decoder(ctx)
@@ -444,7 +293,8 @@ class SafeDecodingDefense(Defense):
             msgs = normalize_messages(None, attacked.messages)
             ids = encode_chat(ctx.lm.tokenizer, msgs, ctx.lm.max_context, reserve=cfg.max_new_tokens,
                               prefill=attacked.prefill)
-            return decoder.generate(ids, cfg)
+            gen = decoder.generate(ids, cfg)
+            return SafeDecodingGeneration(**vars(gen), rule_steps=min(self.m, len(gen.token_ids)))
 
         return _with_total(run)
 
@@ -518,8 +368,8 @@ class RDSExpertDefense(DefenderDefense):
         if self._defender is not None:
             out["correction"] = self._defender.decoder.describe()
             out["settings_source"] = self._settings.source
-            if self._defender.decoder.query_probe is not None:
-                out["query_probe"] = _probe_info(self._defender.decoder.query_probe)
+            if self._defender.correction.query_probe is not None:
+                out["query_probe"] = _probe_info(self._defender.correction.query_probe)
             if self._defender.expert is not None:
                 out["expert"] = expert_identity(self._defender.expert)
         return out

@@ -1,0 +1,185 @@
+"""rds-expert's correction hook: what the engine asks after every token a row commits.
+
+A row starts in **watch** mode: the base model decodes exactly as it would undefended, the
+probe's harm of every token comes out of the same forward, and the row's monitor keeps a
+running statistic. Once the monitor flags the answer, the hook tells the engine to roll the
+row back (to the answer start, or to the current sentence's) and to go on **steering**: the
+row then carries an expert row beside it in the batch, and each position is chosen among
+the expert's and the base model's top tokens by the probe (see :mod:`.steering`). The
+degeneration guard stops loops in either mode.
+
+The hook also says how far back it may still rewind a row (:meth:`Correction.final_len`):
+text before that point can never be withdrawn, so a streamer may send it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..decoding.generation import end_reason
+from ..errors import InputError
+from .guard import DegenerationGuard
+from .monitor import RecoveryMonitor, gate_score
+from .settings import CorrectionSettings
+
+SENTENCE_END = (".", "!", "?", "\n")
+
+
+@dataclass
+class RowCorrection:
+    """One row's correction state."""
+
+    monitor: RecoveryMonitor
+    guard: DegenerationGuard | None
+    steer_tau: float
+    gate: dict | None
+    mode: str = "watch"  # or "steer"
+    steer_from: int = 0  # answer index where steering began
+    rollbacks: int = 0
+
+
+@dataclass
+class Verdict:
+    """What the engine does after a token: ``keep`` not None: the row goes on steering from
+    its first ``keep`` answer tokens (a rollback, or steering in place); ``cut``: keep only
+    that many tokens; ``finish``: the answer ends with that reason; ``retract``: the forced
+    opening of the answer (an assistant prefill) goes too."""
+
+    keep: int | None = None
+    cut: int | None = None
+    finish: str | None = None
+    retract: bool = False
+
+
+class Correction:
+    """Watch, and when the answer turns harmful roll back and steer with the expert.
+
+    ``expert`` is a :class:`rootdefense.expert.SharedExpert` on the same model (switched off
+    except inside forwards that carry expert rows); ``probe`` a response-position probe;
+    ``query_probe`` the gate's (needed when ``settings.gate`` is set)."""
+
+    def __init__(self, probe, settings: CorrectionSettings | None = None, expert=None, query_probe=None,
+                 tokenizer=None):
+        self.settings = settings or CorrectionSettings()
+        self.settings.validate()
+        if self.settings.gate is not None and query_probe is None:
+            raise InputError("a gated monitor (correction setting 'gate') needs a query probe; train one with "
+                             "`rootdefense probe train --kind query` or drop the gate")
+        if self.settings.use_expert and expert is None:
+            raise InputError("steering with the expert (use_expert) needs a loaded expert adapter")
+        self.probe, self.expert, self.query_probe, self.tokenizer = probe, expert, query_probe, tokenizer
+        self.tau = self.settings.tau if self.settings.tau is not None else probe.threshold
+        self.max_cut = self._guard().max_cut()
+
+    @property
+    def twin(self) -> bool:
+        """Whether a steered row carries an expert row beside it."""
+        return self.settings.use_expert
+
+    def _guard(self) -> DegenerationGuard:
+        s = self.settings
+        return DegenerationGuard(s.loop_ngram, s.loop_repeats, s.loop_span, near_window=s.near_window,
+                                 near_share=s.near_share)
+
+    def describe(self) -> dict:
+        return {"rule": "correct", **self.settings.to_dict(), "tau": self.tau}
+
+    # ------------------------------------------------------------------ per row
+
+    def start(self, query_hidden) -> RowCorrection:
+        """A row's state; ``query_hidden``: the hidden state (H,) at the request's last token
+        at the query probe's layer (used when a gate is set)."""
+        s = self.settings
+        gate = None
+        if s.gate is not None:
+            score = gate_score(self.query_probe, query_hidden)
+            gate = {"query_score": round(score, 4), "strict": score >= s.gate}
+        monitor = s.monitor(self.tau, gate is not None and gate["strict"])
+        return RowCorrection(monitor=monitor, guard=self._guard() if s.guard else None,
+                             steer_tau=s.steer_tau if s.steer_tau is not None else monitor.tau, gate=gate)
+
+    def after_token(self, rc: RowCorrection, row, eos: set[int]) -> Verdict:
+        """The verdict after ``row`` committed a token (its last trace step)."""
+        s = self.settings
+        tokens, n = row.tokens, len(row.tokens)
+        steer = None
+        if rc.mode == "watch" and rc.monitor.update(row.trace.steps[-1].harm) and rc.rollbacks < s.max_rollbacks:
+            harms = [round(h, 4) for h in rc.monitor.harms[-rc.monitor.window:]]
+            rc.rollbacks += 1
+            if not s.recover:  # ablation: steer from the flagged token on, keeping what was emitted
+                row.trace.events.append({"type": "steer", "reason": "harm", "at_token": n, "harms": harms})
+                rc.mode, rc.steer_from = "steer", n
+                steer = n
+            else:
+                retract = s.retract_prefill and row.query_len < len(row.prompt)
+                keep = 0 if retract else self.rollback_point(tokens)
+                event = self._rollback_event(tokens, keep, "harm", harms=harms)
+                if retract:  # the forced opening goes too: the expert answers the request afresh
+                    event.update(type="correction", retracted_prefill=True,
+                                 retracted_prefill_text=self._text(row.prompt[row.query_len:]))
+                row.trace.events.append(event)
+                rc.mode, rc.steer_from = "steer", keep
+                return Verdict(keep=keep, retract=retract)
+        reason = end_reason(tokens[-1], eos, row.detok.text, row.cfg)
+        if reason == "eos":
+            return Verdict(keep=steer, finish=reason)
+        cut = self._loop_cut(rc, tokens) if rc.guard is not None else None
+        if cut is not None and rc.mode == "watch" and s.use_expert and rc.rollbacks < s.max_rollbacks:
+            # the undefended answer loops: a failure too; the expert answers instead
+            keep = self.rollback_point(tokens[:cut])
+            row.trace.events.append(self._rollback_event(tokens, keep, "loop"))
+            rc.rollbacks += 1
+            rc.mode, rc.steer_from = "steer", keep
+            return Verdict(keep=keep)
+        if cut is not None:
+            row.trace.events.append({"type": "rollback", "keep_tokens": cut, "dropped_tokens": n - cut,
+                                     "reason": "degeneration", "at_token": n})
+            return Verdict(keep=steer, cut=cut, finish="degenerate")
+        return Verdict(keep=steer, finish=reason)
+
+    def final_len(self, rc: RowCorrection, row) -> int:
+        """How many of the row's answer tokens no later verdict can withdraw."""
+        s, n = self.settings, len(row.tokens)
+        reach = max(0, n - self.max_cut)  # the guard's loop cuts take at most max_cut tokens off the end
+        if rc.mode == "steer":  # a steered tail that loops is cut anywhere after steer_from
+            return min(rc.steer_from, reach) if rc.guard is not None else n
+        bounds = [reach] if rc.guard is not None else []
+        if rc.rollbacks < s.max_rollbacks:
+            if s.recover:
+                retract = s.retract_prefill and row.query_len < len(row.prompt)
+                bounds.append(0 if retract else self.rollback_point(row.tokens))
+            if rc.guard is not None and s.use_expert:
+                bounds.append(self.rollback_point(row.tokens[:reach]))
+        return min(bounds, default=n)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _rollback_event(self, tokens: list[int], keep: int, reason: str, **info) -> dict:
+        return {"type": "rollback", "keep_tokens": keep, "dropped_tokens": len(tokens) - keep, "reason": reason,
+                "at_token": len(tokens), **info, "dropped_text": self._text(tokens[keep:]),
+                "answer_tokens_dropped": len(tokens) - keep}
+
+    def rollback_point(self, tokens: list[int]) -> int:
+        """Answer index to restart from: 0, or just after the last sentence end before the
+        flagged window."""
+        if self.settings.rollback == "answer":
+            return 0
+        for i in range(max(0, len(tokens) - self.settings.window), 0, -1):
+            if self._text(tokens[i - 1:i]).rstrip(" ").endswith(SENTENCE_END):
+                return i
+        return 0
+
+    def _loop_cut(self, rc: RowCorrection, tokens: list[int]) -> int | None:
+        """Where to cut a looping answer (None: not looping). Any answer ending in back-to-back
+        copies keeps the first copy; a steered tail repeating an n-gram keeps what came before
+        the n-gram's second occurrence (the first round of the loop, whole)."""
+        cut = rc.guard.loop_cut(tokens)
+        if cut is not None or rc.mode != "steer" or not rc.guard.looping(tokens[rc.steer_from:]):
+            return cut
+        n = self.settings.loop_ngram
+        gram = tokens[-n:]
+        starts = [i for i in range(rc.steer_from, len(tokens) - n + 1) if tokens[i:i + n] == gram]
+        return starts[1] if len(starts) > 1 else len(tokens)

@@ -1,0 +1,114 @@
+"""The settings of rds-expert's correction, validated once.
+
+They are saved flat (tuned defaults, run records), in three groups: the monitor that flags
+an answer (``tau``, ``window``, ``k``, and the gate's stricter monitor), the rollback and
+steering that correct it (``rollback``, ``max_rollbacks``, ``recover``, ``retract_prefill``,
+``use_expert``, ``expert_top``, ``base_top``, ``steer_tau``, ``steer_first``), and the
+degeneration guard (``guard``, ``min_base_logprob``, ``loop_*``, ``near_*``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from ..errors import InputError
+from .monitor import RecoveryMonitor
+
+@dataclass
+class CorrectionSettings:
+    """Knobs of the correcting decoder (defaults are per-model tuned later and saved with
+    the probe; these are the fallbacks).
+
+    ``tau``: token harm threshold (default: the probe's calibrated one). The monitor flags
+    when at least ``k`` of the last ``window`` emitted tokens score at or above ``tau``.
+    ``rollback``: ``answer`` (restart the answer) or ``sentence`` (restart the sentence).
+    ``expert_top`` / ``base_top``: candidates taken from each model when steering.
+    ``min_base_logprob``: the degeneration guard's floor: a steered token the base model
+    gives a lower log-probability than this is only taken when nothing else passes.
+    ``loop_ngram`` / ``loop_repeats``: a steered tail repeating an n-gram this often stops.
+    ``loop_span``: in any mode, an answer whose tail is ``loop_repeats`` back-to-back copies
+    of one span, covering at least ``loop_span`` tokens, or whose last ``near_window`` tokens
+    are more than ``near_share`` repeated 4-grams (repeated in the window, or from earlier
+    in the answer), is looping (an undefended model that
+    loops is failing too). While watching, the expert then answers instead, from the
+    rollback point (a ``loop`` event); a steered answer that loops is cut to its first copy
+    and ends (a ``degeneration`` event).
+
+    ``gate`` (needs a query probe): a request whose query-probe score is at or above
+    ``gate`` is watched by a stricter monitor (``strict_tau``, ``strict_window``,
+    ``strict_k``; each defaults to the normal one). A request that reads as harmful needs
+    less evidence from the answer; a benign one keeps the normal monitor.
+    ``steer_tau``: the harm a steered candidate must stay below (default: the tau of the
+    monitor that flagged). Flagging looks for runs of harmful tokens, so its best tau can
+    be loose; once an answer is flagged, each steered token is chosen against this one.
+    ``steer_first``: greedy steered steps score this many candidates the base model finds
+    plausible (and its own token) first, and the rest of the pool only when none of them
+    passes the probe; the choice is the same as scoring the whole pool (0: score it whole).
+    ``retract_prefill``: when the answer was forced to open with text (an assistant
+    prefill) and the monitor flags it, the expert answers from the start of the assistant
+    turn, withdrawing the forced opening (an explicit correction event with
+    ``retracted_prefill``); off, it can only restart the continuation after that text.
+    """
+
+    tau: float | None = None
+    window: int = 8
+    k: int = 3
+    rollback: str = "answer"
+    max_rollbacks: int = 1  # 0 (watch only) or 1: steering lasts to the end of the answer
+    expert_top: int = 10
+    base_top: int = 10
+    min_base_logprob: float = -12.0
+    loop_ngram: int = 4
+    loop_repeats: int = 3
+    loop_span: int = 12
+    near_window: int = 64  # near-repeat loop test over the last tokens (0: off)
+    near_share: float = 0.8
+    gate: float | None = None
+    strict_tau: float | None = None
+    strict_window: int | None = None
+    strict_k: int | None = None
+    retract_prefill: bool = True
+    steer_tau: float | None = None
+    steer_first: int = 3  # greedy steering scores this many plausible candidates first (0: the whole pool)
+    # ablation switches: each part can be turned off to measure what it adds
+    use_expert: bool = True  # off: steer with the base model's own candidates only
+    recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
+    guard: bool = True  # off: no plausibility floor, no loop stop
+
+    def validate(self) -> None:
+        if self.tau is not None and not 0 < self.tau < 1:
+            raise InputError(f"tau must lie strictly between 0 and 1, got {self.tau}")
+        if not 1 <= self.k <= self.window:
+            raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
+        if self.rollback not in ("answer", "sentence"):
+            raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
+        for name in ("expert_top", "base_top", "loop_ngram", "loop_repeats", "loop_span"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_rollbacks not in (0, 1):
+            raise InputError(f"max_rollbacks must be 0 or 1 (steering lasts to the end), got {self.max_rollbacks}")
+        if not isinstance(self.steer_first, int) or self.steer_first < 0:
+            raise InputError(f"steer_first must be an integer >= 0 (0: score the whole pool at once), "
+                             f"got {self.steer_first!r}")
+        if self.near_window < 0 or not 0 < self.near_share < 1:
+            raise InputError(f"near_window must be >= 0 and near_share in (0, 1), got {self.near_window}, "
+                             f"{self.near_share}")
+        if self.gate is not None and not 0 <= self.gate < 1:
+            raise InputError(f"gate must lie in [0, 1), got {self.gate}")
+        for name in ("strict_tau", "steer_tau"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise InputError(f"{name} must lie strictly between 0 and 1, got {value}")
+        window, k = self.strict_window or self.window, self.strict_k or self.k
+        if not 1 <= k <= window:
+            raise InputError(f"the strict monitor needs 1 <= strict_k <= strict_window, got k={k}, window={window}")
+
+    def monitor(self, tau: float, strict: bool) -> RecoveryMonitor:
+        """The recovery monitor for a request (``strict``: the gate let it through as harmful)."""
+        if not strict:
+            return RecoveryMonitor(tau, self.window, self.k)
+        return RecoveryMonitor(self.strict_tau if self.strict_tau is not None else tau,
+                               self.strict_window or self.window, self.strict_k or self.k)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
