@@ -3,9 +3,9 @@ no download) gives the same greedy tokens on the GPU as on the CPU, and its harm
 
     PYTHONPATH=src:tests python scripts/cuda_check.py [--out cuda-check.json]
 
-Decoders: plain, RDS (threshold and paper rules), speculative RDS (prompt lookup), batch
-and batched speculative, and the correcting decoder with a LoRA expert (peft mixed-adapter
-batch) flagged at the first token. Exits non-zero on a mismatch. Run on a machine with a
+Every path runs the one engine: plain, RDS (threshold and paper rules), speculative RDS
+(prompt lookup), batches of both, a row joining a running batch, and rds-expert with a LoRA
+expert (peft mixed-adapter rows) flagged at the first token, alone and in a batch. Exits non-zero on a mismatch. Run on a machine with a
 GPU (the project's CI has none).
 """
 
@@ -25,11 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import make_tiny_model, make_tokenizer
 from test_defenses import MODEL_ID, write_expert
 
-from rootdefense.decoding import Decoder, GenerationConfig, make_rule
-from rootdefense.decoding.batched import BatchDecoder
-from rootdefense.decoding.correct import CorrectingDecoder, CorrectionSettings
-from rootdefense.drafting import PromptLookupDrafter, SpeculativeDecoder
-from rootdefense.drafting.batched import BatchSpeculativeDecoder
+from rootdefense.correction import Correction, CorrectionSettings
+from rootdefense.decoding import Decoder, GenerationConfig, Request, make_rule
+from rootdefense.drafting import PromptLookupDrafter
 from rootdefense.expert.adapter import attach_expert
 from rootdefense.models import encode_chat
 from rootdefense.models.loading import LoadedModel
@@ -58,16 +56,24 @@ def run_all(device: str, folder: Path) -> dict:
                              for i in ids])
     record("rds-paper", [Decoder(model, tok, probe=probe, rule=paper, eos_token_ids=eos).generate(i, cfg)
                          for i in ids])
-    record("rds-spec-ngram", [SpeculativeDecoder(model, tok, PromptLookupDrafter(), probe=probe, rule=thr,
-                                                 eos_token_ids=eos).generate(i, cfg) for i in ids])
-    record("rds-batch", BatchDecoder(model, tok, probe=probe, rule=thr, eos_token_ids=eos).generate(ids, cfg))
-    record("rds-spec-batch", BatchSpeculativeDecoder(model, tok, PromptLookupDrafter(), probe=probe, rule=thr,
-                                                     eos_token_ids=eos).generate(ids, cfg))
+    spec = Decoder(model, tok, probe=probe, rule=thr, eos_token_ids=eos, drafter=PromptLookupDrafter())
+    record("rds-spec-ngram", [spec.generate(i, cfg) for i in ids])
+    record("rds-batch", Decoder(model, tok, probe=probe, rule=thr, eos_token_ids=eos).generate_batch(ids, cfg))
+    record("rds-spec-batch", spec.generate_batch(ids, cfg))
+    engine = spec.engine()  # a row joins a running batch three steps in
+    rows = [engine.add(Request(i[0].tolist(), cfg)) for i in ids[:2]]
+    for _ in range(3):
+        engine.step()
+    rows.append(engine.add(Request(ids[2][0].tolist(), cfg)))
+    engine.run()
+    record("rds-spec-joined", [r.result for r in rows])
     lm = LoadedModel(model, tok, MODEL_ID, torch.float32, torch.device(device))
     expert = attach_expert(lm, folder)
-    dec = CorrectingDecoder(model, tok, probe, expert, CorrectionSettings(tau=0.01, k=1, window=1, loop_repeats=99),
-                            eos_token_ids=eos)
+    correction = Correction(probe, CorrectionSettings(tau=0.01, k=1, window=1, loop_repeats=99), expert,
+                            tokenizer=tok)
+    dec = Decoder(model, tok, probe, eos_token_ids=eos, correction=correction)
     record("rds-expert-steered", [dec.generate(i, cfg) for i in ids])
+    record("rds-expert-batch", dec.generate_batch(ids, cfg))
     return out
 
 

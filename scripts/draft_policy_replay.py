@@ -1,4 +1,7 @@
-"""Compare drafting policies without timing noise: decode held-out MT-bench prompts with
+"""Runs against the code before the generation engine (git checkout 05c4a94): it replays
+the single-stream speculative decoder's forwards, which the engine no longer makes one by one.
+
+Compare drafting policies without timing noise: decode held-out MT-bench prompts with
 speculative RDS (threshold rule) under each policy, record the width of every target forward,
 and price the forwards with a cost-by-width curve from a bench profile. The figure per prompt
 is tokens per unit of cost (1.0 = one token per one-token forward, what undefended decoding

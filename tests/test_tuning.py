@@ -18,7 +18,7 @@ from rootdefense import defaults, paths
 from rootdefense.api import resolve_settings
 from rootdefense.cli import cli
 from rootdefense.data.split import edgy_half, split_of
-from rootdefense.decoding.correct import RecoveryMonitor
+from rootdefense.correction import RecoveryMonitor
 from rootdefense.errors import InputError, ProbeError
 from rootdefense.probes.base import LinearProbe
 from rootdefense.tuning import (

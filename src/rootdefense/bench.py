@@ -169,7 +169,7 @@ def _defender_runner(defender):
         gen = defender.decoder.generate(ids, GenerationConfig(max_new_tokens=n))
         t = gen.timings
         # mean accepted length: tokens emitted per target forward (drafted decoders only)
-        return gen.token_ids, ({"accepted_len": t["tokens_per_forward"]} if "tokens_per_forward" in t else {})
+        return gen.token_ids, ({"accepted_len": t["tokens_per_forward"]} if defender.decoder.drafter is not None else {})
 
     return run
 
@@ -179,7 +179,7 @@ def _batch_runner(defender):
 
     def run(items, n):
         gens = defender.generate_batch(items, GenerationConfig(max_new_tokens=n))
-        tpf = [g.timings["tokens_per_forward"] for g in gens if "tokens_per_forward" in g.timings]
+        tpf = [g.timings["tokens_per_forward"] for g in gens] if defender.decoder.drafter is not None else []
         return [g.token_ids for g in gens], ({"accepted_len": statistics.mean(tpf)} if tpf else {})
 
     return run

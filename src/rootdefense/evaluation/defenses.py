@@ -310,7 +310,7 @@ class SafeDecodingDefense(Defense):
 
 class RDSExpertDefense(DefenderDefense):
     """RDS with the safety expert and recovery: watch with the response probe, roll back a
-    flagged answer, steer with base + expert candidates (see decoding/correct.py).
+    flagged answer, steer with base + expert candidates (see correction/).
 
     Settings left unset come from the model's tuned defaults (``preset: tuned``, see
     :mod:`rootdefense.defaults`) or the paper-free fallbacks; what was used is in
