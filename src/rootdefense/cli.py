@@ -207,9 +207,8 @@ def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, 
         raise InputError("give a PROMPT, or --input FILE.jsonl --output FILE.jsonl")
     defender = _defender(o)
     stream = not as_json and sys.stdout.isatty()
-    gen = defender.generate(prompt, config=cfg, on_token=(lambda s, piece: click.echo(piece, nl=False)) if stream else None,
-                            **({"on_event": _echo_correction} if stream and defender.settings.defense == "rds-expert"
-                               else {}))
+    # the stream receives final text only: nothing shown is ever withdrawn
+    gen = defender.generate(prompt, config=cfg, on_text=(lambda piece: click.echo(piece, nl=False)) if stream else None)
     record = {"prompt": prompt, **gen.to_dict(), "settings": defender.describe()}
     if html:
         write_trace_page(html, [{"prompt": prompt, "label": _label(defender), "text": gen.text,
@@ -222,13 +221,6 @@ def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, 
     s = gen.trace.summary()
     click.echo(f"\n[{_label(defender)}] {s['replaced']} of {s['tokens']} tokens replaced; "
                f"{gen.timings['tokens_per_s']} tok/s" + (f"; trace: {html}" if html else ""), err=True)
-
-
-def _echo_correction(event: dict) -> None:
-    """A terminal cannot unprint: say plainly that the text above is withdrawn."""
-    if event["type"] == "correction":
-        click.echo(f"\n[rootdefense: the last {event['retracted_chars']} characters above are withdrawn "
-                   f"({event['reason']}); corrected answer:]\n", nl=False)
 
 
 def _label(defender) -> str:
