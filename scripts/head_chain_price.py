@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from rootdefense.drafting import head as H
+from rootdefense.drafting.head import load_head, load_rows, tap_note, tap_tag
+from rootdefense.drafting.head.network import target_decoder
+from rootdefense.drafting.head.training import chain_marks
 from rootdefense.models import load_model
 from rootdefense.paths import head_dir
 
@@ -31,9 +33,9 @@ MAX_CHAIN = 5
 
 def chains(head, val, lm) -> list[list[bool]]:
     """Per sampled position: whether drafts 1..MAX_CHAIN are still on the target's path."""
-    decoder = H._decoder(lm.model)
+    decoder = target_decoder(lm.model)
     rows = lm.model.get_output_embeddings().weight.detach().float()[head.vocab_ids]
-    return H.chain_marks(head, val, lm.model.get_input_embeddings(), decoder.rotary_emb, rows, lm.device,
+    return chain_marks(head, val, lm.model.get_input_embeddings(), decoder.rotary_emb, rows, lm.device,
                          MAX_CHAIN, stride=3)
 
 
@@ -63,9 +65,9 @@ def main() -> None:
 
     def held_out(taps) -> list[dict]:
         """The saved held-out answers with the features a head of these taps reads."""
-        rows = H.load_rows(folder / f"distill-val-{H.tap_tag(taps)}{args.val}x128.safetensors",
+        rows = load_rows(folder / f"distill-val-{tap_tag(taps)}{args.val}x128.safetensors",
                            {"model_id": lm.model_id, "prompts": args.val, "answer_tokens": 128,
-                            "source": "sharegpt val split, the target's greedy answers" + H.tap_note(taps)})
+                            "source": "sharegpt val split, the target's greedy answers" + tap_note(taps)})
         if rows is None:
             taps_flag = f" --taps {','.join(map(str, taps))}" if taps else ""
             raise SystemExit(f"no saved held-out answers for {args.val} prompts in {folder}: "
@@ -75,7 +77,7 @@ def main() -> None:
     val = held_out(())
     report = {"bench_profile": str(args.bench), "cost": cost, "val_answers": len(val), "heads": {}}
     for d in args.heads:
-        head, meta = H.load_head(d, lm)
+        head, meta = load_head(d, lm)
         rows = held_out(head.taps)
         if [r["ids"].tolist() for r in rows] != [r["ids"].tolist() for r in val]:
             raise SystemExit(f"the held-out answers saved for taps {head.taps} differ from the untapped ones")
