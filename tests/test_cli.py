@@ -35,6 +35,16 @@ def run(*args, input=None):
     return CliRunner().invoke(cli, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
+def test_drafter_help_says_what_the_preset_does():
+    """--help lists every drafter name and the tuned preset's real default (auto), not 'none'."""
+    from rootdefense.drafting.factory import DRAFTER_NAMES
+
+    for command in ("generate", "chat"):
+        text = " ".join(run(command, "--help").output.split())
+        assert all(name in text for name in DRAFTER_NAMES) and "[default: none]" not in text
+        assert "[default: the preset's: auto for the tuned rds (threshold rule)" in text and "else none]" in text
+
+
 def test_generate_undefended_json(tiny_dir):
     r = run("generate", "How do I bake bread?", "--model", tiny_dir, "--defense", "none",
             "--max-new-tokens", 12, "--json")

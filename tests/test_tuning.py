@@ -120,10 +120,14 @@ def test_settings_resolve_from_tuned_defaults_presets_and_flags(rd_home):
     assert s.defense == "rds-expert" and s.tau == 0.8 and s.rollback == "sentence"
     # no expert trained for this model: steer among the base model's own candidates, and say so
     assert s.correction == {"window": 4, "k": 2, "use_expert": False} and "expert not trained" in s.source
+    notes = defaults.fallback_notes(model, s.correction)  # what the CLI prints, from data, not wording
+    assert len(notes) == 1 and notes[0].startswith("expert not trained") and "expert train --model some/model" in notes[0]
+    assert defaults.fallback_notes(model, resolve_settings(model, defense="rds").correction) == []
     (rd_home / "experts" / paths.model_slug(model)).mkdir(parents=True)
     (rd_home / "experts" / paths.model_slug(model) / "adapter_config.json").write_text("{}")
     s = resolve_settings(model, tau=0.5, correction={"k": 3})  # flags win over the tuned file
     assert s.tau == 0.5 and s.correction == {"window": 4, "k": 3, "use_expert": True}
+    assert defaults.fallback_notes(model, s.correction) == []
     # the tuned preset drafts (lossless); an explicit drafter, the paper preset and undefended decoding do not change
     assert s.drafter == "auto" and resolve_settings(model, drafter="none").drafter == "none"
     assert resolve_settings(model, preset="paper").drafter is None
@@ -149,6 +153,7 @@ def test_a_tuned_gate_needs_the_query_probe(rd_home):
     _write_defaults(rd_home, model, **gate)
     s = resolve_settings(model)
     assert "gate" not in s.correction and "query probe not trained, no gate" in s.source
+    assert [n for n in defaults.fallback_notes(model, s.correction) if n.startswith("query probe not trained")]
     folder = rd_home / "probes" / paths.model_slug(model) / "query"
     folder.mkdir(parents=True)
     (folder / "probe.json").write_text("{}")

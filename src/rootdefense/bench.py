@@ -414,3 +414,19 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
                         "torch_threads": torch.get_num_threads(), "linear_calibration_s": round(calibration_s, 2), "device": str(lm.device), "dtype": str(lm.dtype),
                         "torch": torch.__version__},
             "created": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def bench_table(report: dict) -> str:
+    """A plain-text view of :func:`run_bench`'s report for the terminal."""
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [f"{'method':30} {'set':8} {'tok/s':>8} {'ms/tok':>8} {'x generate':>10} {'paired':>7} "
+             f"{'x plain':>8} {'accepted':>9} {'peak MB':>8}"]
+    for r in report["results"]:
+        lines.append(f"{r['method']:30} {r['set']:8} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.1f} "
+                     f"{r['ratio_vs_generate']:10.2f} {fmt(r.get('paired_ratio_vs_generate')):>7} "
+                     f"{fmt(r.get('ratio_vs_plain')):>8} {fmt(r['accepted_len']):>9} {r['peak_rss_mb']:8.0f}")
+    lines += [f"skipped {name}: {why}" for name, why in report["skipped"].items()]
+    return "\n".join(lines)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import click
 
+from .data.split import SPLITS
 from .errors import InputError, RootDefenseError
 
 
@@ -50,6 +50,7 @@ def defense_options(f):
     from .api import DEFENSES
     from .decoding.rules import RULES
     from .defaults import PRESETS
+    from .drafting.factory import DRAFTER_NAMES
 
     f = click.option("--rollback", type=click.Choice(["answer", "sentence"]), default=None,
                      help="rds-expert: where a flagged answer restarts  [default: tuned, else answer]")(f)
@@ -65,8 +66,10 @@ def defense_options(f):
                      help="default: the model's tuned defense (`rootdefense tune`), else rds")(f)
     f = click.option("--max-draft", type=int, default=None, help="drafted tokens verified per forward  [default: 8]")(f)
     f = click.option("--drafter", default=None,
-                     help="speculative decoding: none, auto (head if trained, else ngram), ngram, head[:DIR], "
-                          "model:NAME (same tokenizer)  [default: none]")(f)
+                     help="speculative decoding (the same answers, fewer forwards): " + ", ".join(DRAFTER_NAMES)
+                          + "; auto: prompt lookup, with the draft head behind it when a trained one drafts well "
+                          "enough; lazy: no drafts, candidates scored only where a token is flagged  [default: the "
+                          "preset's: auto for the tuned rds (threshold rule) and rds-expert, else none]")(f)
     f = click.option("--preset", type=click.Choice(list(PRESETS)), default="tuned", show_default=True,
                      help="tuned: the model's measured defaults; paper: the paper's rule and probe")(f)
     return f
@@ -94,12 +97,13 @@ def _config(o):
 
 def _defender(o):
     from .api import Defender
+    from .defaults import fallback_notes
 
     d = Defender.load(o["model"], dtype=o["dtype"], device=o["device"], preset=o["preset"], defense=o["defense"],
                       rule=o["rule"], tau=o["tau"], k=o["k"], lam=o["lam"], probe=o["probe"], expert=o["expert"],
                       rollback=o["rollback"], drafter=o["drafter"], max_draft=o["max_draft"])
-    if "expert not trained" in d.settings.source:
-        click.echo(f"note: {d.settings.source}", err=True)
+    for note in fallback_notes(d.lm.model_id, d.settings.correction):
+        click.echo(f"note: {note}", err=True)
     return d
 
 
@@ -122,52 +126,9 @@ def prepare(model, probes, train_probes, reinstall):
     its shipped defaults were measured with where the package has them, else trained here.
     Probes and an expert that an earlier release installed are replaced by this release's;
     those trained here are kept (`--reinstall` replaces them too)."""
-    from .defaults import (
-        install_shipped_expert,
-        install_shipped_probe,
-        load_defaults,
-        shipped_expert_dir,
-        shipped_probe_dir,
-        superseded,
-    )
-    from .models import load_model
-    from .paths import expert_dir, probe_dir
-    from .probes.train import TrainSpec, train_probe
+    from .install import prepare as install
 
-    if reinstall and train_probes:
-        raise InputError("--reinstall installs the shipped probes and --train-probes trains new ones: choose one")
-    lm = load_model(model)
-    click.echo(f"model ready: {lm.model_id} ({lm.num_layers} layers, hidden {lm.hidden_size})")
-    if not probes:
-        return
-    for kind in ("response", "paper", "query"):  # query: the tuned defaults' gate
-        folder = probe_dir(lm.model_id, kind)
-        update = not train_probes and superseded(lm.model_id, kind, folder)
-        if (folder / "probe.json").exists() and not update and not (reinstall and shipped_probe_dir(lm.model_id, kind)):
-            click.echo(f"probe ready: {folder}")
-            continue
-        if not train_probes and install_shipped_probe(lm.model_id, kind, folder, lm.hidden_size, lm.num_layers):
-            click.echo(f"probe {'updated' if update else 'ready'}: {folder} (shipped with rootdefense: the probe "
-                       "its tuned defaults were measured with" + ("; it replaces an earlier release's)" if update else ")"))
-            continue
-        click.echo(f"training the '{kind}' probe (once) ...")
-        probe, metrics = train_probe(lm, TrainSpec(kind=kind), log=click.echo)
-        probe.save(folder)
-        click.echo(f"probe saved: {folder} (layer {probe.layer}, held-out AUROC {metrics['test_auroc']:.3f})")
-    if reinstall:
-        tuned = load_defaults(lm.model_id)
-        if tuned and not tuned["probe_matches"]:
-            click.echo(f"note: {tuned['source']} was tuned for other probes; delete it to use the shipped defaults")
-    folder = expert_dir(lm.model_id)
-    update = superseded(lm.model_id, "expert", folder)
-    if (folder / "adapter_config.json").exists() and not update and not (reinstall and shipped_expert_dir(lm.model_id)):
-        click.echo(f"expert ready: {folder}")
-    elif install_shipped_expert(lm.model_id, folder, lm.hidden_size):
-        click.echo(f"expert {'updated' if update else 'ready'}: {folder} (shipped with rootdefense: the adapter its "
-                   "correction results were measured with" + ("; it replaces an earlier release's)" if update else ")"))
-    from .evaluation.judging import ensure_harm_judge
-
-    click.echo(f"harm judge ready: {ensure_harm_judge()}")
+    install(model, probes=probes, train_probes=train_probes, reinstall=reinstall, log=click.echo)
 
 
 @cli.command()
@@ -296,7 +257,7 @@ def probe_train(model, kind, out, per_dataset, self_answers, target_fpr, layers,
     spec = TrainSpec(kind=kind, per_dataset=per_dataset, layers=layer_list, target_fpr=target_fpr,
                      self_answers=self_answers)
     lm = load_model(model, dtype=dtype)
-    if layer_list and not all(0 <= l <= lm.num_layers for l in layer_list):
+    if layer_list and not all(0 <= layer <= lm.num_layers for layer in layer_list):
         raise InputError(f"--layers must lie in 0..{lm.num_layers} for this model")
     probe_obj, metrics = train_probe(lm, spec, log=click.echo)
     folder = probe_obj.save(out or probe_dir(lm.model_id, kind))
@@ -344,19 +305,13 @@ def expert():
 def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check):
     """Fit the expert: refusals for harmful prompts, the model's own answers for benign ones."""
     from .expert import ExpertSpec, train_expert
-    from .expert.train import refusal_rates
     from .models import load_model
     from .paths import expert_dir
 
     spec = ExpertSpec(harmful=harmful, benign=benign, epochs=epochs, rank=rank, answer_tokens=answer_tokens)
     lm = load_model(model)
     folder = out or expert_dir(lm.model_id)
-    meta = train_expert(lm, spec, folder, log=click.echo)
-    if check:
-        meta["check"] = refusal_rates(lm, folder)
-        from pathlib import Path
-
-        (Path(folder) / "expert.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+    meta = train_expert(lm, spec, folder, log=click.echo, check=check)
     click.echo(json.dumps({"saved": str(folder), **meta}, indent=2))
 
 
@@ -382,24 +337,14 @@ def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag
 
     The answers' per-token harms go to calibration.jsonl beside defaults.json as they are
     made (an interrupted run resumes); --reuse re-sweeps them with other settings."""
-    from pathlib import Path
-
-    from .defaults import save_defaults
     from .models import load_model
-    from .paths import probe_dir
-    from .tuning import TuneSpec, read_calibration
-    from .tuning import tune as run_tune
+    from .tuning import TuneSpec, tune_and_save
 
     spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)), max_new_tokens=max_new_tokens,
                     max_benign_flag=max_benign_flag, steer_tau=steer_tau)
     lm = load_model(model, dtype=dtype)
-    folder = Path(out or probe_dir(lm.model_id))
-    folder.mkdir(parents=True, exist_ok=True)
-    records = read_calibration(folder / "calibration.jsonl", lm, spec) if reuse else None
-    result = run_tune(lm, spec, log=lambda m: click.echo(m, err=True), records=records,
-                      path=folder / "calibration.jsonl")
-    result["command"] = " ".join(["rootdefense", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] else "rootdefense tune"
-    path = save_defaults(folder, result)
+    command = " ".join(["rootdefense", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] else "rootdefense tune"
+    result, path = tune_and_save(lm, spec, out, reuse=reuse, command=command, log=lambda m: click.echo(m, err=True))
     click.echo(json.dumps(result, indent=2) if as_json else f"defaults saved: {path}")
 
 
@@ -416,7 +361,7 @@ def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object with a 'results' list")
 def bench(model, prompts, max_new_tokens, methods, draft_model, max_draft, threads, batch_size, out, as_json):
     """Tokens/s, ms/token, accepted length and peak RSS of every decoding method, side by side."""
-    from .bench import DEFAULT_METHODS, BenchSpec, run_bench
+    from .bench import DEFAULT_METHODS, BenchSpec, bench_table, run_bench
 
     spec = BenchSpec(model=model, prompts=prompts, max_new_tokens=max_new_tokens,
                      methods=tuple(_csv(methods) or DEFAULT_METHODS), draft_model=draft_model, max_draft=max_draft,
@@ -426,21 +371,7 @@ def bench(model, prompts, max_new_tokens, methods, draft_model, max_draft, threa
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(text + "\n", encoding="utf-8")
-    if as_json:
-        click.echo(text)
-        return
-    click.echo(f"{'method':30} {'set':8} {'tok/s':>8} {'ms/tok':>8} {'x generate':>10} {'paired':>7} "
-               f"{'x plain':>8} {'accepted':>9} {'peak MB':>8}")
-
-    def fmt(v):
-        return "-" if v is None else f"{v:.2f}"
-
-    for r in report["results"]:
-        click.echo(f"{r['method']:30} {r['set']:8} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.1f} "
-                   f"{r['ratio_vs_generate']:10.2f} {fmt(r.get('paired_ratio_vs_generate')):>7} "
-                   f"{fmt(r.get('ratio_vs_plain')):>8} {fmt(r['accepted_len']):>9} {r['peak_rss_mb']:8.0f}")
-    for name, why in report["skipped"].items():
-        click.echo(f"skipped {name}: {why}")
+    click.echo(text if as_json else bench_table(report))
 
 
 @cli.group(cls=Group)
@@ -477,98 +408,24 @@ def draft_train(model, source, prompts, answer_tokens, val_prompts, epochs, lr, 
 
     The data (features and the model's greedy choices) is saved beside the head
     (distill-*.safetensors), so training again with other epochs or learning rate reuses it."""
-    from pathlib import Path
-
-    from .data.loaders import load_dataset
-    from .data.split import split_of
-    from .drafting.head import (
-        HeadSpec,
-        check_taps,
-        distillation_data,
-        head_meta,
-        load_head,
-        reference_data,
-        save_head,
-        tap_note,
-        tap_tag,
-        train_head,
-    )
+    from .drafting.head import HeadSpec, train_from_sharegpt
     from .models import load_model
-    from .paths import head_dir
 
-    if val_prompts < 1:
-        raise InputError("--val-prompts must be positive")
     try:
         tap_list = tuple(int(t) for t in (_csv(taps) or ()))
     except ValueError as exc:
         raise InputError(f"--taps must be comma-separated integers, got {taps!r}") from exc
     spec = HeadSpec(prompts=prompts, answer_tokens=answer_tokens, epochs=epochs, draft_vocab=draft_vocab, lr=lr,
                     schedule=schedule, unroll=unroll, taps=tap_list)
+    if val_prompts < 1:
+        raise InputError("--val-prompts must be positive")
     lm = load_model(model)
-    check_taps(spec.taps, lm.num_layers)
-    tag = tap_tag(spec.taps)
-    note = tap_note(spec.taps)
-    folder = Path(out or head_dir(lm.model_id))
-    init, init_meta = load_head(init_from, lm) if init_from else (None, None)  # checked before any data is made
-    sharegpt = load_dataset("sharegpt")
-    fit = [e for e in sharegpt if split_of(e.prompt) == "fit"][:spec.prompts]
-    t0 = time.perf_counter()
-    if source == "reference":
-        rows, made = _saved_rows(folder, f"ref-{tag}", lm, len(fit), spec.answer_tokens,
-                                 "sharegpt fit split, reference answers, teacher-forced" + note,
-                                 lambda start: reference_data(lm, spec, [(e.prompt, e.answer) for e in fit[start:]]), fresh_data)
-        held = [e.prompt for e in sharegpt if split_of(e.prompt) == "val"][:val_prompts]
-        val_spec = HeadSpec(prompts=len(held), answer_tokens=min(spec.answer_tokens, 128), taps=spec.taps)
-        val, _ = _saved_rows(folder, f"val-{tag}", lm, len(held), val_spec.answer_tokens,
-                             "sharegpt val split, the target's greedy answers" + note,
-                             lambda start: distillation_data(lm, val_spec, held[start:]), fresh_data)
-    else:
-        texts = [e.prompt for e in fit]
-        rows, made = _saved_rows(folder, tag, lm, len(texts), spec.answer_tokens,
-                                 "sharegpt fit split, the target's greedy answers" + note,
-                                 lambda start: distillation_data(lm, spec, texts[start:], log=click.echo), fresh_data)
-        val = None
-    gen_s = round(time.perf_counter() - t0, 1) if made else None
-    head, metrics = train_head(lm, spec, rows, log=click.echo, val=val, init=init)
-    metrics["data_seconds"] = gen_s
-    if init_meta is not None:  # what the starting head was, so the recipe stays traceable
-        metrics["init"] = {"spec": init_meta.get("spec"), "data": init_meta.get("data"), "train": init_meta.get("train")}
-    folder = save_head(head, folder, head_meta(lm, spec, metrics, len(fit), source))
-    click.echo(f"draft head saved: {folder} ({len(fit)} prompts, {metrics['fit_tokens']} answer tokens; "
-               f"data {gen_s if gen_s is not None else 'reused'} s, training {metrics['seconds']} s; held-out "
+    folder, metrics, n = train_from_sharegpt(lm, spec, source, val_prompts=val_prompts, folder=out,
+                                             init_from=init_from, fresh_data=fresh_data, log=click.echo)
+    data_s = metrics["data_seconds"]
+    click.echo(f"draft head saved: {folder} ({n} prompts, {metrics['fit_tokens']} answer tokens; "
+               f"data {data_s if data_s is not None else 'reused'} s, training {metrics['seconds']} s; held-out "
                f"top-1 {metrics['val_top1']:.2f}, mean accepted of 4: {metrics['val_mean_accepted_of_4']})")
-
-
-def _saved_rows(folder, kind: str, lm, prompts: int, answer_tokens: int, source: str, make,
-                fresh: bool = False) -> tuple[list[dict], bool]:
-    """Distillation rows saved in ``folder`` (``distill-{kind}{prompts}x{answer_tokens}``)
-    for the same model, sizes and source, or made (and saved) now; and whether they were made.
-    ``make(start)`` makes the rows of the prompts from index ``start`` on. The prompts are the
-    first ones of a fixed list, so rows saved for fewer prompts are the start of these: the
-    largest such set is extended with the rest instead of being made again."""
-    import re
-
-    from .drafting.head import load_rows, save_rows
-
-    path = folder / f"distill-{kind}{prompts}x{answer_tokens}.safetensors"
-    meta = {"model_id": lm.model_id, "prompts": prompts, "answer_tokens": answer_tokens, "source": source}
-    rows = None if fresh else load_rows(path, meta)
-    if rows is not None:
-        click.echo(f"reusing the saved distillation data: {path}")
-        return rows, False
-    pattern = re.compile(rf"distill-{re.escape(kind)}(\d+)x{answer_tokens}\.safetensors")
-    smaller = sorted(((int(m.group(1)), f) for f in (folder.glob("distill-*.safetensors") if not fresh else [])
-                      if (m := pattern.fullmatch(f.name)) and int(m.group(1)) < prompts), reverse=True)
-    for n, f in smaller:
-        saved = load_rows(f, {**meta, "prompts": n})
-        if saved is not None:
-            click.echo(f"extending the saved distillation data for {n} prompts ({f}) with {prompts - n} more")
-            rows = saved + make(n)
-            break
-    else:
-        rows = make(0)
-    save_rows(rows, path, meta)
-    return rows, True
 
 
 @cli.group(cls=Group)
@@ -588,22 +445,18 @@ def data_list():
 
 @data.command("export")
 @click.argument("names", nargs=-1, required=True)
-@click.option("--split", type=click.Choice(["all", "fit", "val", "test", "edgy-eval"]), default="all",
+@click.option("--split", type=click.Choice(SPLITS), default="all",
               show_default=True, help="test: never trained on by probes; edgy-eval: the held-out edgy half")
 @click.option("--limit", type=int, default=None, help="rows per dataset")
 def data_export(names, split, limit):
     """Print prompts of NAMES as JSONL ({"id", "prompt", "harmful", "source"}) for batch mode."""
     from .data import load_dataset
-    from .data.split import edgy_half, split_of
+    from .data.split import in_split
 
     if limit is not None and limit < 1:
         raise InputError("--limit must be positive")
     for name in names:
-        rows = load_dataset(name)
-        if split == "edgy-eval":
-            rows = [e for e in rows if edgy_half(e.prompt) == "eval"]
-        elif split != "all":
-            rows = [e for e in rows if split_of(e.prompt) == split]
+        rows = [e for e in load_dataset(name) if in_split(e.prompt, split)]
         for e in rows[:limit]:
             click.echo(json.dumps({"id": e.id, "prompt": e.prompt, "harmful": e.harmful, "source": e.source},
                                   ensure_ascii=False))
@@ -693,12 +546,12 @@ def judge():
 @click.option("--force", is_flag=True, help="retrain even if a judge is cached")
 def judge_train(force):
     """Fit the MiniLM harm judge on human-labelled data from installed packages."""
-    from .evaluation.judging import ensure_harm_judge, train_harm_judge
+    from .evaluation.judging import HarmModel, ensure_harm_judge, train_harm_judge
 
     metrics = train_harm_judge() if force else None
     folder = ensure_harm_judge()
     if metrics is None:
-        metrics = json.loads((folder / "judge.json").read_text()).get("metrics", {})
+        metrics = HarmModel.load(folder).meta.get("metrics", {})
     click.echo(json.dumps({"saved": str(folder), "metrics": metrics}, indent=2))
 
 
@@ -710,15 +563,9 @@ def judge_train(force):
 def judge_apply(results, names, out_path):
     """Judge a finished run's answers again (new or retrained judges); nothing is regenerated."""
     from .evaluation import write_outputs
-    from .evaluation.judging import JUDGES
     from .evaluation.rejudge import rejudge
 
-    chosen = _csv(names) or []
-    unknown = [n for n in chosen if n not in JUDGES]
-    if unknown or not chosen:
-        raise InputError(f"unknown judge name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"valid: {', '.join(JUDGES)}")
-    path = rejudge(results, chosen, out_path)
+    path = rejudge(results, _csv(names) or [], out_path)
     _print_summary(write_outputs(path))
 
 

@@ -223,6 +223,24 @@ def _record_superseded(model_id: str, package_dir: Path) -> None:
         path.write_text(json.dumps(history, indent=2) + "\n", encoding="utf-8")
 
 
+def fallback_notes(model_id: str, correction: dict) -> list[str]:
+    """What rds-expert runs without, of the model's tuned defaults, because this home has not
+    trained it: one line per part (the safety expert, the query probe of the gate), with the
+    command that trains it. ``correction``: the correction settings in use (a defender's
+    ``settings.correction``); empty when they are the tuned ones or not tuned at all."""
+    tuned = load_defaults(model_id)
+    if not correction or not tuned or tuned.get("defense") != "rds-expert":
+        return []
+    want, notes = tuned.get("settings", {}), []
+    if want.get("use_expert", True) and correction.get("use_expert", True) is False:
+        notes.append("expert not trained: steering among the base model's candidates (train it with "
+                     f"`rootdefense expert train --model {model_id}`)")
+    if want.get("gate") is not None and correction.get("gate") is None:
+        notes.append("query probe not trained: one monitor for every request, no gate (train it with "
+                     f"`rootdefense probe train --model {model_id} --kind query`)")
+    return notes
+
+
 def load_defaults(model_id: str) -> dict | None:
     """The model's tuned defaults: the file beside its response probe, else the shipped one,
     else None. Adds ``source`` and ``probe_matches`` (False when the response probe, or the

@@ -26,6 +26,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -34,7 +35,7 @@ from .decoding import GenerationConfig
 from .correction import CorrectionSettings, DegenerationGuard
 from .defaults import weights_sha256
 from .errors import InputError
-from .paths import expert_dir, probe_dir
+from .paths import CALIBRATION_FILE, expert_dir, probe_dir
 
 HARMFUL_SOURCES = ("advbench", "harmbench")
 BENIGN_SOURCES = ("mtbench", "sharegpt", "edgy", "sensitive")
@@ -275,8 +276,6 @@ def _spec_key(spec: TuneSpec) -> dict:
 def _resume(path, header: dict, log):
     """(records already in ``path`` when its header matches ``header``, a writer appending
     to it); a file made with other settings or probes is started afresh."""
-    from pathlib import Path
-
     from .jsonl import JsonlWriter, read_objects
 
     if path is None:
@@ -296,8 +295,6 @@ def _resume(path, header: dict, log):
 def read_calibration(path, lm, spec: TuneSpec) -> list[dict]:
     """Records of a finished :func:`collect` run at ``path`` for re-sweeping; refused when
     made for another model, spec or probe, or incomplete."""
-    from pathlib import Path
-
     from .jsonl import read_objects
 
     path = Path(path)
@@ -384,6 +381,23 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
         "spec": {k: v for k, v in asdict(spec).items() if k not in ("taus", "windows")},
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def tune_and_save(lm, spec: TuneSpec, folder=None, reuse: bool = False, command: str = "rootdefense tune",
+                  log=print) -> tuple[dict, Path]:
+    """Tune ``lm`` and save its defaults in ``folder`` (default: beside its response probe,
+    where they are read); returns (the defaults, their file). The calibration answers go
+    beside them as they are made, so an interrupted run resumes; ``reuse``: re-sweep those of
+    a finished run instead of decoding. ``command``: what made them, recorded in the file."""
+    from .defaults import save_defaults
+
+    folder = Path(folder or probe_dir(lm.model_id))
+    folder.mkdir(parents=True, exist_ok=True)
+    calibration = folder / CALIBRATION_FILE
+    records = read_calibration(calibration, lm, spec) if reuse else None
+    result = tune(lm, spec, log=log, records=records, path=calibration)
+    result["command"] = command
+    return result, save_defaults(folder, result)
 
 
 def _none_settings():

@@ -24,6 +24,19 @@ def edgy_half(prompt: str) -> str:
     return "train" if bucket == 0 else "eval"
 
 
+SPLITS = ("all", "fit", "val", "test", "edgy-eval")  # what `rootdefense data export` can select
+
+
+def in_split(prompt: str, split: str) -> bool:
+    """Whether ``prompt`` belongs to ``split`` (one of :data:`SPLITS`; ``edgy-eval``: the
+    benign-but-edgy set's held-out half)."""
+    if split == "all":
+        return True
+    if split == "edgy-eval":
+        return edgy_half(prompt) == "eval"
+    return split_of(prompt) == split
+
+
 def held_out(name: str, limit: int | None = None):
     """Examples of dataset ``name`` that no probe or expert trains on: the test split, or
     for the benign-but-edgy set its eval half. ``limit`` keeps the first ones."""

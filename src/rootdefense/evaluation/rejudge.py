@@ -18,8 +18,12 @@ def rejudge(results: str | Path, judges: list[str], out: str | Path, options: di
     """Write ``out``: ``results`` with the verdicts of ``judges`` recomputed (or added) on
     every answer; the run header and the parts line record the judges as they are now, so
     ``rootdefense eval --resume`` on ``out`` continues with them."""
-    from .judging import make_judge
+    from .judging import JUDGES, make_judge
 
+    unknown = [n for n in judges if n not in JUDGES]
+    if unknown or not judges:
+        raise InputError(f"unknown judge name(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+                         f"valid: {', '.join(JUDGES)}")
     src, dst = Path(results), Path(out)
     if not src.exists():
         raise InputError(f"results file '{src}' does not exist")

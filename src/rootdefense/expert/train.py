@@ -97,7 +97,10 @@ def _encode(lm, row, max_answer: int) -> tuple[list[int], int]:
     return head + ans, len(head)
 
 
-def train_expert(lm, spec: ExpertSpec, out: str | Path, log=print) -> dict:
+def train_expert(lm, spec: ExpertSpec, out: str | Path, log=print, check: bool = False) -> dict:
+    """Fit the expert on ``lm`` and save it in ``out``; returns its metadata. ``check``: then
+    compare the refusal rates of base and expert on held-out prompts (:func:`refusal_rates`),
+    recorded in the metadata."""
     from peft import LoraConfig, get_peft_model
 
     t0 = time.time()
@@ -158,6 +161,9 @@ def train_expert(lm, spec: ExpertSpec, out: str | Path, log=print) -> dict:
     }
     model.unload()  # give the caller its plain model back
     (out / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    if check:
+        meta["check"] = refusal_rates(lm, out)
+        (out / META).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return meta
 
 

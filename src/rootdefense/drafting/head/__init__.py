@@ -12,12 +12,14 @@ from .data import (
     load_rows,
     reference_data,
     save_rows,
+    saved_rows,
     tap_note,
     tap_tag,
 )
 from .drafter import HeadDrafter
 from .network import DraftHead, check_taps, load_head, save_head
-from .training import HeadSpec, head_meta, train_head
+from .training import HeadSpec, head_meta, train_from_sharegpt, train_head
 
 __all__ = ["DraftHead", "HeadDrafter", "HeadSpec", "check_taps", "distillation_data", "head_meta", "load_head",
-           "load_rows", "reference_data", "save_head", "save_rows", "tap_note", "tap_tag", "train_head"]
+           "load_rows", "reference_data", "save_head", "save_rows", "saved_rows", "tap_note", "tap_tag",
+           "train_from_sharegpt", "train_head"]

@@ -10,6 +10,7 @@ position (:func:`reference_data`); or the target decodes its own answers
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -126,3 +127,32 @@ def load_rows(path: str | Path, meta: dict) -> list[dict] | None:
                      "greedy": greedy[start:start + n]})
         start += n
     return rows
+
+
+def saved_rows(folder: str | Path, kind: str, lm, prompts: int, answer_tokens: int, source: str, make,
+               fresh: bool = False, log=print) -> tuple[list[dict], bool]:
+    """Distillation rows saved in ``folder`` (``distill-{kind}{prompts}x{answer_tokens}``)
+    for the same model, sizes and source, or made (and saved) now; and whether they were made.
+    ``make(start)`` makes the rows of the prompts from index ``start`` on. The prompts are the
+    first ones of a fixed list, so rows saved for fewer prompts are the start of these: the
+    largest such set is extended with the rest instead of being made again."""
+    folder = Path(folder)
+    path = folder / f"distill-{kind}{prompts}x{answer_tokens}.safetensors"
+    meta = {"model_id": lm.model_id, "prompts": prompts, "answer_tokens": answer_tokens, "source": source}
+    rows = None if fresh else load_rows(path, meta)
+    if rows is not None:
+        log(f"reusing the saved distillation data: {path}")
+        return rows, False
+    pattern = re.compile(rf"distill-{re.escape(kind)}(\d+)x{answer_tokens}\.safetensors")
+    smaller = sorted(((int(m.group(1)), f) for f in (folder.glob("distill-*.safetensors") if not fresh else [])
+                      if (m := pattern.fullmatch(f.name)) and int(m.group(1)) < prompts), reverse=True)
+    for n, f in smaller:
+        saved = load_rows(f, {**meta, "prompts": n})
+        if saved is not None:
+            log(f"extending the saved distillation data for {n} prompts ({f}) with {prompts - n} more")
+            rows = saved + make(n)
+            break
+    else:
+        rows = make(0)
+    save_rows(rows, path, meta)
+    return rows, True

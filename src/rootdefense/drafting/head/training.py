@@ -7,12 +7,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
 from ...errors import InputError
-from .data import DATA_SOURCES, tap_note
-from .network import DraftHead, target_decoder
+from ...paths import head_dir
+from .data import DATA_SOURCES, distillation_data, reference_data, saved_rows, tap_note, tap_tag
+from .network import DraftHead, check_taps, load_head, save_head, target_decoder
 
 
 @dataclass
@@ -220,3 +222,50 @@ def head_meta(lm, spec: HeadSpec, metrics: dict, n_prompts: int, source: str = "
     return {"model_id": lm.model_id, "hidden_size": lm.hidden_size,
             "vocab_size": int(lm.model.get_output_embeddings().weight.shape[0]), "spec": asdict(spec),
             "data": {"source": DATA_SOURCES[source] + tap_note(spec.taps), "prompts": n_prompts}, "train": metrics}
+
+
+def train_from_sharegpt(lm, spec: HeadSpec, source: str = "reference", val_prompts: int = 24, folder=None,
+                        init_from=None, fresh_data: bool = False, log=print) -> tuple[Path, dict, int]:
+    """``rootdefense draft train``: a head for ``lm`` fitted on ShareGPT's fit split and saved
+    in ``folder`` (default: the model's draft-head cache); returns (folder, metrics, prompts).
+
+    ``source`` "reference": teacher-forced features over the reference answers, with the
+    acceptance measured on the model's own answers to ``val_prompts`` val-split prompts;
+    "self": the model's own answers (slow). The data is saved beside the head and reused (or
+    extended) by a later training unless ``fresh_data``. ``init_from``: a trained head to
+    start from."""
+    from ...data.loaders import load_dataset
+    from ...data.split import split_of
+
+    if val_prompts < 1:
+        raise InputError(f"val_prompts must be positive, got {val_prompts}")
+    check_taps(spec.taps, lm.num_layers)
+    tag, note = tap_tag(spec.taps), tap_note(spec.taps)
+    folder = Path(folder or head_dir(lm.model_id))
+    init, init_meta = load_head(init_from, lm) if init_from else (None, None)  # checked before any data is made
+    sharegpt = load_dataset("sharegpt")
+    fit = [e for e in sharegpt if split_of(e.prompt) == "fit"][:spec.prompts]
+    t0 = time.perf_counter()
+    if source == "reference":
+        rows, made = saved_rows(folder, f"ref-{tag}", lm, len(fit), spec.answer_tokens,
+                                "sharegpt fit split, reference answers, teacher-forced" + note,
+                                lambda start: reference_data(lm, spec, [(e.prompt, e.answer) for e in fit[start:]]),
+                                fresh_data, log)
+        held = [e.prompt for e in sharegpt if split_of(e.prompt) == "val"][:val_prompts]
+        val_spec = HeadSpec(prompts=len(held), answer_tokens=min(spec.answer_tokens, 128), taps=spec.taps)
+        val, _ = saved_rows(folder, f"val-{tag}", lm, len(held), val_spec.answer_tokens,
+                            "sharegpt val split, the target's greedy answers" + note,
+                            lambda start: distillation_data(lm, val_spec, held[start:]), fresh_data, log)
+    elif source == "self":
+        texts = [e.prompt for e in fit]
+        rows, made = saved_rows(folder, tag, lm, len(texts), spec.answer_tokens,
+                                "sharegpt fit split, the target's greedy answers" + note,
+                                lambda start: distillation_data(lm, spec, texts[start:], log=log), fresh_data, log)
+        val = None
+    else:
+        raise InputError(f"draft head data source must be one of {', '.join(DATA_SOURCES)}, got {source!r}")
+    head, metrics = train_head(lm, spec, rows, log=log, val=val, init=init)
+    metrics["data_seconds"] = round(time.perf_counter() - t0, 1) if made else None
+    if init_meta is not None:  # what the starting head was, so the recipe stays traceable
+        metrics["init"] = {"spec": init_meta.get("spec"), "data": init_meta.get("data"), "train": init_meta.get("train")}
+    return save_head(head, folder, head_meta(lm, spec, metrics, len(fit), source)), metrics, len(fit)
