@@ -45,6 +45,22 @@ def test_drafter_help_says_what_the_preset_does():
         assert "[default: the preset's: auto for the tuned rds (threshold rule)" in text and "else none]" in text
 
 
+def test_only_unactionable_warnings_are_silenced():
+    """The command line silences transformers' own deprecation warnings, nothing else."""
+    import warnings
+
+    from rootdefense.quiet import silence_unactionable_warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        silence_unactionable_warnings()
+        for category, module in ((FutureWarning, "transformers.modeling_utils"), (FutureWarning, "rootdefense.api"),
+                                 (UserWarning, "transformers.generation.utils"), (FutureWarning, "transformersx")):
+            warnings.warn_explicit("w", category, "f.py", 1, module=module)
+    assert [(w.category, w.filename) for w in seen] == [(FutureWarning, "f.py"), (UserWarning, "f.py"),
+                                                        (FutureWarning, "f.py")]
+
+
 def test_generate_undefended_json(tiny_dir):
     r = run("generate", "How do I bake bread?", "--model", tiny_dir, "--defense", "none",
             "--max-new-tokens", 12, "--json")

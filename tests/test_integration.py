@@ -114,6 +114,7 @@ def test_cli_demo(smollm, tmp_path):
     r = run("demo", "--max-new-tokens", 6, "--out", tmp_path)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "trace.html").exists() and "trace page" in r.output
+    assert "[20/20] benign 10" in r.output  # not a terminal: a line per answer, no live display
     lines = [json.loads(x) for x in (tmp_path / "demo.jsonl").read_text().splitlines()]
     assert len(lines) == 20 and {x["kind"] for x in lines} == {"harmful", "benign"}
 

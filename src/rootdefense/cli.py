@@ -111,6 +111,9 @@ def _defender(o):
 @click.version_option(package_name="rootdefense")
 def cli():
     """rootdefense: make an open LLM safer while it decodes (Root Defense Strategies)."""
+    from .quiet import silence_unactionable_warnings
+
+    silence_unactionable_warnings()
 
 
 @cli.command()

@@ -6,13 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import Progress
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import paths
 from .api import Defender
 from .data.split import held_out
 from .decoding import GenerationConfig
+from .decoding.streamer import Streamer
 from .jsonl import JsonlWriter
 from .models import load_model
 from .render import write_trace_page
@@ -40,23 +41,33 @@ def run_demo(max_new_tokens: int = 64, out: str | None = None, rule: str | None 
     console = Console()
     out_dir = Path(out) if out else paths.demo_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
-    lm = load_model("smollm2-135m")
-    plain = Defender.load(lm=lm, defense="none")
-    rds = Defender.load(lm=lm, **({"defense": "rds", "rule": rule} if rule else {}))
+    with console.status("loading the model, its probe and the defense ..."):
+        lm = load_model("smollm2-135m")
+        plain = Defender.load(lm=lm, defense="none")
+        rds = Defender.load(lm=lm, **({"defense": "rds", "rule": rule} if rule else {}))
     label = _defended_name(rds)
     console.print(f"defense: {label}; settings from {rds.settings.source}")
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
     prompts = demo_prompts()
     entries, rows = [], []
-    with Progress(console=console, transient=True) as progress, \
+    total = 2 * len(prompts)
+    console.print(f"answering {len(prompts)} prompts twice (undefended, then {label}), up to {max_new_tokens} "
+                  "tokens each" + ("; rds-expert shows an answer's tokens once no rollback can withdraw them"
+                                   if rds.settings.defense == "rds-expert" else ""))
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("answers; {task.fields[tokens]} tokens final"), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress, \
             JsonlWriter(out_dir / "demo.jsonl", append=False) as log:
-        task = progress.add_task("generating", total=2 * len(prompts))
+        task = progress.add_task("generating", total=total, tokens=0)
         for i, (kind, prompt) in enumerate(prompts):
             pair = []
             for name, d in (("undefended", plain), (label, rds)):
-                progress.update(task, description=f"{kind} {i + 1}/{len(prompts)}: {name}")
-                gen = d.generate(prompt, config=cfg)
+                progress.update(task, description=f"{kind} {i + 1}/{len(prompts)}: {name}", tokens=0)
+                gen = d.generate(prompt, config=cfg, streamer=_TokenCount(progress, task))
                 pair.append(gen)
+                if not console.is_terminal:  # no live display: one line per answer instead
+                    console.print(f"[{len(entries) + 1}/{total}] {kind} {i + 1}: {name}: {len(gen.token_ids)} "
+                                  f"tokens, {gen.timings['tokens_per_s']} tok/s")
                 rec = {"kind": kind, "prompt": prompt, "defense": name, **gen.to_dict(), "settings": d.describe()}
                 log.write(rec)
                 meta = {"tok/s": gen.timings["tokens_per_s"]}
@@ -82,6 +93,18 @@ def run_demo(max_new_tokens: int = 64, out: str | None = None, rule: str | None 
     console.print(f"answers (JSONL): {out_dir / 'demo.jsonl'}")
     console.print(f"trace page: {page}")
     return page
+
+
+class _TokenCount(Streamer):
+    """Shows how many tokens of the answer being decoded are final. rds-expert holds a
+    watched answer until no rollback can withdraw it, so its count moves in larger steps."""
+
+    def __init__(self, progress: Progress, task):
+        self.progress, self.task, self.tokens = progress, task, 0
+
+    def put(self, text: str, steps: list) -> None:
+        self.tokens += len(steps)
+        self.progress.update(self.task, tokens=self.tokens)
 
 
 def _what_changed(gen) -> str:
