@@ -12,15 +12,12 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from .network import check_taps
-
-if TYPE_CHECKING:
-    from .training import HeadSpec
+from .spec import HeadSpec
 
 DATA_SOURCES = {"self": "sharegpt (fit split) prompts, the target's own greedy answers",
                 "reference": "sharegpt (fit split) prompts and reference answers, teacher-forced through the target; "
