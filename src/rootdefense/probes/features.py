@@ -39,7 +39,7 @@ def _batched_hidden(lm, sequences: list[list[int]], select, layers: list[int], b
             for r, i in enumerate(idx):
                 offset = width - len(sequences[i])
                 keep = torch.tensor(select(i, len(sequences[i])), device=lm.device) + offset
-                results[i] = torch.stack([out.hidden_states[l][r, keep] for l in layers], dim=1).float().cpu()
+                results[i] = torch.stack([out.hidden_states[layer][r, keep] for layer in layers], dim=1).float().cpu()
             bar.update(len(idx))
     return results  # type: ignore[return-value]
 
