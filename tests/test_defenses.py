@@ -25,9 +25,9 @@ from rootdefense.evaluation.defenses import (
     safedecoding_choice,
     top_k_intersection,
 )
-from rootdefense.paths import expert_dir
 from rootdefense.models import encode_chat, normalize_messages
 from rootdefense.models.loading import LoadedModel
+from rootdefense.paths import expert_dir
 from rootdefense.probes.base import LinearProbe
 
 MODEL_SEED = 5

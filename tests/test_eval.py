@@ -17,8 +17,8 @@ from rootdefense import paths
 from rootdefense.cli import cli
 from rootdefense.errors import InputError
 from rootdefense.evaluation import EvalConfig, run_eval, write_outputs
-from rootdefense.jsonl import read_objects
 from rootdefense.evaluation.summary import summarize
+from rootdefense.jsonl import read_objects
 from rootdefense.probes.base import LinearProbe
 from rootdefense.stats import wilson
 

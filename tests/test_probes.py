@@ -13,8 +13,8 @@ from rootdefense.errors import InputError, ProbeError
 from rootdefense.models.loading import LoadedModel
 from rootdefense.probes.base import LinearProbe
 from rootdefense.probes.fit import fit_affine
-from rootdefense.stats import threshold_at_fpr
 from rootdefense.probes.train import TrainSpec, train_probe
+from rootdefense.stats import threshold_at_fpr
 
 
 def _data(seed=0, n=300, d=20):

@@ -17,8 +17,8 @@ from conftest import (
 from rootdefense import defaults, paths
 from rootdefense.api import resolve_settings
 from rootdefense.cli import cli
-from rootdefense.data.split import edgy_half, split_of
 from rootdefense.correction import RecoveryMonitor
+from rootdefense.data.split import edgy_half, split_of
 from rootdefense.errors import InputError, ProbeError
 from rootdefense.probes.base import LinearProbe
 from rootdefense.tuning import (
@@ -339,8 +339,8 @@ def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, r
     lacks; `--train-probes` trains every missing probe here instead."""
     import rootdefense.probes.train as probe_train
     from rootdefense.evaluation import judging
-    from rootdefense.paths import expert_dir
     from rootdefense.models import load_model
+    from rootdefense.paths import expert_dir
 
     lm = load_model(tiny_dir)
     shipped = {}

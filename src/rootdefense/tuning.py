@@ -30,9 +30,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .correction import CorrectionSettings, DegenerationGuard
 from .data.split import edgy_half, split_of
 from .decoding import GenerationConfig
-from .correction import CorrectionSettings, DegenerationGuard
 from .defaults import weights_sha256
 from .errors import InputError
 from .paths import CALIBRATION_FILE, expert_dir, probe_dir

@@ -8,8 +8,8 @@ import numpy as np
 
 from ..data import load_answer_pairs
 from ..data.split import held_out, split_of
-from .features import query_features, response_features, self_answers
 from ..stats import auroc, rate
+from .features import query_features, response_features, self_answers
 from .train import BENIGN_SETS, EDGY, HARMFUL_SETS
 
 

@@ -25,9 +25,9 @@ import torch
 from ..data import load_answer_pairs, load_dataset, refusal_for
 from ..data.split import edgy_half, split_of
 from ..errors import InputError
+from ..stats import auroc, rate, threshold_at_fpr
 from .base import KINDS, LinearProbe
 from .features import query_features, response_features, self_answers
-from ..stats import auroc, rate, threshold_at_fpr
 from .fit import fit_affine, scores
 
 # manyshot is HarmBench with answers (same prompts): used only as answer pairs

@@ -13,7 +13,14 @@ import torch
 
 from ...errors import InputError
 from ...paths import head_dir
-from .data import DATA_SOURCES, distillation_data, reference_data, saved_rows, tap_note, tap_tag
+from .data import (
+    DATA_SOURCES,
+    distillation_data,
+    reference_data,
+    saved_rows,
+    tap_note,
+    tap_tag,
+)
 from .network import DraftHead, check_taps, load_head, save_head, target_decoder
 from .spec import HeadSpec
 
