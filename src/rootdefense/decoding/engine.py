@@ -180,6 +180,7 @@ class Engine:
         else:
             self._leave([row])
         self._finish(row, "cancelled")
+        self._conclude(row)
 
     @property
     def busy(self) -> bool:
@@ -326,6 +327,8 @@ class Engine:
         self.next_pos = self.next_pos + kept.sum(-1)
         # rows that finished leave; rows correction rewound leave and join again, steered
         finished = [r for r in self.live if r.done]
+        for r in finished:
+            self._conclude(r)
         rewound = [r for r in self.live if r.rewind is not None and not r.done]
         if finished or rewound:
             self._leave(finished + rewound)
@@ -481,9 +484,13 @@ class Engine:
     def _finish(self, r: Row, reason: str) -> None:
         r.done = True
         r.trace.finish_reason = reason
+
+    def _conclude(self, r: Row) -> None:
+        """A finished row's result (once its step's statistics are counted), to its streamer."""
         if r.corr is not None:
             r.trace.gate = r.corr.gate
         elapsed = time.perf_counter() - r.t_join - r.t_prefill
+        reason = r.trace.finish_reason
         timings = decode_timings(r.t_prefill, elapsed, len(r.tokens))
         timings.update(r.stats, mean_accepted=round(r.stats["accepted"] / max(r.stats["rounds"], 1), 3),
                        tokens_per_forward=round(len(r.tokens) / max(r.stats["forwards"], 1), 3))
