@@ -9,29 +9,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from pathlib import Path
-
-import torch
-
-from . import defaults, paths
+from . import defaults
 from .correction import Correction, CorrectionSettings
 from .decoding import Decoder, Generation, GenerationConfig, make_rule
 from .decoding.rules import RULES
 from .decoding.streamer import Streamer, TextStreamer
 from .drafting import check_drafter_name, make_drafter
 from .errors import InputError, ProbeError
-from .expert.adapter import attach_expert, expert_dir
+from .expert.adapter import attach_expert
 from .models import LoadedModel, encode_chat, load_model, normalize_messages
+from .paths import expert_dir, probe_dir
 from .probes.base import LinearProbe
 
 DEFENSES = ("none", "rds", "rds-expert")  # rds-expert: RDS + safety expert + recovery
 # which probe kind each rule reads by default: the paper's rule with the paper's probe;
 # the others with the answer-position probe, trained where candidates are scored
 DEFAULT_PROBE_KIND = {"paper": "paper", "threshold": "response", "weighted": "response"}
-
-
-def probe_dir(model_id: str, kind: str) -> Path:
-    return paths.home() / "probes" / paths.model_slug(model_id) / kind
 
 
 def find_probe(model_id: str, kind: str) -> LinearProbe:

@@ -44,7 +44,7 @@ from .generation import Detokenizer, Generation, decode_timings, emit, end_reaso
 from .hidden import forward_hidden
 from .kvcache import new_cache
 from .mix import SafeDecodingMix
-from .pools import BATCH_STAGES, FIRST_CANDIDATES, PoolPlan, check_pool_settings, rule_plan
+from .pools import BATCH_STAGES, FIRST_CANDIDATES, PoolPlan, rule_plan
 from .rules import Rule, ThresholdRule
 from .sampling import own_choice, sampling_rng, step_logprobs, verified_choice
 from .streamer import Streamer, stop_overlap

@@ -27,7 +27,8 @@ from ..api import DEFAULT_PROBE_KIND, Defender, DefenseSettings, resolve_setting
 from ..decoding import Decoder, Generation, GenerationConfig
 from ..decoding.mix import SafeDecodingMix, safedecoding_choice, safedecoding_probs, top_k_intersection
 from ..errors import ExpertError, InputError, ProbeError
-from ..expert.adapter import EXPERT_ADAPTER, SharedExpert, attach_expert, expert_dir
+from ..expert.adapter import SharedExpert, attach_expert
+from ..paths import expert_dir
 from ..models import encode_chat, normalize_messages
 from ..probes.base import LinearProbe
 from .base import AttackedPrompt, Defense, EvalContext
