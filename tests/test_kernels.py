@@ -47,10 +47,17 @@ def test_installed_model_decodes_the_same_greedy_tokens(model, tiny_tokenizer):
         ref_logits = model(input_ids=ids).logits
         n = kernels.install(model, "transposed")
         assert n == sum(type(m) is nn.Linear for m in model.modules()) and n > 0
-        got_logits = model(input_ids=ids).logits
+        calls = []
+        real = kernels._transposed
+        kernels._transposed = lambda w, x: calls.append(x.shape[0]) or real(w, x)
+        try:
+            got_logits = model(input_ids=ids).logits
+        finally:
+            kernels._transposed = real
         got = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=10,
                              pad_token_id=0)
-    assert not torch.equal(got_logits, ref_logits)  # the other product really ran ...
+    # the other product really ran (on some processors it rounds exactly as F.linear does) ...
+    assert len(calls) == n
     torch.testing.assert_close(got_logits, ref_logits, atol=1e-5, rtol=1e-4)  # ... to the same values
     assert got.tolist() == ref.tolist()
 
