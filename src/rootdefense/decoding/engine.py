@@ -80,7 +80,6 @@ class Row:
     def __init__(self, rid: int, request: Request, tokenizer, drafter, filler):
         self.id, self.request = rid, request
         self.prompt = list(request.prompt)
-        self.prompt_tokens = len(self.prompt)
         self.query_len = request.query_len or len(self.prompt)
         self.cfg, self.streamer = request.config, request.streamer
         self.rng = sampling_rng(self.cfg)
@@ -99,7 +98,7 @@ class Row:
         self.draft_len, self.filled = 0, False
         self.corr = None  # rds-expert: the row's correction state
         self.rewind: tuple[int, bool] | None = None  # rds-expert: (keep, retract prefill), applied after the step
-        self.done, self.cancelled = False, False
+        self.done = False
         self.result: Generation | None = None
         self.released, self.released_steps = "", 0  # what the streamer has received
         self.t_join, self.t_prefill = time.perf_counter(), 0.0
@@ -160,7 +159,7 @@ class Engine:
                 drafter = self.drafter
             drafter.reset()
         filler = None
-        if self.fill and self.drafter is not None and self.rule is not None:
+        if self.fill and self.drafter is not None:
             from ..drafting.ngram import PromptLookupDrafter  # the drafters build on the engine's primitives
 
             filler = PromptLookupDrafter(adaptive=False, max_k=MAX_FILL)
@@ -174,7 +173,6 @@ class Engine:
         """Stop ``row`` now: it leaves the batch (its cache rows are freed) before the next step."""
         if row.done:
             return
-        row.cancelled = True
         if row in self.pending:
             self.pending.remove(row)
         else:
