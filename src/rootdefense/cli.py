@@ -572,6 +572,48 @@ def judge_apply(results, names, out_path):
     _print_summary(write_outputs(path))
 
 
+@cli.command()
+@model_options
+@defense_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on (loopback by default)")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key-env", default=None, metavar="VAR",
+              help="require the API key held in this environment variable (Authorization: Bearer KEY)")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=16, show_default=True,
+              help="requests decoded together")
+@click.option("--max-queue", type=click.IntRange(0, 100000), default=64, show_default=True,
+              help="requests waiting for a batch slot; beyond it: 429")
+@click.option("--max-body", type=click.IntRange(1), default=1_000_000, show_default=True,
+              help="largest request body in bytes; beyond it: 413")
+@click.option("--request-timeout", type=click.FloatRange(min=0.1), default=300.0, show_default=True,
+              help="seconds a request may take; then its answer ends (finish_reason length)")
+@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(1), default=256, show_default=True,
+              help="new tokens for a request that names none")
+@click.option("--allow-undefended", is_flag=True,
+              help="let requests turn the defense off or weaken it (rootdefense: {defense: none})")
+@click.option("--log-prompts", is_flag=True, help="log prompts and answers (off: ids, sizes and timings only)")
+@click.option("--ray", "use_ray", is_flag=True, help="deploy on Ray Serve (a local instance unless RAY_ADDRESS)")
+@click.option("--replicas", type=click.IntRange(1), default=1, show_default=True, help="--ray: model replicas")
+def serve(host, port, api_key_env, max_batch, max_queue, max_body, request_timeout, default_max_tokens,
+          allow_undefended, log_prompts, use_ray, replicas, **o):
+    """Serve the defended model over the OpenAI API (chat, completions, streams), with
+    /health, /metrics and a playground page at /."""
+    from .serving import ServeOptions
+    from .serving.run import api_key_from_env, serve as run_server
+
+    if replicas > 1 and not use_ray:
+        raise click.UsageError("--replicas needs --ray (one process serves one model worker)")
+    options = ServeOptions(api_key=api_key_from_env(api_key_env), max_batch=max_batch, max_queue=max_queue,
+                           max_body=max_body, request_timeout=request_timeout, allow_undefended=allow_undefended,
+                           log_prompts=log_prompts, default_max_tokens=default_max_tokens)
+    if use_ray:
+        from .serving.ray_serve import serve_on_ray
+
+        serve_on_ray(o, options, host, port, replicas)
+        return
+    run_server(lambda: _defender(o), options, host, port)
+
+
 def main():
     cli(prog_name="rootdefense")
 

@@ -500,10 +500,10 @@ class Engine:
         """Hand the streamer the text no later step can withdraw."""
         if r.streamer is None:
             return
-        if r.done:
+        if r.done and r.trace.finish_reason != "cancelled":
             text, n = r.result.text, len(r.tokens)
-        else:
-            n = len(r.tokens) if self.correction is None else self.correction.final_len(r.corr, r)
+        else:  # a cancelled row's streamer gets only what was final when it stopped
+            n = len(r.tokens) if self.correction is None or r.corr is None else self.correction.final_len(r.corr, r)
             text = r.detok.text if n == len(r.tokens) else \
                 self.tokenizer.decode(r.tokens[:n], skip_special_tokens=True).rstrip("\ufffd")
             text = text[:len(text) - stop_overlap(text, r.cfg.stop)]

@@ -1,0 +1,45 @@
+"""Start the server: uvicorn on one process (the default), or Ray Serve replicas."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from ..errors import InputError
+from .app import ServeOptions, create_app
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+GRACE_SECONDS = 30  # SIGTERM: in-flight answers get this long to finish, then are cancelled
+
+
+def api_key_from_env(var: str | None) -> str | None:
+    if var is None:
+        return None
+    key = os.environ.get(var)
+    if not key:
+        raise InputError(f"--api-key-env {var}: the environment variable {var} is not set or empty")
+    return key
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    if host not in LOOPBACK and not api_key:
+        return (f"warning: serving on {host} without an API key: anyone who can reach this port can use the model; "
+                "set one with --api-key-env VAR")
+    return None
+
+
+def serve(load: Callable, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run until SIGINT/SIGTERM: stop taking connections, let in-flight answers finish
+    (up to ``GRACE_SECONDS``), stop the model worker, return (exit status 0)."""
+    import uvicorn
+
+    warning = exposure_warning(host, options.api_key)
+    if warning:
+        print(warning, file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    app = create_app(load, options)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACE_SECONDS,
+                            access_log=True)
+    uvicorn.Server(config).run()
