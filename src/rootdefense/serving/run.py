@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -42,4 +43,8 @@ def serve(load: Callable, options: ServeOptions, host: str = "127.0.0.1", port: 
     app = create_app(load, options)
     config = uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=GRACE_SECONDS,
                             access_log=True)
+    # uvicorn handles SIGINT/SIGTERM (graceful shutdown) and then raises the signal again for
+    # the handler it found: a no-op one, so that a requested stop exits with status 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run()
