@@ -17,9 +17,18 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
+from conftest import make_tiny_model
 from serving import TINY, LiveServer, free_port, stream_text, tiny_defender
+from test_correct import LATE_PROMPTS, late_flag
+from test_defenses import MODEL_ID, MODEL_SEED, write_expert
 
-from rootdefense.decoding import GenerationConfig
+from rootdefense.api import DefenseSettings, Defender
+from rootdefense.decoding import Decoder, GenerationConfig
+from rootdefense.expert.adapter import attach_expert
+from rootdefense.models import encode_chat
+from rootdefense.models.loading import LoadedModel
+from rootdefense.probes.base import LinearProbe
 from rootdefense.serving import ServeOptions
 from rootdefense.serving.run import exposure_warning
 
@@ -96,8 +105,6 @@ def test_chat_and_completions_answer_as_the_library(server, defender):
     assert any(c.chat.completions.create(model=TINY, messages=ask(t), max_tokens=24).model_extra["rootdefense"]
                ["replaced"] for t in PROMPTS), "the threshold rule replaced tokens in some answer"
     ids = defender.lm.tokenizer("The quick brown", add_special_tokens=False)["input_ids"]
-    import torch
-
     want = defender.decoder.generate(torch.tensor([ids]), GenerationConfig(max_new_tokens=12))
     r = c.completions.create(model=TINY, prompt="The quick brown", max_tokens=12)
     assert r.choices[0].text == want.text and r.object == "text_completion" and r.usage.completion_tokens == 12
@@ -232,8 +239,6 @@ def test_an_operator_may_allow_undefended_answers(defender):
         plain = defender.decoder.generate(defender.encode(messages=ask(PROMPTS[0])), GenerationConfig(max_new_tokens=20))
         rd = r.model_extra["rootdefense"]
         assert rd["defense"] == "none" and rd["replaced"] == 0
-        from rootdefense.decoding import Decoder
-
         undefended = Decoder(defender.lm.model, defender.lm.tokenizer, eos_token_ids=defender.lm.eos_token_ids)
         want = undefended.generate(defender.encode(messages=ask(PROMPTS[0])), GenerationConfig(max_new_tokens=20))
         assert r.choices[0].message.content == want.text
@@ -426,3 +431,28 @@ def test_sigterm_lets_a_running_stream_finish_and_exits_0(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("rollback", ["answer", "sentence"])
+def test_a_rolled_back_answer_streams_only_what_it_keeps(tiny_tokenizer, tmp_path, rollback):
+    """rds-expert flags the answer late and rolls it back: the stream never carried the
+    dropped text (its deltas add up to the non-streamed answer, byte for byte)."""
+    lm = LoadedModel(make_tiny_model(tiny_tokenizer, seed=MODEL_SEED), tiny_tokenizer, MODEL_ID, torch.float32,
+                     torch.device("cpu"))
+    expert = attach_expert(lm, write_expert(tiny_tokenizer, tmp_path / "expert"))
+    g = torch.Generator().manual_seed(11)
+    probe = LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                        meta={"model_id": MODEL_ID, "kind": "response"})
+    ids, tau, _ = late_flag(lm, expert, probe)
+    prompt = next(p for p in LATE_PROMPTS if encode_chat(lm.tokenizer, ask(p)).tolist() == ids.tolist())
+    d = Defender(lm, probe, DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback,
+                                            correction={"k": 1, "window": 1}), expert=expert)
+    with LiveServer(lambda: d) as srv:
+        c = srv.client()
+        whole = c.chat.completions.create(model=MODEL_ID, messages=ask(prompt), max_tokens=16)
+        assert whole.model_extra["rootdefense"]["rollbacks"] == 1
+        text, chunks = stream_text(c, model=MODEL_ID, messages=ask(prompt), max_tokens=16)
+        assert text.encode() == whole.choices[0].message.content.encode()
+        end = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][0]
+        assert end.model_extra["rootdefense"]["rollbacks"] == 1
+        assert srv.metric("rootdefense_rollbacks_total") == 2
