@@ -614,6 +614,35 @@ def serve(host, port, api_key_env, max_batch, max_queue, max_body, request_timeo
     run_server(lambda: _defender(o), options, host, port)
 
 
+@cli.command()
+@click.option("--url", required=True, help="the server's base URL; loopback only (127.0.0.1, localhost, ::1)")
+@click.option("--requests", "n_requests", type=click.IntRange(1), default=300, show_default=True,
+              help="requests sent at EACH concurrency level (the same held-out prompts each time)")
+@click.option("--concurrency", default="1,4,16", show_default=True,
+              help="comma-separated levels, run one after another: requests in flight at once")
+@click.option("--max-tokens", type=click.IntRange(1), default=48, show_default=True, help="new tokens per answer")
+@click.option("--api-key-env", default=None, metavar="VAR", help="send the API key held in this environment variable")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default="results/serve/loadtest.json",
+              show_default=True, help="the report (one JSON object); per-request lines go beside it (.jsonl)")
+@click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=400.0, show_default=True,
+              help="seconds per level: then no new request is sent, those in flight are dropped, and the report "
+                   "says the limit was hit")
+@click.option("--seed", type=int, default=0, show_default=True, help="shuffles the held-out prompts")
+def loadtest(url, n_requests, concurrency, max_tokens, api_key_env, out_path, time_limit, seed):
+    """Load test a running `rootdefense serve` on this machine: streamed chat completions over
+    held-out benign and harmful prompts (half each, interleaved), one concurrency level after
+    another, with --requests requests per level. Reports throughput, time to first token,
+    latency, errors by status and server memory, and checks the serving targets."""
+    from .serving.loadtest import LoadTestConfig, main as run_loadtest
+
+    try:
+        levels = [int(c) for c in _csv(concurrency)]
+    except ValueError:
+        raise click.BadParameter(f"{concurrency!r}: comma-separated integers, e.g. 1,4,16",
+                                 param_hint="--concurrency") from None
+    run_loadtest(LoadTestConfig(url=url, requests=n_requests, concurrency=levels, max_tokens=max_tokens,
+                                api_key_env=api_key_env, out=out_path, time_limit=time_limit, seed=seed))
+
 def main():
     cli(prog_name="rootdefense")
 
