@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -97,6 +98,13 @@ def alpha(css: str) -> float:
     return nums[3] if len(nums) == 4 else 1.0
 
 
+def js_number(x) -> str:
+    """A number as JavaScript's String() writes it (None: "n/a")."""
+    if x is None:
+        return "n/a"
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
 def check_pane(pg, pane: str, ref: dict) -> list[dict]:
     """The pane shows the reference answer, one span per token, shaded and marked as it says."""
     spans = pg.evaluate(PANE_JS, pane)
@@ -108,17 +116,17 @@ def check_pane(pg, pane: str, ref: dict) -> list[dict]:
         assert s["harm"] == t["harm"]
         assert s["replaced"] == t["replaced"]
         a = 0.0 if s["bg"] in ("transparent", "rgba(0, 0, 0, 0)") else alpha(s["bg"])
-        if t["harm"]:
+        if t["harm"] is not None and t["harm"] >= 0.01:  # below, the tint may round to nothing
             assert a > 0, f"a token of harm {t['harm']} is tinted"
             assert "rgb(220, 38, 38" in s["bg"].replace("rgba", "rgb")
-        else:
+        if not t["harm"]:
             assert a == 0, "a token without harm is not tinted"
         if t["replaced"]:
             assert json.dumps(t["original"], ensure_ascii=False) in s["title"], "a replaced token names the original on hover"
-            oh = t["original_harm"]
-            assert (f"{oh:.3f}" if oh is not None else "n/a") in s["title"]
+            assert f"(harm {js_number(t['original_harm'])})" in s["title"]
+        assert f"harm {js_number(t['harm'])}" in s["title"]
         assert s["expert"] == (t["source"] == "expert")
-    harmed = [(t["harm"], alpha(s["bg"])) for s, t in zip(spans, tokens, strict=True) if t["harm"]]
+    harmed = [(t["harm"], alpha(s["bg"])) for s, t in zip(spans, tokens, strict=True) if (t["harm"] or 0) >= 0.01]
     if len(harmed) > 1:  # more harm, more red
         lo, hi = min(harmed), max(harmed)
         assert hi[0] == lo[0] or hi[1] > lo[1]
@@ -130,7 +138,7 @@ def check_pane(pg, pane: str, ref: dict) -> list[dict]:
     return spans
 
 
-def test_the_page_shows_both_answers_token_by_token_where_undefended_is_allowed(tiny_tokenizer, page):
+def test_the_page_shows_both_answers_token_by_token_where_undefended_is_allowed(tiny_tokenizer, page, tmp_path):
     d = tiny_defender(tiny_tokenizer)
     with LiveServer(lambda: d, ServeOptions(allow_undefended=True)) as srv:
         defended = reference(srv, PROMPT, MAX_TOKENS)
@@ -158,8 +166,7 @@ def test_the_page_shows_both_answers_token_by_token_where_undefended_is_allowed(
             assert b["model"] == TINY and b["stream"] is True and b["max_tokens"] == MAX_TOKENS
             assert b["stream_options"] == {"include_usage": True}
             assert b["messages"] == [{"role": "user", "content": PROMPT}]
-        shot = RESULTS / "playground-tiny.png"
-        RESULTS.mkdir(parents=True, exist_ok=True)
+        shot = tmp_path / "playground-tiny.png"
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
 
@@ -264,14 +271,19 @@ def test_playground_screenshot_on_the_embedded_model(page):
         send(page, prompt, n)
         wait_status(page, "done", timeout=120_000)
         elapsed = time.perf_counter() - t0
-        defended, undefended = (pg_text(page, p) for p in ("defended", "undefended"))
-        assert defended and undefended and defended != undefended
+        # the server's own answers, not streamed, both at once (as the page asked them)
+        with ThreadPoolExecutor(2) as pool:
+            defended, undefended = pool.map(lambda u: reference(srv, prompt, n, undefended=u, model="smollm2-135m"),
+                                            (False, True))
+        check_pane(page, "defended", defended)
+        check_pane(page, "undefended", undefended)
+        assert defended["choices"][0]["message"]["content"] != undefended["choices"][0]["message"]["content"]
         summary = page.inner_text("#defended .summary")
         assert "defense rds-expert" in summary and "defense none" in page.inner_text("#undefended .summary")
+        if defended["rootdefense"]["rollbacks"]:
+            assert page.is_visible("#defended .banner")
+            assert page.evaluate("document.querySelectorAll('#defended .answer .rollback').length") >= 1
         RESULTS.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(RESULTS / "playground.png"), full_page=True)
         print(f"both answers streamed in {elapsed:.1f} s; defended: {summary}")
 
-
-def pg_text(pg, pane: str) -> str:
-    return pg.evaluate(f"[...document.querySelectorAll('#{pane} .answer .tok')].map(s => s.textContent).join('')")
