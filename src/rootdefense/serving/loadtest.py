@@ -506,6 +506,8 @@ def main(cfg: LoadTestConfig) -> dict:
 
         report = run_loadtest(cfg, progress=progress)
     out = Console()
+    if not out.is_terminal:  # a log file: wide enough for the whole table
+        out = Console(width=170)
     out.print(report_table(report))
     for line in target_lines(report):
         out.print(line, highlight=False)
