@@ -256,20 +256,34 @@ def test_an_api_key_is_required_when_set(defender):
         assert httpx.get(srv.url + "/health").status_code == 200
 
 
-def test_a_full_queue_answers_429_with_retry_after(defender):
-    with LiveServer(lambda: defender, ServeOptions(max_batch=1, max_queue=1)) as srv:
-        body = {"model": TINY, "messages": ask("hi"), "max_tokens": 400, "stream": True}
-        with httpx.Client(timeout=60) as h, h.stream("POST", srv.url + "/v1/chat/completions", json=body) as running:
-            next(running.iter_lines())  # the first request holds the one batch slot
-            with h.stream("POST", srv.url + "/v1/chat/completions", json=body) as waiting:
-                deadline = time.monotonic() + 10
-                while srv.service.worker.queued < 1:  # the second waits in the queue
-                    assert time.monotonic() < deadline
-                    time.sleep(0.01)
-                r = h.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
-                e = err(r, 429, "queue_full")
-                assert r.headers["retry-after"] == "1" and e["type"] == "rate_limit_error"
-                del waiting
+def test_a_full_queue_answers_429_with_retry_after(tiny_tokenizer):
+    defender = tiny_defender(tiny_tokenizer)
+    running_model = threading.Event()
+    running_model.set()
+    # the model waits on this gate before each forward pass, so the first answer cannot end
+    # (and free its slot) while the test fills the queue, however fast the machine
+    hook = defender.lm.model.register_forward_pre_hook(lambda module, args: running_model.wait(30) and None)
+    try:
+        with LiveServer(lambda: defender, ServeOptions(max_batch=1, max_queue=1)) as srv:
+            body = {"model": TINY, "messages": ask("hi"), "max_tokens": 400, "stream": True}
+            with httpx.Client(timeout=60) as h, h.stream("POST", srv.url + "/v1/chat/completions", json=body) as running:
+                lines = running.iter_lines()
+                while '"content"' not in next(lines):  # the first request holds the one batch slot
+                    pass
+                running_model.clear()
+                with h.stream("POST", srv.url + "/v1/chat/completions", json=body) as waiting:
+                    deadline = time.monotonic() + 10
+                    while srv.service.worker.queued < 1:  # the second waits in the queue
+                        assert time.monotonic() < deadline
+                        time.sleep(0.01)
+                    r = h.post(srv.url + "/v1/chat/completions", json={**body, "stream": False})
+                    e = err(r, 429, "queue_full")
+                    assert r.headers["retry-after"] == "1" and e["type"] == "rate_limit_error"
+                    running_model.set()
+                    del waiting
+    finally:
+        running_model.set()
+        hook.remove()
 
 
 def test_a_client_that_disconnects_frees_its_slot_within_one_step(server):
