@@ -22,12 +22,19 @@ Methods (skipped, with the reason, when a part is missing):
   with drafts verified in one forward (prompt lookup / the model's draft head from
   ``rootdefense draft train`` / ``--draft-model``);
 - ``rds-spec-threshold-ngram`` / ``rds-spec-threshold-head``: the threshold rule with drafts;
+- ``rds-spec-ngram-sentence``: ``rds-spec-ngram`` rolling back the current sentence instead
+  of the whole answer (what a streaming server may prefer: see ``first_text_s``);
 - ``rds-batch`` / ``rds-expert-batch``: ``rds-exact`` / ``rds-expert-exact`` answering
   ``--batch-size`` prompts of the set together (cycled when the set is smaller); their
   tokens/s is the batch's total throughput, and ``ratio_vs_single`` compares it with the
   single-stream method's median (``ratio_vs_rds_exact``: with single-stream ``rds-exact``);
 - ``rds-spec-threshold-ngram-batch`` / ``rds-spec-ngram-batch``: the speculative methods
   of the same names, batched (each prompt drafts its own chain; one forward per round).
+
+Each rootdefense method also records ``first_text_s``: when the first piece of final text
+reached a streamer (what a streaming client waits for; text that rds-expert may still roll
+back is held, see :mod:`rootdefense.decoding.streamer`), and ``first_text_share``, that
+time over the whole answer's (1.0: the answer arrives in one piece at its end).
 
 The profile (``profile`` in the JSON) explains the figures: the median cost of one target
 forward over a chain of T new tokens after a cached context (what verification pays per
@@ -66,7 +73,8 @@ from .errors import InputError
 METHODS = ("hf-generate", "hf-generate-kernels", "hf-prompt-lookup", "hf-prompt-lookup-kernels", "hf-assisted", "plain", "plain-spec-head", "rds-exact",
            "rds-expert-exact", "rds-spec-ngram", "rds-spec-head", "rds-spec-model", "rds-spec-threshold-ngram",
            "rds-spec-threshold-head", "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch",
-           "rds-spec-ngram-batch", "rds-lazy", "rds-lazy-batch", "rds-spec-threshold-ngram+head")
+           "rds-spec-ngram-batch", "rds-lazy", "rds-lazy-batch", "rds-spec-threshold-ngram+head",
+           "rds-spec-ngram-sentence")
 DEFAULT_METHODS = ("hf-generate", "hf-prompt-lookup", "plain", "plain-spec-head", "rds-exact", "rds-expert-exact",
                    "rds-spec-ngram", "rds-spec-head", "rds-spec-threshold-ngram", "rds-spec-threshold-head",
                    "rds-batch", "rds-expert-batch", "rds-spec-threshold-ngram-batch", "rds-spec-ngram-batch",
@@ -163,13 +171,19 @@ def _hf_runner(lm, extra: dict, stock: bool = True):
 
 
 def _defender_runner(defender):
-    from .decoding import GenerationConfig
+    from .decoding import GenerationConfig, TextStreamer
 
     def run(ids, n):
-        gen = defender.decoder.generate(ids, GenerationConfig(max_new_tokens=n))
+        first = []  # when the first final text reached the streamer (what a server's client waits for)
+        t0 = time.perf_counter()
+        streamer = TextStreamer(lambda piece: first or first.append(time.perf_counter() - t0))
+        gen = defender.decoder.generate(ids, GenerationConfig(max_new_tokens=n), streamer=streamer)
         t = gen.timings
+        extra = {"first_text_s": first[0] if first else None}
         # mean accepted length: tokens emitted per target forward (drafted decoders only)
-        return gen.token_ids, ({"accepted_len": t["tokens_per_forward"]} if defender.decoder.drafter is not None else {})
+        if defender.decoder.drafter is not None:
+            extra["accepted_len"] = t["tokens_per_forward"]
+        return gen.token_ids, extra
 
     return run
 
@@ -231,6 +245,9 @@ def build_methods(lm, spec: BenchSpec, log=print) -> tuple[dict, dict]:
                 runners[name] = _defender_runner(Defender.load(lm=lm, defense="rds", rule="threshold",
                                                                drafter=name.rsplit("-", 1)[1],
                                                                max_draft=spec.max_draft))
+            elif name == "rds-spec-ngram-sentence":  # the tuned defense, rolling back sentences, not answers
+                runners[name] = _defender_runner(Defender.load(lm=lm, drafter="ngram", max_draft=spec.max_draft,
+                                                               rollback="sentence"))
             else:
                 drafter = {"rds-expert-exact": "none", "rds-spec-ngram": "ngram", "rds-spec-head": "head",
                            "rds-spec-model": f"model:{spec.draft_model}"}[name]
@@ -389,6 +406,7 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
         tps = [it["tokens"] / it["wall_s"] for it in items if it["tokens"]]
         ref = [it["tokens"] / it["wall_s"] for it in per[("hf-generate", set_name)] if it["tokens"]]
         acc = [it["accepted_len"] for it in items if it.get("accepted_len") is not None]
+        firsts = [it for it in items if it.get("first_text_s") is not None]
         results.append({
             "method": name, "set": set_name, "prompts": len(items),
             "tokens_per_s": round(statistics.median(tps), 2),
@@ -404,6 +422,10 @@ def run_bench(spec: BenchSpec, log=print) -> dict:
             "peak_rss_mb": round(max(it["peak_rss_mb"] for it in items), 1),
             "tokens_mean": round(statistics.mean(it["tokens"] for it in items), 1),
             "same_as_generate": round(sum(it["same_as_generate"] for it in items) / len(items), 3),
+            # streaming: the first final text (held back to the rollback horizon) and its share of the answer's time
+            "first_text_s": round(statistics.median(it["first_text_s"] for it in firsts), 3) if firsts else None,
+            "first_text_share": round(statistics.median(it["first_text_s"] / it["wall_s"] for it in firsts), 3)
+            if firsts else None,
         })
     log("profiling target forwards ...")
     per_prompt = [{"method": name, "set": set_name, **{k: round(v, 6) if isinstance(v, float) else v
@@ -423,10 +445,11 @@ def bench_table(report: dict) -> str:
         return "-" if v is None else f"{v:.2f}"
 
     lines = [f"{'method':30} {'set':8} {'tok/s':>8} {'ms/tok':>8} {'x generate':>10} {'paired':>7} "
-             f"{'x plain':>8} {'accepted':>9} {'peak MB':>8}"]
+             f"{'x plain':>8} {'accepted':>9} {'1st text s':>10} {'peak MB':>8}"]
     for r in report["results"]:
         lines.append(f"{r['method']:30} {r['set']:8} {r['tokens_per_s']:8.1f} {r['ms_per_token']:8.1f} "
                      f"{r['ratio_vs_generate']:10.2f} {fmt(r.get('paired_ratio_vs_generate')):>7} "
-                     f"{fmt(r.get('ratio_vs_plain')):>8} {fmt(r['accepted_len']):>9} {r['peak_rss_mb']:8.0f}")
+                     f"{fmt(r.get('ratio_vs_plain')):>8} {fmt(r['accepted_len']):>9} {fmt(r.get('first_text_s')):>10} "
+                     f"{r['peak_rss_mb']:8.0f}")
     lines += [f"skipped {name}: {why}" for name, why in report["skipped"].items()]
     return "\n".join(lines)
