@@ -374,6 +374,8 @@ def test_prompts_are_logged_only_when_asked(defender, caplog):
                 LiveServer(lambda: defender, ServeOptions(log_prompts=log_prompts)) as srv:
             srv.client().chat.completions.create(model=TINY, messages=ask("a secret question"), max_tokens=4)
         assert ("a secret question" in caplog.text) is log_prompts
+        done = [r.getMessage() for r in caplog.records if " done: " in r.getMessage()]
+        assert len(done) == 1 and "4 tokens" in done[0] and "first text" in done[0]  # one line per request, always
 
 
 def test_exposure_warning_and_key_from_the_environment(monkeypatch):
