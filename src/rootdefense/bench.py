@@ -23,7 +23,7 @@ Methods (skipped, with the reason, when a part is missing):
   ``rootdefense draft train`` / ``--draft-model``);
 - ``rds-spec-threshold-ngram`` / ``rds-spec-threshold-head``: the threshold rule with drafts;
 - ``rds-spec-ngram-sentence``: ``rds-spec-ngram`` rolling back the current sentence instead
-  of the whole answer (what a streaming server may prefer: see ``first_text_s``);
+  of the whole answer (whether that lets a stream start earlier: see ``first_text_s``);
 - ``rds-batch`` / ``rds-expert-batch``: ``rds-exact`` / ``rds-expert-exact`` answering
   ``--batch-size`` prompts of the set together (cycled when the set is smaller); their
   tokens/s is the batch's total throughput, and ``ratio_vs_single`` compares it with the

@@ -4,8 +4,10 @@ A streamer receives committed text only: text that no later step can withdraw. W
 correction every committed token is final (each is decided before it is emitted). With
 rds-expert, the correction hook says how far back it may still roll an answer back
 (:meth:`rootdefense.correction.Correction.final_len`), and the engine holds the text after
-that point until it becomes final: sentence rollback releases text as sentences leave the
-monitor's window; answer rollback holds a watched answer to its end (or to the rollback).
+that point until it becomes final: answer rollback holds a watched answer to its end (or to
+the rollback); sentence rollback holds text after the last sentence end that left the
+monitor's window; the loop guard holds the last ``max_cut`` tokens (it may cut a loop back to
+its first round: 128 tokens with the tuned settings).
 Text that may be the start of a stop string is held too, so a stop string never reaches a
 streamer; a character split across tokens is released whole. The pieces a streamer
 receives always add up to the answer's final text.
