@@ -1,5 +1,7 @@
 """Deterministic split by prompt text, so the same prompt never lands on two sides, in any
-dataset, on any machine: 20% test, 10% validation (threshold calibration), 70% fit."""
+dataset, on any machine: 20% test, 10% validation (threshold calibration), 70% fit. The
+benign-but-edgy set is halved instead (:func:`edgy_half`) and the benign-but-alarming set
+split 50/10/40 (:func:`alarming_part`), each with its own salt."""
 
 from __future__ import annotations
 
@@ -24,24 +26,36 @@ def edgy_half(prompt: str) -> str:
     return "train" if bucket == 0 else "eval"
 
 
-SPLITS = ("all", "fit", "val", "test", "edgy-eval")  # what `rootdefense data export` can select
+def alarming_part(prompt: str) -> str:
+    """The benign-but-alarming set (:mod:`rootdefense.data.alarming`) measures over-refusal,
+    so it keeps a large test part: about 50% 'fit' (may teach a defense that harmless senses
+    of alarming words are not harm), 10% 'val' (calibration), 40% 'test' (never tuned on)."""
+    bucket = int(hashlib.sha256(("alarming:" + _normal(prompt)).encode()).hexdigest()[:8], 16) % 10
+    return "fit" if bucket < 5 else "val" if bucket == 5 else "test"
+
+
+SPLITS = ("all", "fit", "val", "test", "edgy-eval", "alarming-test")  # what `rootdefense data export` can select
 
 
 def in_split(prompt: str, split: str) -> bool:
     """Whether ``prompt`` belongs to ``split`` (one of :data:`SPLITS`; ``edgy-eval``: the
-    benign-but-edgy set's held-out half)."""
+    benign-but-edgy set's held-out half; ``alarming-test``: the benign-but-alarming set's
+    test part)."""
     if split == "all":
         return True
     if split == "edgy-eval":
         return edgy_half(prompt) == "eval"
+    if split == "alarming-test":
+        return alarming_part(prompt) == "test"
     return split_of(prompt) == split
 
 
 def held_out(name: str, limit: int | None = None):
-    """Examples of dataset ``name`` that no probe or expert trains on: the test split, or
-    for the benign-but-edgy set its eval half. ``limit`` keeps the first ones."""
+    """Examples of dataset ``name`` that no probe or expert trains on: the test split, for
+    the benign-but-edgy set its eval half, for the benign-but-alarming set its test part.
+    ``limit`` keeps the first ones."""
     from .loaders import load_dataset
 
-    keep = (lambda p: edgy_half(p) == "eval") if name == "edgy" else (lambda p: split_of(p) == "test")
-    rows = [e for e in load_dataset(name) if keep(e.prompt)]
+    part, keep = {"edgy": (edgy_half, "eval"), "alarming": (alarming_part, "test")}.get(name, (split_of, "test"))
+    rows = [e for e in load_dataset(name) if part(e.prompt) == keep]
     return rows[:limit] if limit else rows
