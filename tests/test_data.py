@@ -37,6 +37,7 @@ EXPECTED = {
     "sharegpt": (5000, 17671),
     "imperative": (300, 10_000),
     "sensitive": (300, 300),
+    "alarming": (330, 400),
 }
 
 SMALL = [n for n in EXPECTED if n != "sharegpt"]

@@ -20,6 +20,8 @@ from typing import Any
 
 from ..errors import DataError
 from ..paths import package_dir
+from .alarming import LICENCE as ALARMING_LICENCE
+from .alarming import alarming_prompts
 from .imperative import LICENCE as IMPERATIVE_LICENCE
 from .imperative import imperative_prompts
 from .records import DatasetInfo, Example
@@ -76,6 +78,9 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("sensitive", False, "", "rootdefense/data/sensitive.py", SENSITIVE_LICENCE,
                     "Benign questions on sensitive topics (security, malware, drugs, crime, extremism ...), "
                     "15 categories, written for rootdefense."),
+        DatasetInfo("alarming", False, "", "rootdefense/data/alarming.py", ALARMING_LICENCE,
+                    "Benign requests using alarming words in harmless senses (kill a process, smoke meat, "
+                    "break a leg ...), 11 categories, written for rootdefense."),
     )
 }
 
@@ -295,6 +300,11 @@ def _raw_sensitive() -> Iterator[tuple[str, dict]]:
         yield text, {"category": category}
 
 
+def _raw_alarming() -> Iterator[tuple[str, dict]]:
+    for category, text in alarming_prompts():
+        yield text, {"category": category}
+
+
 _RAW: dict[str, Callable[[], Iterator[tuple[str, dict]]]] = {
     "advbench": _raw_advbench,
     "harmbench": _raw_harmbench,
@@ -307,6 +317,7 @@ _RAW: dict[str, Callable[[], Iterator[tuple[str, dict]]]] = {
     "sharegpt": _raw_sharegpt,
     "imperative": _raw_imperative,
     "sensitive": _raw_sensitive,
+    "alarming": _raw_alarming,
 }
 
 
