@@ -204,6 +204,24 @@ def test_ensure_trains_once_and_refuses_to_overwrite_a_broken_judge(rd_home, mon
     assert len(calls) == 1
 
 
+def test_the_default_judge_is_trained_when_an_evaluation_first_needs_it(rd_home, monkeypatch):
+    calls = []
+
+    def fake_train(out_dir=None, progress=True, **_):
+        calls.append(out_dir)
+        _random_model().save(out_dir)
+        return {}
+
+    monkeypatch.setattr(harm_mod, "train_harm_judge", fake_train)
+    assert not (harm_judge_dir() / META_FILE).exists()
+    monkeypatch.setattr(harm_mod, "MiniLMEmbedder", lambda **kw: type("E", (), {"load": lambda self: self})())
+    judge = make_judge("harm")
+    judge.setup()
+    assert calls == [harm_judge_dir()] and judge.model is not None
+    make_judge("harm").setup()  # trained once
+    assert len(calls) == 1
+
+
 def test_split_is_by_request_and_deterministic():
     rows = training_rows(limit=15, sharegpt=10)
     assert {r.source for r in rows} == {"pyrit-objective", "pyrit-refusal", "uncensorbench", "sharegpt",

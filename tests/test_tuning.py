@@ -338,7 +338,6 @@ def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, r
     """`prepare` installs what the package ships (probes, expert) and trains only what it
     lacks; `--train-probes` trains every missing probe here instead."""
     import rootdefense.probes.train as probe_train
-    from rootdefense.evaluation import judging
     from rootdefense.models import load_model
     from rootdefense.paths import expert_dir
 
@@ -359,7 +358,6 @@ def test_cli_prepare_installs_shipped_probes_or_trains_with_the_flag(tiny_dir, r
         return probe, {"test_auroc": 0.5}
 
     monkeypatch.setattr(probe_train, "train_probe", fake_train)
-    monkeypatch.setattr(judging, "ensure_harm_judge", lambda: "stub judge")
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])
     assert r.exit_code == 0, r.output
     assert trained == ["paper"] and r.output.count("shipped with rootdefense") == 2
@@ -426,7 +424,6 @@ def test_prepare_updates_an_earlier_release_and_keeps_what_was_trained_here(tiny
     replaces them with this release's (its shipped defaults were measured with those). A
     probe trained here, or one the user's own tuned defaults were measured with, is kept."""
     import rootdefense.probes.train as probe_train
-    from rootdefense.evaluation import judging
     from rootdefense.models import load_model
 
     lm = load_model(tiny_dir)
@@ -442,7 +439,6 @@ def test_prepare_updates_an_earlier_release_and_keeps_what_was_trained_here(tiny
                         lambda m, kind: shipped["now"][kind] if m == lm.model_id else None)
     monkeypatch.setattr(defaults, "shipped_expert_dir", lambda m: None)
     monkeypatch.setattr(probe_train, "train_probe", lambda *a, **kw: pytest.fail("nothing is trained"))
-    monkeypatch.setattr(judging, "ensure_harm_judge", lambda: "stub judge")
     r = CliRunner().invoke(cli, ["prepare", "--model", tiny_dir])  # the earlier release prepares the home
     assert r.exit_code == 0, r.output
     sha = {k: defaults.weights_sha256(paths.probe_dir(tiny_dir, k)) for k in kinds}

@@ -119,7 +119,7 @@ def cli():
 @cli.command()
 @click.option("--model", default="smollm2-135m", show_default=True)
 @click.option("--probes/--no-probes", default=True, show_default=True,
-              help="also install (or train) the default probes, the shipped expert and the harm judge")
+              help="also install (or train) the default probes and the shipped expert")
 @click.option("--train-probes", is_flag=True,
               help="train the probes here even where the package ships the tuned ones")
 @click.option("--reinstall", is_flag=True,

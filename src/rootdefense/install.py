@@ -1,7 +1,8 @@
 """What `rootdefense prepare` installs in the home, and the policy it follows.
 
 The converted embedded model, the model's default probes (``response``, ``paper`` and
-``query``, the tuned defaults' gate), its safety expert and the harm judge. A probe or
+``query``, the tuned defaults' gate) and its safety expert. (The evaluation's harm judge is
+trained when an evaluation first needs it, or by `rootdefense judge train`.) A probe or
 expert the package ships (the one its tuned defaults were measured with) is copied in; a
 probe it does not ship is trained here. What an earlier release installed is replaced by
 this release's; what was trained here is kept (``reinstall`` replaces it with the shipped
@@ -19,7 +20,7 @@ PROBE_KINDS = ("response", "paper", "query")
 def prepare(model: str = "smollm2-135m", probes: bool = True, train_probes: bool = False, reinstall: bool = False,
             log=print):
     """Install what ``model``'s defenses read (see the module); returns the loaded model.
-    ``probes``: also the probes, the expert and the harm judge; ``train_probes``: train the
+    ``probes``: also the probes and the expert; ``train_probes``: train the
     missing probes here even where the package ships them."""
     from .models import load_model
 
@@ -36,9 +37,6 @@ def prepare(model: str = "smollm2-135m", probes: bool = True, train_probes: bool
         if tuned and not tuned["probe_matches"]:
             log(f"note: {tuned['source']} was tuned for other probes; delete it to use the shipped defaults")
     install_expert(lm, reinstall=reinstall, log=log)
-    from .evaluation import judging
-
-    log(f"harm judge ready: {judging.ensure_harm_judge()}")
     return lm
 
 

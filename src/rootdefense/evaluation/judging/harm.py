@@ -429,7 +429,8 @@ class HarmJudge(Judge):
 
     def setup(self) -> None:
         if self.model is None:
-            self.model = HarmModel.load(self.path)
+            # the default judge is trained the first time an evaluation needs it (about a minute)
+            self.model = HarmModel.load(self.path or ensure_harm_judge())
             if self.threshold is not None:
                 self.model.threshold = self.threshold
             max_tokens = int(self.model.meta.get("embedding", {}).get("max_tokens", MAX_TOKENS))
