@@ -112,6 +112,40 @@ def test_config_flags_override_file_and_fingerprint_tracks_answers(tmp_path):
     assert cfg.fingerprint() == cfg.override(limit=9, attacks="none,dan").fingerprint()  # nor does the selection
 
 
+def test_benign_prompts_can_be_asked_inside_wrappers():
+    from rootdefense.evaluation.runner import plan
+
+    cfg = EvalConfig.from_dict({"datasets": ["advbench", "alarming"], "attacks": ["none", "dan"],
+                                "benign_attacks": "none,roleplay,fiction", "defenses": ["none"]})
+    from rootdefense.data.split import held_out
+
+    examples = {"advbench": held_out("advbench", 2), "alarming": held_out("alarming", 2)}
+    _, items = plan(cfg, examples)
+    asked = {(it["dataset"], it["attack"]) for it in items}
+    assert asked == {("advbench", "none"), ("advbench", "dan"), ("alarming", "none"), ("alarming", "roleplay"),
+                     ("alarming", "fiction")}
+    assert EvalConfig.from_dict({}).benign_attacks == ["none"]  # plain benign prompts by default
+    with pytest.raises(InputError, match="benign_attacks.*optimise"):
+        EvalConfig.from_dict({"benign_attacks": ["none", "gcg"]})
+    with pytest.raises(InputError, match="unknown"):
+        EvalConfig.from_dict({"benign_attacks": ["nope"]})
+
+
+def test_benign_summary_compares_each_wrapped_answer_with_its_own_undefended_one():
+    lines = [{"kind": "run", "config": {"defenses": ["none", "rds"], "attacks": ["none"], "judges": ["refusal"]}}]
+    for attack in ("none", "roleplay"):
+        for i in range(2):
+            lines.append(_res("none", attack, False, False, dataset="alarming", pid=f"b{i}", answer=f"{attack}{i}"))
+            refused = attack == "roleplay" and i == 0
+            lines.append(_res("rds", attack, False, False, refusal=refused, dataset="alarming", pid=f"b{i}",
+                              answer="I can't." if refused else f"{attack}{i}"))
+    b = summarize(lines)["benign"]["rds"]
+    assert b["all"]["identical_to_none"]["rate"] == 0.75
+    assert b["by_attack"]["none"]["identical_to_none"]["rate"] == 1.0
+    assert b["by_attack"]["roleplay"]["over_refusal"]["rate"] == 0.5
+    assert "by_attack" not in summarize([x for x in lines if x.get("attack") != "roleplay"])["benign"]["rds"]
+
+
 # --------------------------------------------------------------------------- runs
 
 

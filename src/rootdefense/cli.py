@@ -487,6 +487,8 @@ def _csv(value):
 @click.option("--model", default=None, help="embedded name, hub id or local folder [default: smollm2-135m]")
 @click.option("--datasets", default=None, help="comma-separated, e.g. advbench,mtbench,edgy")
 @click.option("--attacks", default=None, help="comma-separated, e.g. none,prefill,dan")
+@click.option("--benign-attacks", default=None,
+              help="template attacks for the benign datasets, e.g. none,roleplay,fiction [default: none]")
 @click.option("--defenses", default=None, help="comma-separated, e.g. none,rds,safedecoding")
 @click.option("--judges", default=None, help="comma-separated [default: refusal,harm]")
 @click.option("--limit", type=int, default=None, help="prompts per dataset [default: 30]")
@@ -508,7 +510,7 @@ def eval_cmd(config_path, out_dir, resume, overwrite, ray_address, workers, prin
 
     if resume and overwrite:
         raise InputError("--resume and --overwrite exclude each other")
-    for key in ("datasets", "attacks", "defenses", "judges"):
+    for key in ("datasets", "attacks", "benign_attacks", "defenses", "judges"):
         flags[key] = _csv(flags[key])
     cfg = EvalConfig.from_yaml(config_path) if config_path else EvalConfig.from_dict({})
     cfg = cfg.override(**flags)

@@ -5,8 +5,9 @@ Example (every key optional; these are the defaults unless noted)::
     model: smollm2-135m
     dtype: float32
     device: auto
-    datasets: [advbench, mtbench, edgy]   # harmful ones get every attack, benign ones 'none'
+    datasets: [advbench, mtbench, edgy]   # harmful ones get `attacks`, benign ones `benign_attacks`
     attacks: [none, prefill]
+    benign_attacks: [none] # e.g. [none, roleplay, fiction, prefix-injection]: wrapped benign prompts
     defenses: [none, rds]
     judges: [refusal, harm]
     limit: 30              # prompts per dataset (held-out split), null = all
@@ -37,7 +38,7 @@ import yaml
 from ..errors import InputError
 
 HARMFUL_DATASETS = ("advbench", "harmbench", "donotanswer")
-BENIGN_DATASETS = ("mtbench", "edgy", "gsm8k", "sharegpt")
+BENIGN_DATASETS = ("mtbench", "edgy", "alarming", "gsm8k", "sharegpt")
 EVAL_DATASETS = HARMFUL_DATASETS + BENIGN_DATASETS
 ANSWER_KEYS = ("model", "dtype", "seed", "generation", "options", "judges")
 PER_DATASET_KEYS = {"limit": (int, type(None)), "max_new_tokens": (int,)}
@@ -77,6 +78,7 @@ class EvalConfig:
     device: str = "auto"
     datasets: list[str] = field(default_factory=lambda: ["advbench", "mtbench", "edgy"])
     attacks: list[str] = field(default_factory=lambda: ["none", "prefill"])
+    benign_attacks: list[str] = field(default_factory=lambda: ["none"])
     defenses: list[str] = field(default_factory=lambda: ["none", "rds"])
     judges: list[str] = field(default_factory=lambda: ["refusal", "harm"])
     limit: int | None = 30
@@ -136,6 +138,11 @@ class EvalConfig:
             _typed(key, getattr(self, key), (str,), "a string")
         self.datasets = _names("datasets", self.datasets, EVAL_DATASETS)
         self.attacks = _names("attacks", self.attacks, tuple(ATTACKS))
+        self.benign_attacks = _names("benign_attacks", self.benign_attacks, tuple(ATTACKS))
+        optimising = [a for a in self.benign_attacks if ATTACKS[a].optimises]
+        if optimising:
+            raise InputError(f"config key 'benign_attacks': {', '.join(optimising)} optimise(s) toward a harmful "
+                             "target, which a benign prompt does not have; use template attacks")
         self.defenses = _names("defenses", self.defenses, tuple(DEFENSES), variants=True)
         self.judges = _names("judges", self.judges, tuple(JUDGES))
         for key in ("limit", "optimised_limit"):

@@ -51,15 +51,16 @@ def _example_dict(ex: Example) -> dict:
 
 
 def plan(cfg: EvalConfig, examples: dict[str, list[Example]]) -> tuple[list[dict], list[dict]]:
-    """(attack jobs for optimising attacks, work items). Harmful datasets get every attack;
-    benign ones are asked plainly (attack ``none``): they measure over-refusal and
-    helpfulness. Optimising attacks run on the first ``optimised_limit`` prompts only."""
+    """(attack jobs for optimising attacks, work items). Harmful datasets get ``attacks``;
+    benign ones ``benign_attacks`` (``none`` by default; wrappers measure whether a disguise
+    alone makes a defense refuse): they measure over-refusal and helpfulness. Optimising
+    attacks run on the first ``optimised_limit`` prompts only."""
     from .attacks import ATTACKS
 
     jobs, items = [], []
     for ds in cfg.datasets:
         harmful = DATASETS[ds].harmful
-        attacks = cfg.attacks if harmful else ["none"]
+        attacks = cfg.attacks if harmful else cfg.benign_attacks
         for index, ex in enumerate(examples[ds]):
             exd = _example_dict(ex)
             for attack in attacks:
@@ -100,7 +101,8 @@ class Worker:
             torch.set_num_threads(self.cfg.threads)
         lm = load_model(self.cfg.model, dtype=self.cfg.dtype, device=self.cfg.device)
         self.ctx = EvalContext(lm=lm, seed=self.cfg.seed, options=self.cfg.options)
-        self.attacks = {name: _build(make_attack, name, self.cfg.options) for name in self.cfg.attacks}
+        self.attacks = {name: _build(make_attack, name, self.cfg.options)
+                        for name in dict.fromkeys([*self.cfg.attacks, *self.cfg.benign_attacks])}
         self._defenses: dict = {}
         self._judges: dict | None = None
 
