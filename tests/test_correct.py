@@ -382,6 +382,80 @@ def test_a_steered_loop_keeps_its_first_round_whole(setup):
     assert dec.correction._loop_cut(rc, [9, 1, 2, 3, 4, 1, 2, 5, 6, 1, 2]) == 5  # keeps 9 and "1 2 3 4", the round before "1 2" came back
 
 
+def test_complete_sentence():
+    from rootdefense.correction.hook import complete_sentence
+
+    for text in ("I can't help with that.", "Why?", "Stop!", 'He said "no."', "(See the manual.)  \n"):
+        assert complete_sentence(text), text
+    for text in ("", "I can't help with", "Steps:\n1.", "Steps:\n  b.", "Yes,", "Read this\n"):
+        assert not complete_sentence(text), text
+
+
+def _steered_row(tok, text: str, max_new_tokens: int = 200, steer_from: int = 0):
+    from types import SimpleNamespace
+
+    from rootdefense.decoding.trace import TokenStep
+
+    ids = tok.encode(text, add_special_tokens=False)
+    steps = [TokenStep(t, tok.decode([t]), 0.5, 0.1, t, tok.decode([t]), 0.5, 0.1, False) for t in ids]
+    row = SimpleNamespace(tokens=ids, trace=SimpleNamespace(steps=steps, events=[]), query_len=3, prompt=[1, 2, 3],
+                          cfg=GenerationConfig(max_new_tokens=max_new_tokens), detok=SimpleNamespace(text=text))
+    rc = RowCorrection(monitor=None, guard=DegenerationGuard(4, 3), steer_tau=0.5, gate=None, mode="steer",
+                       steer_from=steer_from)
+    return row, rc
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_a_steered_answer_that_loops_ends_after_its_last_complete_sentence(setup, tiny_tokenizer, monkeypatch, close):
+    lm, expert, probe, _, _ = setup
+    tok = tiny_tokenizer
+    dec = decoder(lm, expert, probe, close=close)
+    head = "I can't help with that. If you tell me what you need, I can point you elsewhere."
+    row, rc = _steered_row(tok, head + " I am not going to help with that. I am not going to")
+    loop_cut = len(row.tokens) - 2  # where the guard would cut (mid-sentence)
+    monkeypatch.setattr(dec.correction, "_loop_cut", lambda rc_, tokens: loop_cut)
+    v = dec.correction.after_token(rc, row, eos=set())
+    if not close:
+        assert v.finish == "degenerate" and v.cut == loop_cut
+        return
+    # the last complete sentence before the cut is the loop's first round, which ends "with that."
+    kept = tok.decode(row.tokens[:v.cut])
+    assert v.finish == "closed" and kept.endswith("I am not going to help with that.")
+    ev = row.trace.events[-1]
+    assert ev["type"] == "close" and ev["reason"] == "loop" and ev["keep_tokens"] == v.cut
+    assert tok.decode(row.tokens[v.cut:]).strip() == ev["dropped_text"].strip() == "I am not going to"
+
+
+def test_closing_drops_only_steered_text_and_never_a_fragment_of_its_own(setup, tiny_tokenizer, monkeypatch):
+    lm, expert, probe, _, _ = setup
+    tok = tiny_tokenizer
+    dec = decoder(lm, expert, probe)
+    kept_part = "Bread needs flour. Then"
+    steer_from = len(tok.encode(kept_part, add_special_tokens=False))
+    row, rc = _steered_row(tok, kept_part + " I am not going to do that and I am not going to", steer_from=steer_from)
+    monkeypatch.setattr(dec.correction, "_loop_cut", lambda rc_, tokens: len(tokens) - 1)
+    v = dec.correction.after_token(rc, row, eos=set())
+    assert v.finish == "degenerate"  # no complete steered sentence: cut as before, the kept text untouched
+
+
+def test_a_steered_answer_out_of_tokens_ends_after_its_last_complete_sentence(setup, tiny_tokenizer):
+    lm, expert, probe, _, _ = setup
+    tok = tiny_tokenizer
+    dec = decoder(lm, expert, probe)
+    text = "I can't help with that. Here is something safer to try instead: ask a"
+    n = len(tok.encode(text, add_special_tokens=False))
+    row, rc = _steered_row(tok, text, max_new_tokens=n)
+    v = dec.correction.after_token(rc, row, eos=set())
+    assert v.finish == "closed" and tok.decode(row.tokens[:v.cut]) == "I can't help with that."
+    assert row.trace.events[-1]["reason"] == "length"
+    row, rc = _steered_row(tok, text, max_new_tokens=n + 1)  # not at the limit yet: goes on
+    assert dec.correction.after_token(rc, row, eos=set()).finish is None
+    row, rc = _steered_row(tok, text, max_new_tokens=n)
+    rc.mode = "watch"  # an answer never flagged is the model's own: the engine ends it at the limit as it is
+    rc.monitor = RecoveryMonitor(0.99, 8, 3)
+    assert dec.correction.after_token(rc, row, eos=set()).finish is None
+
+
 @pytest.mark.parametrize("tau_kind", ["never", "first", "mid", "late"])
 @torch.no_grad()
 def test_speculative_watch_equals_plain_watch(setup, tau_kind):

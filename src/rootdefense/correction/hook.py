@@ -14,6 +14,7 @@ text before that point can never be withdrawn, so a streamer may send it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ..decoding.generation import end_reason
@@ -23,6 +24,14 @@ from .monitor import RecoveryMonitor, gate_score
 from .settings import CorrectionSettings
 
 SENTENCE_END = (".", "!", "?", "\n")
+_LIST_MARKER = re.compile(r"(?:^|\n)\s*(?:\d+|[a-zA-Z])\.$")
+
+
+def complete_sentence(text: str) -> bool:
+    """Whether ``text`` ends with a finished sentence: ., ! or ? (a closing quote or bracket
+    may follow), not a list marker such as "2." on its own."""
+    t = text.rstrip().rstrip("\"')]\u201d\u2019")
+    return bool(t) and t[-1] in ".!?" and not _LIST_MARKER.search(t)
 
 
 @dataclass
@@ -124,6 +133,11 @@ class Correction:
         if reason == "eos":
             return Verdict(keep=steer, finish=reason)
         cut = self._loop_cut(rc, tokens) if rc.guard is not None else None
+        if rc.mode == "steer" and (cut is not None or (reason is None and n >= row.cfg.max_new_tokens)):
+            close = self._close(rc, tokens, cut if cut is not None else n, "loop" if cut is not None else "length")
+            if close is not None:
+                row.trace.events.append(close)
+                return Verdict(keep=steer, cut=close["keep_tokens"], finish="closed")
         if cut is not None and rc.mode == "watch" and s.use_expert and rc.rollbacks < s.max_rollbacks:
             # the undefended answer loops: a failure too; the expert answers instead
             keep = self.rollback_point(tokens[:cut])
@@ -171,6 +185,19 @@ class Correction:
             if self._text(tokens[i - 1:i]).rstrip(" ").endswith(SENTENCE_END):
                 return i
         return 0
+
+    def _close(self, rc: RowCorrection, tokens: list[int], end: int, reason: str) -> dict | None:
+        """The ``close`` event that ends a steered answer after its last complete sentence
+        at or before ``end`` (only steered text is dropped; none of it has been released,
+        see :meth:`final_len`); None when closing is off or no steered sentence ends."""
+        if not (self.settings.close and rc.guard is not None):
+            return None
+        for i in range(end, rc.steer_from, -1):
+            text = self._text(tokens[rc.steer_from:i])
+            if complete_sentence(text) and text == text.rstrip():  # trailing spaces go with what is dropped
+                return {"type": "close", "reason": reason, "keep_tokens": i, "dropped_tokens": len(tokens) - i,
+                        "at_token": len(tokens), "dropped_text": self._text(tokens[i:])}
+        return None
 
     def _loop_cut(self, rc: RowCorrection, tokens: list[int]) -> int | None:
         """Where to cut a looping answer (None: not looping). Any answer ending in back-to-back

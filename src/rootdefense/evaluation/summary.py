@@ -108,6 +108,7 @@ def _attack_success(ok, defenses, attacks, harm_judge) -> dict:
                 "degenerate": _rate([bool(r.get("metrics", {}).get("degenerate")) for r in rs]),
                 "rolled_back": _rate([bool((r.get("trace") or {}).get("rollbacks")) for r in rs]),
                 **_loops(rs),
+                **_endings(rs),
             }
         rates = [c["harmful"]["rate"] for a, c in row.items() if a not in ADAPTIVE and c["harmful"]]
         table[d] = {"by_attack": row,
@@ -137,11 +138,35 @@ def _benign(ok, defenses) -> dict:
     return out
 
 
+def _caught(r) -> bool:
+    """Whether the defense took the answer over (rolled it back, or handed a loop to the expert)."""
+    t = r.get("trace") or {}
+    return bool(t.get("rollbacks") or t.get("loop_restarts"))
+
+
+def _endings(rs) -> dict:
+    """How caught answers end: ``caught_clean_end``, the share that ends with a complete
+    sentence and does not loop (what a client should see); ``caught_by_finish``: their
+    finish reasons (``degenerate``: cut by the loop guard; ``closed``: ended after the last
+    complete sentence; ``length``: out of tokens)."""
+    from ..correction.hook import complete_sentence
+
+    caught = [r for r in rs if _caught(r)]
+    clean = [complete_sentence(r.get("answer", "")) and not r.get("metrics", {}).get("degenerate") for r in caught]
+    finish = defaultdict(int)
+    for r in caught:
+        finish[r.get("finish_reason") or "?"] += 1
+    return {"caught": _rate([_caught(r) for r in rs]), "caught_clean_end": _rate(clean) if caught else None,
+            "caught_by_finish": dict(sorted(finish.items()))}
+
+
 def _loops(rs) -> dict:
     """What the degeneration guard did: answers handed to the expert because they looped,
-    and answers cut because a steered answer looped."""
+    answers cut because a steered answer looped (mid-sentence, ``loop_cut``) and steered
+    answers that looped and were ended after their last complete sentence (``loop_closed``)."""
     return {"loop_restarted": _rate([bool((r.get("trace") or {}).get("loop_restarts")) for r in rs]),
             "loop_cut": _rate([bool((r.get("trace") or {}).get("degeneration_stops")) for r in rs]),
+            "loop_closed": _rate([(r.get("trace") or {}).get("closed") == "loop" for r in rs]),
             "prefill_retracted": _rate([bool((r.get("trace") or {}).get("prefill_retracted")) for r in rs]),
             "strict_monitor": _rate([bool((r.get("trace") or {}).get("strict_monitor")) for r in rs])}
 
