@@ -185,7 +185,8 @@ def test_harm_judge_missing_names_the_train_command(rd_home):
         judge.setup()
 
 
-def test_ensure_trains_once_and_refuses_to_overwrite_a_broken_judge(rd_home, monkeypatch):
+def _count_training(monkeypatch) -> list:
+    """Training the judge saves a random one instead; the list records each training."""
     calls = []
 
     def fake_train(out_dir=None, progress=True, **_):
@@ -194,6 +195,11 @@ def test_ensure_trains_once_and_refuses_to_overwrite_a_broken_judge(rd_home, mon
         return {}
 
     monkeypatch.setattr(harm_mod, "train_harm_judge", fake_train)
+    return calls
+
+
+def test_ensure_trains_once_and_refuses_to_overwrite_a_broken_judge(rd_home, monkeypatch):
+    calls = _count_training(monkeypatch)
     folder = ensure_harm_judge(progress=False)
     assert folder == harm_judge_dir() and (folder / META_FILE).is_file()
     ensure_harm_judge(progress=False)
@@ -205,14 +211,7 @@ def test_ensure_trains_once_and_refuses_to_overwrite_a_broken_judge(rd_home, mon
 
 
 def test_the_default_judge_is_trained_when_an_evaluation_first_needs_it(rd_home, monkeypatch):
-    calls = []
-
-    def fake_train(out_dir=None, progress=True, **_):
-        calls.append(out_dir)
-        _random_model().save(out_dir)
-        return {}
-
-    monkeypatch.setattr(harm_mod, "train_harm_judge", fake_train)
+    calls = _count_training(monkeypatch)
     assert not (harm_judge_dir() / META_FILE).exists()
     monkeypatch.setattr(harm_mod, "MiniLMEmbedder", lambda **kw: type("E", (), {"load": lambda self: self})())
     judge = make_judge("harm")

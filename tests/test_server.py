@@ -380,7 +380,7 @@ def test_prompts_are_logged_only_when_asked(defender, caplog):
 
 def test_exposure_warning_and_key_from_the_environment(monkeypatch):
     from rootdefense.errors import InputError
-    from rootdefense.serving.run import api_key_from_env
+    from rootdefense.serving.access import api_key_from_env
 
     assert exposure_warning("127.0.0.1", None) is None and exposure_warning("0.0.0.0", "k") is None
     assert "without an API key" in exposure_warning("0.0.0.0", None)

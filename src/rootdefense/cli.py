@@ -601,7 +601,8 @@ def serve(host, port, api_key_env, max_batch, max_queue, max_body, request_timeo
     """Serve the defended model over the OpenAI API (chat, completions, streams), with
     /health, /metrics and a playground page at /."""
     from .serving import ServeOptions
-    from .serving.run import api_key_from_env, serve as run_server
+    from .serving.access import api_key_from_env
+    from .serving.run import serve as run_server
 
     if replicas > 1 and not use_ray:
         raise click.UsageError("--replicas needs --ray (one process serves one model worker)")

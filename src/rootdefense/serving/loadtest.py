@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 
 from ..errors import InputError
+from .access import LOOPBACK, api_key_from_env
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 BENIGN_DATASETS = ("sharegpt", "mtbench")  # real user requests; mtbench's are longer, multi-part
 HARMFUL_DATASETS = ("advbench", "harmbench")
 MEMORY_METRIC = "process_resident_memory_bytes"
@@ -84,9 +84,9 @@ def check_url(url: str) -> str:
     if parsed.scheme not in ("http", "https"):
         raise InputError(f"--url {url!r}: use http://127.0.0.1:PORT (scheme http or https)")
     host = parsed.host.strip("[]").lower()
-    if host not in LOOPBACK_HOSTS:
+    if host not in LOOPBACK:
         raise InputError(f"--url {url!r}: the load test only targets this machine; the host must be one of "
-                         f"{', '.join(LOOPBACK_HOSTS)}, not {host!r}")
+                         f"{', '.join(LOOPBACK)}, not {host!r}")
     return url.rstrip("/")
 
 
@@ -99,15 +99,6 @@ def check_config(cfg: LoadTestConfig) -> None:
         raise InputError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
     if cfg.time_limit <= 0:
         raise InputError(f"--time-limit must be positive, got {cfg.time_limit}")
-
-
-def api_key(var: str | None) -> str | None:
-    if var is None:
-        return None
-    key = os.environ.get(var)
-    if not key:
-        raise InputError(f"--api-key-env {var}: the environment variable {var} is not set or empty")
-    return key
 
 
 def _pool(names: tuple[str, ...], kind: str, rng: random.Random) -> list[Prompt]:
@@ -406,7 +397,7 @@ def run_loadtest(cfg: LoadTestConfig, *, prompts: list[Prompt] | None = None, pr
     held-out mix (tests); ``progress(concurrency, total)`` returns a callback run per request."""
     base = check_url(cfg.url)
     check_config(cfg)
-    key = api_key(cfg.api_key_env)
+    key = api_key_from_env(cfg.api_key_env)
     if prompts is None:
         prompts, prompt_info = held_out_prompts(cfg.requests, cfg.seed)
     else:

@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable
 
-from ..errors import InputError
+from .access import LOOPBACK
 from .app import ServeOptions, create_app
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 GRACE_SECONDS = 30  # SIGTERM: in-flight answers get this long to finish, then are cancelled
-
-
-def api_key_from_env(var: str | None) -> str | None:
-    if var is None:
-        return None
-    key = os.environ.get(var)
-    if not key:
-        raise InputError(f"--api-key-env {var}: the environment variable {var} is not set or empty")
-    return key
 
 
 def exposure_warning(host: str, api_key: str | None) -> str | None:
