@@ -180,9 +180,9 @@ def test_harm_model_load_errors(tmp_path):
 
 
 def test_harm_judge_missing_names_the_train_command(rd_home):
-    judge = make_judge("harm")  # nothing loads before setup
+    judge = make_judge("harm", path=str(rd_home / "no-judge-here"))  # nothing loads before setup
     with pytest.raises(JudgeError, match="rootdefense judge train"):
-        judge.setup()
+        judge.setup()  # a judge folder named by the user is never trained behind their back
 
 
 def _count_training(monkeypatch) -> list:
