@@ -450,6 +450,14 @@ def test_a_steered_answer_out_of_tokens_ends_after_its_last_complete_sentence(se
     assert row.trace.events[-1]["reason"] == "length"
     row, rc = _steered_row(tok, text, max_new_tokens=n + 1)  # not at the limit yet: goes on
     assert dec.correction.after_token(rc, row, eos=set()).finish is None
+    eos_id = tok.eos_token_id  # special: decodes to nothing
+    for answer, finish in ((text, "closed"), ("I can't help with that.", "eos")):
+        row, rc = _steered_row(tok, answer)
+        row.tokens.append(eos_id)  # the expert ends: on a fragment, or after a whole sentence
+        v = dec.correction.after_token(rc, row, eos={eos_id})
+        assert v.finish == finish
+        if finish == "closed":
+            assert tok.decode(row.tokens[:v.cut]) == "I can't help with that." and row.trace.events[-1]["reason"] == "eos"
     row, rc = _steered_row(tok, text, max_new_tokens=n)
     rc.mode = "watch"  # an answer never flagged is the model's own: the engine ends it at the limit as it is
     rc.monitor = RecoveryMonitor(0.99, 8, 3)

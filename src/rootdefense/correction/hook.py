@@ -131,6 +131,12 @@ class Correction:
                 return Verdict(keep=keep, retract=retract)
         reason = end_reason(tokens[-1], eos, row.detok.text, row.cfg)
         if reason == "eos":
+            if rc.mode == "steer" and not complete_sentence(self._text(tokens[rc.steer_from:])):
+                # the expert ended on a fragment ("... Safe travels"): end after its last sentence
+                close = self._close(rc, tokens, n - 1, "eos")
+                if close is not None:
+                    row.trace.events.append(close)
+                    return Verdict(keep=steer, cut=close["keep_tokens"], finish="closed")
             return Verdict(keep=steer, finish=reason)
         cut = self._loop_cut(rc, tokens) if rc.guard is not None else None
         if rc.mode == "steer" and (cut is not None or (reason is None and n >= row.cfg.max_new_tokens)):

@@ -44,9 +44,9 @@ class CorrectionSettings:
     ``steer_first``: greedy steered steps score this many candidates the base model finds
     plausible (and its own token) first, and the rest of the pool only when none of them
     passes the probe; the choice is the same as scoring the whole pool (0: score it whole).
-    ``close``: a steered answer ends cleanly: when it starts to loop, or reaches
-    ``max_new_tokens``, it ends after its last complete sentence (a ``close`` event, finish
-    reason ``closed``) rather than mid-sentence (needs the guard, which keeps a steered tail
+    ``close``: a steered answer ends cleanly: when it starts to loop, reaches
+    ``max_new_tokens``, or ends (EOS) on an unfinished sentence, it ends after its last
+    complete sentence (a ``close`` event, finish reason ``closed``) rather than mid-sentence (needs the guard, which keeps a steered tail
     unreleased; without a complete steered sentence it is cut as before).
     ``retract_prefill``: when the answer was forced to open with text (an assistant
     prefill) and the monitor flags it, the expert answers from the start of the assistant

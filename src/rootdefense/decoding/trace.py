@@ -55,7 +55,7 @@ class Trace:
                              for e in self.events),
             "degeneration_stops": sum(e.get("reason") == "degeneration" for e in self.events),
             "loop_restarts": sum(e.get("reason") == "loop" and e.get("type") != "close" for e in self.events),
-            "closed": next((e["reason"] for e in self.events if e.get("type") == "close"), None),  # loop | length
+            "closed": next((e["reason"] for e in self.events if e.get("type") == "close"), None),  # loop | length | eos
             "prefill_retracted": any(e.get("retracted_prefill") for e in self.events),
             "strict_monitor": None if self.gate is None else self.gate["strict"],
         }
