@@ -464,6 +464,37 @@ def test_a_steered_answer_out_of_tokens_ends_after_its_last_complete_sentence(se
     assert dec.correction.after_token(rc, row, eos=set()).finish is None
 
 
+@pytest.mark.parametrize("gate, loop_expert, text, want", [
+    ({"strict": False}, "gated", "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it", "closed"),
+    ({"strict": True}, "gated", "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it", "expert"),
+    ({"strict": False}, "always", "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it", "expert"),
+    (None, "gated", "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it", "expert"),
+    ({"strict": False}, "gated", "rake rake rake rake rake rake rake rake rake rake rake rake", "expert"),
+])
+def test_a_looping_answer_to_a_request_the_gate_reads_as_benign_stays_the_models_own(
+        setup, tiny_tokenizer, monkeypatch, gate, loop_expert, text, want):
+    lm, expert, probe, _, _ = setup
+    tok = tiny_tokenizer
+    dec = decoder(lm, expert, probe, loop_expert=loop_expert)
+    row, rc = _steered_row(tok, text)
+    rc.mode, rc.steer_from, rc.gate = "watch", 0, gate
+    rc.monitor = RecoveryMonitor(0.99, 8, 3)
+    cut = len(tok.encode(text[:50], add_special_tokens=False))  # inside the loop's second round
+    monkeypatch.setattr(dec.correction, "_loop_cut", lambda rc_, tokens: cut)
+    v = dec.correction.after_token(rc, row, eos=set())
+    if want == "closed":  # the model's own answer up to the loop's first round, no expert
+        assert v.finish == "closed" and v.keep is None and rc.mode == "watch"
+        assert tok.decode(row.tokens[:v.cut]) == "Moss dies in shade. Rake it out in spring."
+    else:  # the expert answers instead, from the rollback point
+        assert v.finish is None and v.keep == 0 and rc.mode == "steer"
+        assert row.trace.events[-1]["reason"] == "loop"
+
+
+def test_loop_expert_is_checked():
+    with pytest.raises(InputError, match="loop_expert"):
+        CorrectionSettings(loop_expert="sometimes").validate()
+
+
 @pytest.mark.parametrize("tau_kind", ["never", "first", "mid", "late"])
 @torch.no_grad()
 def test_speculative_watch_equals_plain_watch(setup, tau_kind):

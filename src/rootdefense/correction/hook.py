@@ -144,6 +144,14 @@ class Correction:
             if close is not None:
                 row.trace.events.append(close)
                 return Verdict(keep=steer, cut=close["keep_tokens"], finish="closed")
+        if cut is not None and rc.mode == "watch" and s.loop_expert == "gated" and rc.gate is not None \
+                and not rc.gate["strict"]:
+            # a request the gate reads as benign loops: the model's own answer ends after its
+            # last complete sentence (the expert would refuse it); else as below
+            close = self._close(rc, tokens, cut, "loop", start=self.final_len(rc, row))
+            if close is not None:
+                row.trace.events.append(close)
+                return Verdict(cut=close["keep_tokens"], finish="closed")
         if cut is not None and rc.mode == "watch" and s.use_expert and rc.rollbacks < s.max_rollbacks:
             # the undefended answer loops: a failure too; the expert answers instead
             keep = self.rollback_point(tokens[:cut])
@@ -192,14 +200,17 @@ class Correction:
                 return i
         return 0
 
-    def _close(self, rc: RowCorrection, tokens: list[int], end: int, reason: str) -> dict | None:
-        """The ``close`` event that ends a steered answer after its last complete sentence
-        at or before ``end`` (only steered text is dropped; none of it has been released,
-        see :meth:`final_len`); None when closing is off or no steered sentence ends."""
+    def _close(self, rc: RowCorrection, tokens: list[int], end: int, reason: str,
+               start: int | None = None) -> dict | None:
+        """The ``close`` event that ends an answer after its last complete sentence at or
+        before ``end`` and after ``start`` (default: where steering began). Only text after
+        ``start`` is dropped, and none of it has been released (see :meth:`final_len`); None
+        when closing is off or no sentence ends there."""
         if not (self.settings.close and rc.guard is not None):
             return None
-        for i in range(end, rc.steer_from, -1):
-            text = self._text(tokens[rc.steer_from:i])
+        start = rc.steer_from if start is None else start
+        for i in range(end, start, -1):
+            text = self._text(tokens[start:i])
             if complete_sentence(text) and text == text.rstrip():  # trailing spaces go with what is dropped
                 return {"type": "close", "reason": reason, "keep_tokens": i, "dropped_tokens": len(tokens) - i,
                         "at_token": len(tokens), "dropped_text": self._text(tokens[i:])}

@@ -48,6 +48,11 @@ class CorrectionSettings:
     ``max_new_tokens``, or ends (EOS) on an unfinished sentence, it ends after its last
     complete sentence (a ``close`` event, finish reason ``closed``) rather than mid-sentence (needs the guard, which keeps a steered tail
     unreleased; without a complete steered sentence it is cut as before).
+    ``loop_expert``: which looping answers the expert answers instead. ``always``: every
+    one. ``gated`` (with a gate): only where the gate reads the request as harmful; a
+    looping answer to a request it reads as benign is the model's own, ended after its last
+    complete sentence before the loop (the expert, trained to refuse, would refuse it);
+    without a complete sentence, or without a gate, the expert answers as with ``always``.
     ``retract_prefill``: when the answer was forced to open with text (an assistant
     prefill) and the monitor flags it, the expert answers from the start of the assistant
     turn, withdrawing the forced opening (an explicit correction event with
@@ -79,12 +84,15 @@ class CorrectionSettings:
     recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
     guard: bool = True  # off: no plausibility floor, no loop stop
     close: bool = True  # off: a steered answer that loops or runs out of tokens may end mid-sentence
+    loop_expert: str = "gated"  # "always": every looping answer goes to the expert (the old behaviour)
 
     def validate(self) -> None:
         if self.tau is not None and not 0 < self.tau < 1:
             raise InputError(f"tau must lie strictly between 0 and 1, got {self.tau}")
         if not 1 <= self.k <= self.window:
             raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
+        if self.loop_expert not in ("always", "gated"):
+            raise InputError(f"loop_expert must be 'always' or 'gated', got {self.loop_expert!r}")
         if self.rollback not in ("answer", "sentence"):
             raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
         for name in ("expert_top", "base_top", "loop_ngram", "loop_repeats", "loop_span"):
