@@ -84,7 +84,7 @@ class CorrectionSettings:
     recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
     guard: bool = True  # off: no plausibility floor, no loop stop
     close: bool = True  # off: a steered answer that loops or runs out of tokens may end mid-sentence
-    loop_expert: str = "gated"  # "always": every looping answer goes to the expert (the old behaviour)
+    loop_expert: str = "always"  # "gated": only where the gate reads the request as harmful (see below)
 
     def validate(self) -> None:
         if self.tau is not None and not 0 < self.tau < 1:
