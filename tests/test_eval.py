@@ -380,3 +380,12 @@ def test_judge_apply_rejudges_stored_answers(tiny_dir, home_with_probe, tmp_path
     r = CliRunner().invoke(cli, ["judge", "apply", str(tmp_path / "a" / "results.jsonl"), "--judges", "nope",
                                  "--out", str(tmp_path / "c.jsonl")])
     assert r.exit_code == 2 and "valid: refusal" in r.output
+
+
+def test_rds_expert_endings_are_eval_options():
+    from rootdefense.evaluation.defenses import make_defense
+
+    d = make_defense("rds-expert", loop_expert="gated", close=False)
+    assert d.options()["loop_expert"] == "gated" and d.options()["close"] is False
+    with pytest.raises(InputError, match="loop_expert"):
+        make_defense("rds-expert", loop_expert="sometimes")
