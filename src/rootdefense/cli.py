@@ -449,7 +449,8 @@ def data_list():
 @data.command("export")
 @click.argument("names", nargs=-1, required=True)
 @click.option("--split", type=click.Choice(SPLITS), default="all",
-              show_default=True, help="test: never trained on by probes; edgy-eval: the held-out edgy half; alarming-test: the alarming set's test part")
+              show_default=True, help="test: never trained on by probes; edgy-eval: the held-out edgy half; "
+                                      "alarming-test: the alarming set's test part")
 @click.option("--limit", type=int, default=None, help="rows per dataset")
 def data_export(names, split, limit):
     """Print prompts of NAMES as JSONL ({"id", "prompt", "harmful", "source"}) for batch mode."""

@@ -133,25 +133,20 @@ class Correction:
         if reason == "eos":
             if rc.mode == "steer" and not complete_sentence(self._text(tokens[rc.steer_from:])):
                 # the expert ended on a fragment ("... Safe travels"): end after its last sentence
-                close = self._close(rc, tokens, n - 1, "eos")
-                if close is not None:
-                    row.trace.events.append(close)
-                    return Verdict(keep=steer, cut=close["keep_tokens"], finish="closed")
+                if (v := self._close(rc, row, steer, n - 1, "eos")) is not None:
+                    return v
             return Verdict(keep=steer, finish=reason)
         cut = self._loop_cut(rc, tokens) if rc.guard is not None else None
         if rc.mode == "steer" and (cut is not None or (reason is None and n >= row.cfg.max_new_tokens)):
-            close = self._close(rc, tokens, cut if cut is not None else n, "loop" if cut is not None else "length")
-            if close is not None:
-                row.trace.events.append(close)
-                return Verdict(keep=steer, cut=close["keep_tokens"], finish="closed")
+            end, why = (cut, "loop") if cut is not None else (n, "length")
+            if (v := self._close(rc, row, steer, end, why)) is not None:
+                return v
         if cut is not None and rc.mode == "watch" and s.loop_expert == "gated" and rc.gate is not None \
                 and not rc.gate["strict"]:
             # a request the gate reads as benign loops: the model's own answer ends after its
             # last complete sentence (the expert would refuse it); else as below
-            close = self._close(rc, tokens, cut, "loop", start=self.final_len(rc, row))
-            if close is not None:
-                row.trace.events.append(close)
-                return Verdict(cut=close["keep_tokens"], finish="closed")
+            if (v := self._close(rc, row, steer, cut, "loop", start=self.final_len(rc, row))) is not None:
+                return v
         if cut is not None and rc.mode == "watch" and s.use_expert and rc.rollbacks < s.max_rollbacks:
             # the undefended answer loops: a failure too; the expert answers instead
             keep = self.rollback_point(tokens[:cut])
@@ -200,20 +195,23 @@ class Correction:
                 return i
         return 0
 
-    def _close(self, rc: RowCorrection, tokens: list[int], end: int, reason: str,
-               start: int | None = None) -> dict | None:
-        """The ``close`` event that ends an answer after its last complete sentence at or
-        before ``end`` and after ``start`` (default: where steering began). Only text after
-        ``start`` is dropped, and none of it has been released (see :meth:`final_len`); None
-        when closing is off or no sentence ends there."""
+    def _close(self, rc: RowCorrection, row, steer: int | None, end: int, reason: str,
+               start: int | None = None) -> Verdict | None:
+        """End the answer after its last complete sentence at or before ``end`` and after
+        ``start`` (default: where steering began), recording a ``close`` event. Only text
+        after ``start`` is dropped, and none of it has been released (see :meth:`final_len`);
+        None when closing is off or no sentence ends there."""
         if not (self.settings.close and rc.guard is not None):
             return None
+        tokens = row.tokens
         start = rc.steer_from if start is None else start
         for i in range(end, start, -1):
             text = self._text(tokens[start:i])
             if complete_sentence(text) and text == text.rstrip():  # trailing spaces go with what is dropped
-                return {"type": "close", "reason": reason, "keep_tokens": i, "dropped_tokens": len(tokens) - i,
-                        "at_token": len(tokens), "dropped_text": self._text(tokens[i:])}
+                row.trace.events.append({"type": "close", "reason": reason, "keep_tokens": i,
+                                         "dropped_tokens": len(tokens) - i, "at_token": len(tokens),
+                                         "dropped_text": self._text(tokens[i:])})
+                return Verdict(keep=steer, cut=i, finish="closed")
         return None
 
     def _loop_cut(self, rc: RowCorrection, tokens: list[int]) -> int | None:

@@ -46,8 +46,9 @@ class CorrectionSettings:
     passes the probe; the choice is the same as scoring the whole pool (0: score it whole).
     ``close``: a steered answer ends cleanly: when it starts to loop, reaches
     ``max_new_tokens``, or ends (EOS) on an unfinished sentence, it ends after its last
-    complete sentence (a ``close`` event, finish reason ``closed``) rather than mid-sentence (needs the guard, which keeps a steered tail
-    unreleased; without a complete steered sentence it is cut as before).
+    complete sentence (a ``close`` event, finish reason ``closed``) rather than mid-sentence
+    (needs the guard, which keeps a steered tail unreleased; without a complete steered
+    sentence it is cut as before).
     ``loop_expert``: which looping answers the expert answers instead. ``always``: every
     one. ``gated`` (with a gate): only where the gate reads the request as harmful; a
     looping answer to a request it reads as benign is the model's own, ended after its last

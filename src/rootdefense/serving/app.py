@@ -274,12 +274,13 @@ class Answer:
         tokens = len(gen.token_ids) if done else self.sent_tokens
         m.tokens_out.inc(tokens)
         m.tokens_replaced.inc(trace.replaced)
-        m.rollbacks.inc(trace.summary()["rollbacks"])
+        rollbacks = trace.summary()["rollbacks"]
+        m.rollbacks.inc(rollbacks)
         took = time.perf_counter() - self.t0
         m.latency.observe(took)
         first = "-" if self.t_first is None else f"{self.t_first - self.t0:.2f}s"
         log.info("%s done: %s, %d tokens (%d replaced, %d rollbacks), first text %s, total %.2fs", self.rid,
-                 reason, tokens, trace.replaced, trace.summary()["rollbacks"], first, took)
+                 reason, tokens, trace.replaced, rollbacks, first, took)
         if self.svc.options.log_prompts and gen is not None:
             log.info("%s answer: %r", self.rid, gen.text)
         report = protocol.defense_report(self.defense, trace, reason, self.ask.defense.trace)
