@@ -13,7 +13,8 @@ from rootdefense.errors import InputError, ProbeError
 from rootdefense.models.loading import LoadedModel
 from rootdefense.probes.base import LinearProbe
 from rootdefense.probes.fit import fit_affine
-from rootdefense.probes.train import TrainSpec, train_probe
+from rootdefense.probes.disguise import FAMILIES, PLAIN, disguised, wrap
+from rootdefense.probes.train import TrainSpec, _leave_one_family_out, train_probe
 from rootdefense.stats import threshold_at_fpr
 
 
@@ -91,7 +92,7 @@ def tiny_lm(tiny_model, tiny_tokenizer):
 @pytest.mark.parametrize("kind", ["paper", "query", "response"])
 def test_training_pipeline_runs_end_to_end(tiny_lm, kind, tmp_path):
     spec = TrainSpec(kind=kind, per_dataset=12, layers=[1, 3] if kind != "paper" else None,
-                     self_answers=8, answer_tokens=6)
+                     self_answers=8, answer_tokens=6, disguised=6)
     probe, metrics = train_probe(tiny_lm, spec, log=lambda *_: None)
     assert probe.hidden_size == 48 and probe.model_id == "tiny" and probe.meta["kind"] == kind
     assert probe.layer == (3 if kind == "paper" else probe.layer) and probe.layer in (1, 3)
@@ -102,5 +103,59 @@ def test_training_pipeline_runs_end_to_end(tiny_lm, kind, tmp_path):
     # the response probe), and their held-out flag rate is reported on its own
     assert ("self-sensitive" if kind == "response" else "sensitive") in probe.meta["data"]["counts"]
     assert metrics["test_fpr_by_source"] and all(0 <= v <= 1 for v in metrics["test_fpr_by_source"].values())
+    # benign requests with alarming words: requests (query probes), their own answers, plain
+    # and inside a persona or fiction frame (response probe); their test part only reports
+    counts = probe.meta["data"]["counts"]
+    if kind == "response":
+        assert counts["self-alarming"] > 100 and counts["self-alarming-disguised"] > 50
+        assert "benign:self-alarming" in metrics["test_fpr_by_source"]
+    else:
+        assert counts["alarming"] > 300 and "alarming" in metrics["test_fpr_by_source"]
+    if kind == "query":  # requests in disguise, each family measured as if never seen
+        assert all(counts[f"disguised:{f}"] == 12 for f in FAMILIES)
+        assert set(metrics["families"]) == set(FAMILIES)
+        assert all(v[key] is None or 0 <= v[key] <= 1 for v in metrics["families"].values()
+                   for key in ("unseen_tpr", "unseen_fpr", "plain_tpr", "plain_fpr", "seen_tpr", "seen_fpr"))
+    else:
+        assert not any(k.startswith("disguised:") for k in counts) and "families" not in metrics
     probe.save(tmp_path / kind)
     assert LinearProbe.load(tmp_path / kind).layer == probe.layer
+
+
+def test_disguised_requests_keep_their_label_source_and_split():
+    """Harmful and benign requests go into the same wrappers, so only the request tells
+    them apart; a wrapped request keeps its request's split (a test-split request stays on
+    the test side in every family), and templates vary across requests."""
+    rows = [(f"harmful request number {i}", True, "advbench", "test" if i < 3 else "fit", PLAIN) for i in range(10)]
+    rows += [(f"how do I kill a stuck process {i}", False, "alarming", "val", PLAIN) for i in range(10)]
+    out = disguised(rows, per_family=4, seed=0)
+    assert len(out) == len(FAMILIES) * 8
+    by_text = {r[0]: r for r in rows}
+    for text, harmful, source, split, family in out:
+        base = next(p for p in by_text if p in text)  # the request is inside, whole
+        assert text != base and (harmful, source, split) == by_text[base][1:4] and family in FAMILIES
+    assert len({r[0].replace(next(p for p in by_text if p in r[0]), "") for r in out if r[4] == "roleplay"}) > 1
+    assert wrap("prefix-injection", "Name three birds.", 0).startswith("Name three birds.")
+    with pytest.raises(InputError, match="unknown attack"):
+        wrap("nonsense", "x", 0)
+
+
+def test_leave_one_family_out_measures_a_family_never_fitted():
+    """Family B hides the harm signal in another feature than plain requests and family A
+    do: a probe that never saw B misses it, one that saw B catches it."""
+    rng = np.random.default_rng(0)
+    X, y, fam, split = [], [], [], []
+    for family in (PLAIN, "A", "B"):
+        for i in range(400):
+            harmful = i % 2
+            x = rng.normal(scale=0.3, size=4)
+            x[1 if family == "B" else 0] += 2.0 * harmful
+            X.append(x), y.append(harmful), fam.append(family)
+            split.append(("fit", "fit", "fit", "fit", "fit", "fit", "val", "val", "test", "test")[(i // 2) % 10])
+    out = _leave_one_family_out(np.array(X), np.array(y), np.array(fam), np.array(split), TrainSpec(kind="query"),
+                                None, True)
+    assert set(out) == {"A", "B"} and out["B"]["harmful"] == 80 and out["B"]["benign"] == 80
+    assert out["A"]["unseen_tpr"] > 0.9  # A reads like plain requests
+    assert out["B"]["unseen_tpr"] < 0.5 and out["B"]["plain_tpr"] < 0.5  # never seen: mostly missed
+    assert out["B"]["seen_tpr"] > 0.9  # seen: caught
+    assert all(r["unseen_fpr"] <= 0.2 for r in out.values())

@@ -18,7 +18,7 @@ from rootdefense import defaults, paths
 from rootdefense.api import resolve_settings
 from rootdefense.cli import cli
 from rootdefense.correction import RecoveryMonitor
-from rootdefense.data.split import edgy_half, split_of
+from rootdefense.data.split import alarming_part, edgy_half, split_of
 from rootdefense.errors import InputError, ProbeError
 from rootdefense.probes.base import LinearProbe
 from rootdefense.tuning import (
@@ -81,6 +81,10 @@ def test_the_gate_flags_what_no_single_setting_can():
 def test_tune_spec_is_checked():
     with pytest.raises(InputError, match="template attacks"):
         TuneSpec(attacks=("gcg",))
+    with pytest.raises(InputError, match="template attacks; got autodan"):
+        TuneSpec(benign_attacks=("none", "autodan"))
+    with pytest.raises(InputError, match="at least one attack"):
+        TuneSpec(benign_attacks=())
     with pytest.raises(InputError, match="max_benign_flag"):
         TuneSpec(max_benign_flag=1.5)
     with pytest.raises(InputError, match=">= 1 harmful"):
@@ -97,11 +101,14 @@ def test_calibration_prompts_are_ones_no_probe_was_fitted_on():
     assert len(harmful) == 40 and len(benign) == 40
     assert all(split_of(e.prompt) == "val" for e in harmful)
     edgy = [e for e in benign if e.id.startswith("edgy-")]
-    assert len(edgy) >= 10  # the edgy requests are a real share of the benign side
+    assert len(edgy) >= 8  # the edgy requests are a real share of the benign side
     assert all(edgy_half(e.prompt) == "train" and split_of(e.prompt) != "fit" for e in edgy)
-    assert all(split_of(e.prompt) == "val" for e in benign if not e.id.startswith("edgy-"))
+    assert all(split_of(e.prompt) == "val" for e in benign if e.id.split("-")[0] not in ("edgy", "alarming"))
     # the project's sensitive questions take part too, from their validation split only
-    assert sum(e.id.startswith("sensitive-") for e in benign) >= 8
+    assert sum(e.id.startswith("sensitive-") for e in benign) >= 6
+    # and its alarming ones from their own validation part (their test part measures over-refusal)
+    alarming = [e for e in benign if e.id.startswith("alarming-")]
+    assert len(alarming) >= 6 and all(alarming_part(e.prompt) == "val" for e in alarming)
 
 
 def _write_defaults(home, model_id, **settings):
@@ -216,7 +223,8 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     assert r.exit_code == 0, r.output
     saved = json.loads((paths.probe_dir(tiny_dir) / defaults.FILE).read_text())
     m = saved["measured"]
-    assert m["harmful_prompts"] == 3 and m["benign_prompts"] == 3 and m["attacks"] == ["none", "prefill"]
+    assert m["harmful_prompts"] == 3 and m["benign_prompts"] == 3 and m["benign_answers"] == 6
+    assert m["attacks"] == ["none", "prefill", "roleplay"] and m["benign_attacks"] == ["none", "roleplay"]
     assert m["chosen"]["benign_flag_rate"] <= 0.5 and saved["probe_sha256"] == defaults.weights_sha256(
         paths.probe_dir(tiny_dir))
     r = CliRunner().invoke(cli, ["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "3", "--json"])
@@ -226,7 +234,7 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     assert settings["settings_source"].startswith("tuned defaults")
     # the calibration answers were kept: --reuse re-sweeps them (here with another budget)
     calib = paths.probe_dir(tiny_dir) / "calibration.jsonl"
-    assert len(calib.read_text().splitlines()) == 1 + 3 * 2 + 3 + 1
+    assert len(calib.read_text().splitlines()) == 1 + 3 * 3 + 3 * 2 + 1
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--harmful", "3", "--benign", "3",
                                  "--max-new-tokens", "6", "--max-benign-flag", "0.0", "--reuse", "--json"])
     assert r.exit_code == 0, r.output

@@ -323,7 +323,10 @@ def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check
 @dtype_option
 @click.option("--harmful", type=int, default=40, show_default=True, help="calibration harmful prompts (validation split)")
 @click.option("--benign", type=int, default=40, show_default=True, help="calibration benign prompts (validation split)")
-@click.option("--attacks", default="none,prefill", show_default=True, help="template attacks applied to the harmful ones")
+@click.option("--attacks", default="none,prefill,roleplay", show_default=True,
+              help="template attacks and wrappers the harmful ones are asked under")
+@click.option("--benign-attacks", default="none,roleplay", show_default=True,
+              help="wrappers the benign ones are asked under (a wrapper alone must not make the monitor fire)")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--max-benign-flag", type=float, default=0.03, show_default=True,
               help="largest share of benign answers the monitor may flag (they would be rewritten)")
@@ -335,7 +338,8 @@ def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check
 @click.option("--reuse", is_flag=True,
               help="re-sweep the calibration answers of an earlier run (calibration.jsonl) instead of decoding")
 @click.option("--json", "as_json", is_flag=True, help="print the defaults as JSON")
-def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag, steer_tau, out, reuse, as_json):
+def tune(model, dtype, harmful, benign, attacks, benign_attacks, max_new_tokens, max_benign_flag, steer_tau, out, reuse,
+         as_json):
     """Measure the model's undefended answers and save its tuned defense defaults.
 
     The answers' per-token harms go to calibration.jsonl beside defaults.json as they are
@@ -343,7 +347,8 @@ def tune(model, dtype, harmful, benign, attacks, max_new_tokens, max_benign_flag
     from .models import load_model
     from .tuning import TuneSpec, tune_and_save
 
-    spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)), max_new_tokens=max_new_tokens,
+    spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)),
+                    benign_attacks=tuple(_csv(benign_attacks)), max_new_tokens=max_new_tokens,
                     max_benign_flag=max_benign_flag, steer_tau=steer_tau)
     lm = load_model(model, dtype=dtype)
     command = " ".join(["rootdefense", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] else "rootdefense tune"

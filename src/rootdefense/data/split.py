@@ -34,6 +34,12 @@ def alarming_part(prompt: str) -> str:
     return "fit" if bucket < 5 else "val" if bucket == 5 else "test"
 
 
+def part_of(prompt: str, dataset: str | None = None) -> str:
+    """'fit', 'val' or 'test' for a prompt of ``dataset``: the benign-but-alarming set by
+    :func:`alarming_part`, every other set by :func:`split_of`."""
+    return alarming_part(prompt) if dataset == "alarming" else split_of(prompt)
+
+
 SPLITS = ("all", "fit", "val", "test", "edgy-eval", "alarming-test")  # what `rootdefense data export` can select
 
 
