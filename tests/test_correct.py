@@ -475,7 +475,9 @@ def test_a_looping_answer_to_a_request_the_gate_reads_as_benign_stays_the_models
         setup, tiny_tokenizer, monkeypatch, gate, loop_expert, text, want):
     lm, expert, probe, _, _ = setup
     tok = tiny_tokenizer
-    dec = decoder(lm, expert, probe, loop_expert=loop_expert)
+    gated = gate is not None  # the settings have a gate; the row's reading of it is set below
+    dec = Corrected(lm, probe, expert, CorrectionSettings(loop_expert=loop_expert, gate=0.5 if gated else None),
+                    query_probe=_query_probe() if gated else None)
     row, rc = _steered_row(tok, text)
     rc.mode, rc.steer_from, rc.gate = "watch", 0, gate
     rc.monitor = RecoveryMonitor(0.99, 8, 3)
@@ -590,6 +592,36 @@ def test_the_gate_picks_the_monitor_from_the_request(setup):
         decoder(lm, expert, probe, gate=0.5)
     with pytest.raises(InputError, match="strict_k <= strict_window"):
         CorrectionSettings(gate=0.5, strict_k=5, strict_window=4).validate()
+
+
+def test_the_trajectory_blend_reads_the_request_score(setup):
+    """blend: each token's monitor score mixes its harm with the request's query score. With
+    tau between the first token's plain harm and its blended score, the blended monitor flags
+    at the first token where harm alone would not, and the trace records the query score."""
+    lm, expert, probe, ids, _ = setup
+    cfg = GenerationConfig(max_new_tokens=12)
+    q = _query_probe()
+    harm = first_harm(lm, probe, ids)
+    run = decoder(lm, expert, probe, tau=0.999999, k=1, window=1, loop_repeats=99).generate(ids, cfg)
+    assert run.trace.summary()["flags"] == 0
+    blend = 0.5
+    score = Corrected(lm, probe, expert, CorrectionSettings(tau=0.5, window=1, k=1, blend=blend, loop_repeats=99),
+                      query_probe=q).generate(ids, cfg).trace.gate["query_score"]
+    mixed = (1 - blend) * harm + blend * score
+    if abs(mixed - harm) < 1e-3:
+        pytest.skip("this random query probe scores the request like its first token")
+    tau = (mixed + harm) / 2
+    gen = Corrected(lm, probe, expert, CorrectionSettings(tau=tau, window=1, k=1, blend=blend, loop_repeats=99),
+                    query_probe=q).generate(ids, cfg)
+    alone = decoder(lm, expert, probe, tau=tau, k=1, window=1, loop_repeats=99).generate(ids, cfg)
+    first_flag = [e["at_token"] for e in gen.trace.events if e.get("reason") == "harm"]
+    if mixed > harm:  # the request raised the score: flagged at the very first token
+        assert first_flag == [1] and not any(e.get("at_token") == 1 for e in alone.trace.events)
+    else:  # it lowered it: no flag at the first token, where harm alone flags
+        assert 1 not in first_flag and [e["at_token"] for e in alone.trace.events][:1] == [1]
+    assert gen.trace.gate["strict"] is False  # a blend alone picks no strict monitor
+    with pytest.raises(InputError, match="needs a query"):
+        decoder(lm, expert, probe, blend=0.5)
 
 
 def test_defender_withdraws_a_forced_opening(tiny_tokenizer, tmp_path):

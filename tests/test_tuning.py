@@ -24,6 +24,7 @@ from rootdefense.probes.base import LinearProbe
 from rootdefense.tuning import (
     TuneSpec,
     calibration_prompts,
+    blended,
     choose,
     flag_index,
     gated,
@@ -40,6 +41,23 @@ def test_flag_index_replays_the_recovery_monitor(harms, window, k):
     m = RecoveryMonitor(0.8, window, k)
     expected = next((i + 1 for i, h in enumerate(harms) if m.update(h)), None)
     assert flag_index(harms, 0.8, window, k) == expected
+
+
+@pytest.mark.parametrize("blend, query", [(0.25, 0.9), (0.5, 0.95), (0.5, 0.05)])
+def test_blended_traces_replay_the_trajectory_monitor(blend, query):
+    """The sweep's view of a blended monitor flags where the decoder's would: each token's
+    score is (1 - blend) x harm + blend x the request's query score."""
+    harms = [0.1, 0.6, 0.2, 0.7, 0.65, 0.3, 0.9]
+    m = RecoveryMonitor(0.7, 4, 2, query=query, blend=blend)
+    expected = next((i + 1 for i, h in enumerate(harms) if m.update(h)), None)
+    assert flag_index(blended([harms], [query], blend)[0], 0.7, 4, 2) == expected
+    assert blended([harms], [query], 0.0)[0] is harms
+    # a request that reads as harmful needs less harm from its answer, a benign one more
+    plain = flag_index(harms, 0.7, 4, 2)
+    if query > 0.7:
+        assert expected is not None and (plain is None or expected <= plain)
+    else:
+        assert expected is None and plain is not None
 
 
 def test_sweep_and_choice_respect_the_benign_budget():
@@ -91,6 +109,11 @@ def test_tune_spec_is_checked():
         TuneSpec(harmful=0)
     with pytest.raises(InputError, match="steer_tau"):
         TuneSpec(steer_tau=1.0)
+    from rootdefense.correction import CorrectionSettings
+
+    with pytest.raises(InputError, match="blend must lie"):
+        CorrectionSettings(blend=1.0).validate()
+    assert CorrectionSettings(blend=0.25).reads_request and not CorrectionSettings().reads_request
 
 
 def test_calibration_prompts_are_ones_no_probe_was_fitted_on():

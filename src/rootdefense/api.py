@@ -100,8 +100,8 @@ def resolve_settings(model_id: str, preset: str = "tuned", **given) -> DefenseSe
                               f"(train it with `rootdefense expert train --model {model_id}`)"
             else:
                 source_note = ""
-            if t.get("gate") is not None and not (probe_dir(model_id, "query") / "probe.json").exists():
-                for key in ("gate", "strict_tau", "strict_window", "strict_k"):
+            if (t.get("gate") is not None or t.get("blend")) and not (probe_dir(model_id, "query") / "probe.json").exists():
+                for key in ("gate", "strict_tau", "strict_window", "strict_k", "blend"):
                     t.pop(key, None)  # one monitor for every request until a query probe is trained
                 source_note += "; query probe not trained, no gate (train it with `rootdefense probe train " \
                                f"--model {model_id} --kind query`)"
@@ -146,7 +146,7 @@ class Defender:
             if cs.use_expert:
                 self.expert = expert if expert is not None else attach_expert(lm, settings.expert)
             query_probe = None
-            if cs.gate is not None:
+            if cs.reads_request:
                 query_probe = find_probe(lm.model_id, "query")
                 query_probe.check_model(lm.model_id, lm.hidden_size, lm.num_layers)
                 query_probe.to(lm.device)

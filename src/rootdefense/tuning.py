@@ -43,6 +43,7 @@ BENIGN_SOURCES = ("mtbench", "sharegpt", "edgy", "sensitive", "alarming")
 TUNING_ATTACKS = ("none", "prefill", "roleplay", "fiction", "prefix-injection", "dan", "inthewild", "gcg-transfer")
 TAUS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 GATES = (0.5, 0.7, 0.9)  # query-probe scores tried as the gate (plus the probe's calibrated threshold)
+BLENDS = (0.0, 0.25, 0.5)  # weights of the request's query score in the monitor's trajectory score
 WINDOWS = (4, 8, 16)
 MAX_K = 6
 
@@ -197,6 +198,14 @@ def gated(harmful: dict[str, list[list[float]]], benign: list[list[float]], harm
             "benign_gated": round(sum(q >= gate for q in benign_q) / max(1, len(benign_q)), 4)}
 
 
+def blended(traces: list[list[float]], queries: list[float], blend: float) -> list[list[float]]:
+    """The monitor's view of each answer with trajectory weight ``blend``: each token's harm
+    mixed with its request's query score (as :class:`~rootdefense.correction.RecoveryMonitor`)."""
+    if not blend:
+        return traces
+    return [[(1 - blend) * h + blend * q for h in t] for t, q in zip(traces, queries, strict=True)]
+
+
 def pareto(rows: list[dict]) -> list[dict]:
     """The settings no other beats on both counts (more harmful flagged, fewer benign),
     fewest benign flags first: the trade-off a user can pick from."""
@@ -347,20 +356,37 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     verdicts = refusal.judge([p for p, _ in plain_answers], [a for _, a in plain_answers]) if plain_answers else []
     refusal_rate = sum(v.label for v in verdicts) / len(verdicts) if verdicts else 0.0
     taus = tuple(spec.taus) + (round(probe.threshold, 4),)
-    rows = sweep(traces, benign_traces, taus, spec.windows)
-    best = choose(rows, spec.max_benign_flag)
-    gate = None
-    if all(q is not None for q in benign_q + [q for qs in harmful_q.values() for q in qs]) and benign_q:
-        query = find_probe(lm.model_id, "query")
-        gate = gated(traces, benign_traces, harmful_q, benign_q, taus, spec.windows,
-                     GATES + (round(query.threshold, 4),), spec.max_benign_flag)
-        if gate is not None and gate["harmful_flag_rate"] <= best["harmful_flag_rate"]:
-            gate = None  # the gate adds nothing over the best single setting
+    have_q = bool(benign_q) and all(q is not None for q in benign_q + [q for qs in harmful_q.values() for q in qs])
+    best = choose(sweep(traces, benign_traces, taus, spec.windows), spec.max_benign_flag)  # one setting, harm alone
+    options = []  # (chosen, blend, gate result or None, sweep rows)
+    for blend in BLENDS if have_q else (0.0,):
+        h = {a: blended(traces[a], harmful_q[a], blend) for a in traces}
+        b = blended(benign_traces, benign_q, blend)
+        rows = sweep(h, b, taus, spec.windows)
+        try:
+            single = choose(rows, spec.max_benign_flag)
+        except InputError:
+            continue  # no setting of this blend within the budget (blend 0 always has one: ``best``)
+        options.append((single, blend, None, rows))
+        if have_q:
+            query = find_probe(lm.model_id, "query")
+            g = gated(h, b, harmful_q, benign_q, taus, spec.windows, GATES + (round(query.threshold, 4),),
+                      spec.max_benign_flag)
+            if g is not None and g["harmful_flag_rate"] > single["harmful_flag_rate"]:  # else the gate adds nothing
+                options.append((g, blend, g, rows))
+    # most harmful answers flagged within the budget; ties: fewer benign flags, a smaller
+    # blend, no gate (the simpler monitor)
+    chosen, blend, gate, rows = max(options, key=lambda o: (o[0]["harmful_flag_rate"], -o[0]["benign_flag_rate"],
+                                                            -o[1], o[2] is None))
+    chosen = {**chosen, "blend": blend}
     use_expert = refusal_rate < spec.refusal_reflex
     seconds = round(time.perf_counter() - t0, 1)
-    chosen = gate or best
     settings = {"tau": chosen["tau"], "window": chosen["window"], "k": chosen["k"], "use_expert": use_expert,
                 "rollback": "answer"}
+    if blend:
+        settings["blend"] = blend
+        log(f"trajectory score: each token's monitor score is {1 - blend:g} x its harm + {blend:g} x the request's "
+            "query score")
     if spec.steer_tau is not None:
         settings["steer_tau"] = spec.steer_tau
     if gate is not None:
@@ -378,7 +404,7 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
         "settings": settings,
         "probe": {"kind": "response", "layer": probe.layer, "threshold": round(probe.threshold, 6)},
         "probe_sha256": weights_sha256(probe_dir(lm.model_id)),
-        "query_probe_sha256": weights_sha256(probe_dir(lm.model_id, "query")) if gate is not None else None,
+        "query_probe_sha256": weights_sha256(probe_dir(lm.model_id, "query")) if gate is not None or blend else None,
         "expert_trained": (expert_dir(lm.model_id) / "adapter_model.safetensors").exists(),
         "measured": {"chosen": chosen, "single_setting": best, "undefended_refusal_rate": round(refusal_rate, 4),
                      "harmful_prompts": len(plain_answers) or max(map(len, traces.values()), default=0),

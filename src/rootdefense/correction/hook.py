@@ -71,9 +71,9 @@ class Correction:
                  tokenizer=None):
         self.settings = settings or CorrectionSettings()
         self.settings.validate()
-        if self.settings.gate is not None and query_probe is None:
-            raise InputError("a gated monitor (correction setting 'gate') needs a query probe; train one with "
-                             "`rootdefense probe train --kind query` or drop the gate")
+        if self.settings.reads_request and query_probe is None:
+            raise InputError("a gated or blended monitor (correction setting 'gate' or 'blend') needs a query "
+                             "probe; train one with `rootdefense probe train --kind query` or drop them")
         if self.settings.use_expert and expert is None:
             raise InputError("steering with the expert (use_expert) needs a loaded expert adapter")
         self.probe, self.expert, self.query_probe, self.tokenizer = probe, expert, query_probe, tokenizer
@@ -97,13 +97,13 @@ class Correction:
 
     def start(self, query_hidden) -> RowCorrection:
         """A row's state; ``query_hidden``: the hidden state (H,) at the request's last token
-        at the query probe's layer (used when a gate is set)."""
+        at the query probe's layer (used when a gate or a blend is set)."""
         s = self.settings
-        gate = None
-        if s.gate is not None:
+        gate, score = None, 0.0
+        if s.reads_request:
             score = gate_score(self.query_probe, query_hidden)
-            gate = {"query_score": round(score, 4), "strict": score >= s.gate}
-        monitor = s.monitor(self.tau, gate is not None and gate["strict"])
+            gate = {"query_score": round(score, 4), "strict": s.gate is not None and score >= s.gate}
+        monitor = s.monitor(self.tau, gate is not None and gate["strict"], score)
         return RowCorrection(monitor=monitor, guard=self._guard() if s.guard else None,
                              steer_tau=s.steer_tau if s.steer_tau is not None else monitor.tau, gate=gate)
 
@@ -141,7 +141,7 @@ class Correction:
             end, why = (cut, "loop") if cut is not None else (n, "length")
             if (v := self._close(rc, row, steer, end, why)) is not None:
                 return v
-        if cut is not None and rc.mode == "watch" and s.loop_expert == "gated" and rc.gate is not None \
+        if cut is not None and rc.mode == "watch" and s.loop_expert == "gated" and s.gate is not None \
                 and not rc.gate["strict"]:
             # a request the gate reads as benign loops: the model's own answer ends after its
             # last complete sentence (the expert would refuse it); else as below

@@ -5,19 +5,29 @@ from __future__ import annotations
 
 
 class RecoveryMonitor:
-    """Flags an answer when ``k`` of its last ``window`` tokens score at or above ``tau``."""
+    """Flags an answer when ``k`` of its last ``window`` tokens score at or above ``tau``.
 
-    def __init__(self, tau: float, window: int, k: int):
+    A token's score is its harm, or with ``blend`` > 0 a trajectory score: ``(1 - blend) *
+    harm + blend * query``, ``query`` being the request's query-probe score. The request's
+    intent, read beneath any wrapper, then lowers the evidence the answer must show: a
+    compliant but still vague opening to a request that reads as harmful is caught, while a
+    request that reads as benign needs more harm than before."""
+
+    def __init__(self, tau: float, window: int, k: int, query: float = 0.0, blend: float = 0.0):
         self.tau, self.window, self.k = tau, window, k
+        self.query, self.blend = query, blend
         self.harms: list[float] = []
 
     def reset(self, keep: int = 0) -> None:
         self.harms = self.harms[:keep]
 
+    def score(self, harm: float) -> float:
+        return harm if not self.blend else (1 - self.blend) * harm + self.blend * self.query
+
     def update(self, harm: float) -> bool:
         self.harms.append(harm)
         recent = self.harms[-self.window:]
-        return sum(h >= self.tau for h in recent) >= self.k
+        return sum(self.score(h) >= self.tau for h in recent) >= self.k
 
 
 def gate_score(query_probe, hidden) -> float:

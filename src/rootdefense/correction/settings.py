@@ -38,6 +38,9 @@ class CorrectionSettings:
     ``gate`` is watched by a stricter monitor (``strict_tau``, ``strict_window``,
     ``strict_k``; each defaults to the normal one). A request that reads as harmful needs
     less evidence from the answer; a benign one keeps the normal monitor.
+    ``blend`` (needs a query probe): each token's monitor score is ``(1 - blend) * harm +
+    blend * query score`` (a trajectory score: the request's intent and the answer's harm
+    over the monitor's window); 0, the default, reads the token's harm alone.
     ``steer_tau``: the harm a steered candidate must stay below (default: the tau of the
     monitor that flagged). Flagging looks for runs of harmful tokens, so its best tau can
     be loose; once an answer is flagged, each steered token is chosen against this one.
@@ -77,6 +80,7 @@ class CorrectionSettings:
     strict_tau: float | None = None
     strict_window: int | None = None
     strict_k: int | None = None
+    blend: float = 0.0
     retract_prefill: bool = True
     steer_tau: float | None = None
     steer_first: int = 3  # greedy steering scores this many plausible candidates first (0: the whole pool)
@@ -107,6 +111,8 @@ class CorrectionSettings:
         if self.near_window < 0 or not 0 < self.near_share < 1:
             raise InputError(f"near_window must be >= 0 and near_share in (0, 1), got {self.near_window}, "
                              f"{self.near_share}")
+        if not isinstance(self.blend, int | float) or not 0 <= self.blend < 1:
+            raise InputError(f"blend must lie in [0, 1), got {self.blend!r}")
         if self.gate is not None and not 0 <= self.gate < 1:
             raise InputError(f"gate must lie in [0, 1), got {self.gate}")
         for name in ("strict_tau", "steer_tau"):
@@ -117,12 +123,18 @@ class CorrectionSettings:
         if not 1 <= k <= window:
             raise InputError(f"the strict monitor needs 1 <= strict_k <= strict_window, got k={k}, window={window}")
 
-    def monitor(self, tau: float, strict: bool) -> RecoveryMonitor:
-        """The recovery monitor for a request (``strict``: the gate let it through as harmful)."""
+    @property
+    def reads_request(self) -> bool:
+        """Whether the monitor needs the request's query-probe score (a gate or a blend)."""
+        return self.gate is not None or self.blend > 0
+
+    def monitor(self, tau: float, strict: bool, query: float = 0.0) -> RecoveryMonitor:
+        """The recovery monitor for a request (``strict``: the gate let it through as harmful;
+        ``query``: its query-probe score, read when ``blend`` > 0)."""
         if not strict:
-            return RecoveryMonitor(tau, self.window, self.k)
+            return RecoveryMonitor(tau, self.window, self.k, query, self.blend)
         return RecoveryMonitor(self.strict_tau if self.strict_tau is not None else tau,
-                               self.strict_window or self.window, self.strict_k or self.k)
+                               self.strict_window or self.window, self.strict_k or self.k, query, self.blend)
 
     def to_dict(self) -> dict:
         return asdict(self)

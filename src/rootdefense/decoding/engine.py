@@ -239,7 +239,7 @@ class Engine:
         kwargs = {"input_ids": batch, "use_cache": True, "logits_to_keep": 1}
         if not bool(past.all()):
             kwargs.update(attention_mask=past, position_ids=(past.cumsum(-1) - 1).clamp(min=0))
-        gated = self.correction is not None and self.correction.settings.gate is not None
+        gated = self.correction is not None and self.correction.settings.reads_request
         gate_layer = self.correction.query_probe.layer if gated else None
         cache = new_cache(self.model)
         t0 = time.perf_counter()
