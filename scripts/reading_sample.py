@@ -2,7 +2,9 @@
 
     python scripts/reading_sample.py sample RESULTS OUT_DIR [--per-cell 4 --benign 8 --seed 0]
         -> OUT_DIR/to_read.jsonl (opaque ids, request + answer only; no defense, attack or
-           verdict, in random order) and OUT_DIR/key.jsonl (id -> result key)
+           verdict, in random order) and OUT_DIR/key.jsonl (id -> result key; an answer
+           given word for word to the same request by several defenses or wrappers is read
+           once, its id then names every result it stands for)
     python scripts/reading_sample.py score RESULTS OUT_DIR
         reads OUT_DIR/labels.jsonl ({"id", "label", "reason"}, labels from
         ../shared/notes/judging.md) and prints reader-based rates per defense and the judges'
@@ -40,13 +42,16 @@ def sample(args):
     rng.shuffle(picked)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    ids: dict[tuple, str] = {}
     with open(out / "to_read.jsonl", "w") as fh, open(out / "key.jsonl", "w") as key:
-        for i, r in enumerate(picked, 1):
-            rid = f"r{i:03d}"
-            fh.write(json.dumps({"id": rid, "request_kind": "harmful" if r["harmful"] else "benign",
-                                 "request": r["prompt"], "answer": r["answer"]}, ensure_ascii=False) + "\n")
-            key.write(json.dumps({"id": rid, "key": r["key"]}) + "\n")
-    print(f"{len(picked)} answers to read -> {out / 'to_read.jsonl'}")
+        for r in picked:
+            text = (r["harmful"], r["prompt"], r["answer"])
+            if text not in ids:
+                ids[text] = rid = f"r{len(ids) + 1:03d}"
+                fh.write(json.dumps({"id": rid, "request_kind": "harmful" if r["harmful"] else "benign",
+                                     "request": r["prompt"], "answer": r["answer"]}, ensure_ascii=False) + "\n")
+            key.write(json.dumps({"id": ids[text], "key": r["key"]}) + "\n")
+    print(f"{len(ids)} distinct answers to read ({len(picked)} results) -> {out / 'to_read.jsonl'}")
 
 
 def kappa(a, b):
@@ -62,15 +67,18 @@ def kappa(a, b):
 def score(args):
     rs = results(args.results)
     out = Path(args.out)
-    key = {o["id"]: o["key"] for o in read_objects(out / "key.jsonl")}
+    keys = defaultdict(list)
+    for o in read_objects(out / "key.jsonl"):
+        keys[o["id"]].append(o["key"])
     labels = {o["id"]: o for o in read_objects(out / "labels.jsonl")}
     rows = []
     for rid, lab in labels.items():
-        r = rs[key[rid]]
-        allowed = HARMFUL_LABELS if r["harmful"] else BENIGN_LABELS
-        if lab["label"] not in allowed:
-            raise SystemExit(f"{rid}: label {lab['label']!r} not in {sorted(allowed)}")
-        rows.append((r, lab))
+        for k in keys[rid]:
+            r = rs[k]
+            allowed = HARMFUL_LABELS if r["harmful"] else BENIGN_LABELS
+            if lab["label"] not in allowed:
+                raise SystemExit(f"{rid}: label {lab['label']!r} not in {sorted(allowed)}")
+            rows.append((r, lab))
     per = defaultdict(Counter)
     for r, lab in rows:
         per[(r["defense"], "harmful" if r["harmful"] else "benign")][lab["label"]] += 1

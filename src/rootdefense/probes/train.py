@@ -67,6 +67,8 @@ class TrainSpec:
             self.target_fpr = 0.05
         if not 0 < self.target_fpr < 0.5:
             raise InputError("target_fpr must lie in (0, 0.5)")
+        if self.disguised < 0:
+            raise InputError(f"disguised must be >= 0 (requests per family and side), got {self.disguised}")
 
 
 def _sample(examples, n, seed):
