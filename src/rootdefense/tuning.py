@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .correction import CorrectionSettings, DegenerationGuard
+from .correction.monitor import trajectory
 from .data.split import edgy_half, part_of
 from .decoding import GenerationConfig
 from .defaults import weights_sha256
@@ -203,7 +204,7 @@ def blended(traces: list[list[float]], queries: list[float], blend: float) -> li
     mixed with its request's query score (as :class:`~rootdefense.correction.RecoveryMonitor`)."""
     if not blend:
         return traces
-    return [[(1 - blend) * h + blend * q for h in t] for t, q in zip(traces, queries, strict=True)]
+    return [[trajectory(h, q, blend) for h in t] for t, q in zip(traces, queries, strict=True)]
 
 
 def pareto(rows: list[dict]) -> list[dict]:
@@ -359,6 +360,7 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     have_q = bool(benign_q) and all(q is not None for q in benign_q + [q for qs in harmful_q.values() for q in qs])
     best = choose(sweep(traces, benign_traces, taus, spec.windows), spec.max_benign_flag)  # one setting, harm alone
     options = []  # (chosen, blend, gate result or None, sweep rows)
+    gates = GATES + (round(find_probe(lm.model_id, "query").threshold, 4),) if have_q else ()
     for blend in BLENDS if have_q else (0.0,):
         h = {a: blended(traces[a], harmful_q[a], blend) for a in traces}
         b = blended(benign_traces, benign_q, blend)
@@ -369,9 +371,7 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
             continue  # no setting of this blend within the budget (blend 0 always has one: ``best``)
         options.append((single, blend, None, rows))
         if have_q:
-            query = find_probe(lm.model_id, "query")
-            g = gated(h, b, harmful_q, benign_q, taus, spec.windows, GATES + (round(query.threshold, 4),),
-                      spec.max_benign_flag)
+            g = gated(h, b, harmful_q, benign_q, taus, spec.windows, gates, spec.max_benign_flag)
             if g is not None and g["harmful_flag_rate"] > single["harmful_flag_rate"]:  # else the gate adds nothing
                 options.append((g, blend, g, rows))
     # most harmful answers flagged within the budget; ties: fewer benign flags, a smaller

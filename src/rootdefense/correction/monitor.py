@@ -4,6 +4,11 @@ that picks a stricter monitor for requests the query probe reads as harmful."""
 from __future__ import annotations
 
 
+def trajectory(harm: float, query: float, blend: float) -> float:
+    """A token's monitor score: its harm mixed with its request's query score by ``blend``."""
+    return harm if not blend else (1 - blend) * harm + blend * query
+
+
 class RecoveryMonitor:
     """Flags an answer when ``k`` of its last ``window`` tokens score at or above ``tau``.
 
@@ -22,7 +27,7 @@ class RecoveryMonitor:
         self.harms = self.harms[:keep]
 
     def score(self, harm: float) -> float:
-        return harm if not self.blend else (1 - self.blend) * harm + self.blend * self.query
+        return trajectory(harm, self.query, self.blend)
 
     def update(self, harm: float) -> bool:
         self.harms.append(harm)
