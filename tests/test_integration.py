@@ -52,24 +52,27 @@ def test_prepared_probes_are_real(smollm):
         assert 0 < probe.threshold < 1
 
 
-def test_prepared_probes_are_the_shipped_ones(smollm):
-    """`prepare` installs the probes the shipped defaults were measured with (and the expert
-    the correction results were measured with), so a fresh install applies its tuned
-    defaults to exactly those, also on a home an earlier release prepared (its shipped
-    probes are replaced; probes trained here are kept: `prepare --reinstall` replaces them)."""
-    from rootdefense import defaults, paths
+def test_prepared_probes_are_the_shipped_ones(smollm, tmp_path, monkeypatch):
+    """`prepare` on a fresh home installs the probes the shipped defaults were measured with
+    (and the expert the correction results were measured with), so a fresh install applies
+    its tuned defaults to exactly those. (A fresh home, not this machine's: a developer's
+    home may hold probes trained here, which `prepare` keeps by design; that policy is
+    tested in test_tuning.py.)"""
+    from rootdefense import defaults, install, paths
 
+    monkeypatch.setenv("ROOTDEFENSE_HOME", str(tmp_path / "home"))
+    for kind in install.PROBE_KINDS:
+        install.install_probe(smollm, kind, log=lambda *_: None)
+    install.install_expert(smollm, log=lambda *_: None)
     for kind in ("response", "query", "paper"):
         shipped = defaults.shipped_probe_dir(smollm.model_id, kind)
         assert shipped is not None, kind
         assert defaults.weights_sha256(paths.probe_dir(smollm.model_id, kind)) == \
             defaults.weights_sha256(shipped), kind
-    from rootdefense.paths import expert_dir
-
     shipped = defaults.shipped_expert_dir(smollm.model_id)
     assert shipped is not None
     for name in defaults.EXPERT_FILES[:2]:
-        assert (expert_dir(smollm.model_id) / name).read_bytes() == (shipped / name).read_bytes(), name
+        assert (paths.expert_dir(smollm.model_id) / name).read_bytes() == (shipped / name).read_bytes(), name
     tuned = defaults.load_defaults(smollm.model_id)
     assert tuned["probe_matches"] is True and tuned["probe_sha256"] == \
         defaults.weights_sha256(defaults.shipped_probe_dir(smollm.model_id, "response"))
