@@ -82,9 +82,9 @@ def score(args):
     per = defaultdict(Counter)
     for r, lab in rows:
         per[(r["defense"], "harmful" if r["harmful"] else "benign")][lab["label"]] += 1
-    per_attack = defaultdict(Counter)
+    per_attack = defaultdict(Counter)  # benign requests by their wrapper too ("benign:roleplay")
     for r, lab in rows:
-        per_attack[(r["defense"], r["attack"] if r["harmful"] else "benign")][lab["label"]] += 1
+        per_attack[(r["defense"], r["attack"] if r["harmful"] else f"benign:{r['attack']}")][lab["label"]] += 1
     report = {"n": len(rows), "by_defense": {f"{d}/{k}": dict(c) for (d, k), c in sorted(per.items())},
               "by_defense_attack": {f"{d}/{a}": dict(c) for (d, a), c in sorted(per_attack.items())}}
     harmful = [(r, lab) for r, lab in rows if r["harmful"]]
