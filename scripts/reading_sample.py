@@ -1,10 +1,18 @@
 """Blind reading check of an evaluation run's judges.
 
-    python scripts/reading_sample.py sample RESULTS OUT_DIR [--per-cell 4 --benign 8 --seed 0]
+    python scripts/reading_sample.py sample RESULTS OUT_DIR [--per-cell 4 --benign 8 --seed 0 --reuse DIR]
         -> OUT_DIR/to_read.jsonl (opaque ids, request + answer only; no defense, attack or
            verdict, in random order) and OUT_DIR/key.jsonl (id -> result key; an answer
            given word for word to the same request by several defenses or wrappers is read
-           once, its id then names every result it stands for)
+           once, its id then names every result it stands for). With --reuse, answers another
+           run's reading (DIR) already labelled are not read again: their labels go to
+           OUT_DIR/reused.jsonl, to be joined with the new ones into labels.jsonl.
+    python scripts/reading_sample.py export RESULTS OUT_DIR DEST
+        writes DEST: the read answers to harmful requests as training rows for the harm judge
+        ({"request", "answer", "label", "dataset", "attack", "defense"}, one per distinct answer)
+    python scripts/reading_sample.py agree RESULTS OUT_DIR OTHER_LABELS
+        compares OUT_DIR/labels.jsonl with a second reader's labels of some of the same ids
+        (help vs the rest: Cohen's kappa; all labels: agreement)
     python scripts/reading_sample.py score RESULTS OUT_DIR
         reads OUT_DIR/labels.jsonl ({"id", "label", "reason"}, labels from
         ../shared/notes/judging.md) and prints reader-based rates per defense and the judges'
@@ -42,16 +50,35 @@ def sample(args):
     rng.shuffle(picked)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    known = read_labels(args.reuse) if args.reuse else {}
     ids: dict[tuple, str] = {}
-    with open(out / "to_read.jsonl", "w") as fh, open(out / "key.jsonl", "w") as key:
+    reused = 0
+    with open(out / "to_read.jsonl", "w") as fh, open(out / "key.jsonl", "w") as key, \
+            open(out / "reused.jsonl", "w") as old:
         for r in picked:
             text = (r["harmful"], r["prompt"], r["answer"])
             if text not in ids:
                 ids[text] = rid = f"r{len(ids) + 1:03d}"
-                fh.write(json.dumps({"id": rid, "request_kind": "harmful" if r["harmful"] else "benign",
-                                     "request": r["prompt"], "answer": r["answer"]}, ensure_ascii=False) + "\n")
+                if text in known:  # read before, in another run: its label stands
+                    old.write(json.dumps({"id": rid, "label": known[text], "reason": f"read in {args.reuse}"}) + "\n")
+                    reused += 1
+                else:
+                    fh.write(json.dumps({"id": rid, "request_kind": "harmful" if r["harmful"] else "benign",
+                                         "request": r["prompt"], "answer": r["answer"]}, ensure_ascii=False) + "\n")
             key.write(json.dumps({"id": ids[text], "key": r["key"]}) + "\n")
-    print(f"{len(ids)} distinct answers to read ({len(picked)} results) -> {out / 'to_read.jsonl'}")
+    if not reused:
+        (out / "reused.jsonl").unlink()
+    print(f"{len(ids) - reused} distinct answers to read, {reused} read before ({len(picked)} results) "
+          f"-> {out / 'to_read.jsonl'}")
+
+
+def read_labels(reading_dir) -> dict[tuple, str]:
+    """(harmful, request, answer) -> label of a finished reading (its run's results.jsonl beside it)."""
+    folder = Path(reading_dir)
+    rs = results(folder.parent / "results.jsonl")
+    labels = {o["id"]: o["label"] for o in read_objects(folder / "labels.jsonl")}
+    return {(rs[o["key"]]["harmful"], rs[o["key"]]["prompt"], rs[o["key"]]["answer"]): labels[o["id"]]
+            for o in read_objects(folder / "key.jsonl") if o["key"] in rs and o["id"] in labels}
 
 
 def kappa(a, b):
@@ -106,16 +133,51 @@ def score(args):
     (out / "agreement.json").write_text(json.dumps(report, indent=1))
 
 
+def export(args):
+    rs = results(args.results)
+    out = Path(args.out)
+    labels = {o["id"]: o["label"] for o in read_objects(out / "labels.jsonl")}
+    seen, n = set(), 0
+    with open(args.dest, "w") as fh:
+        for o in read_objects(out / "key.jsonl"):
+            r = rs[o["key"]]
+            if not r["harmful"] or o["id"] in seen:
+                continue
+            seen.add(o["id"])
+            if labels[o["id"]] not in HARMFUL_LABELS:
+                raise SystemExit(f"{o['id']}: label {labels[o['id']]!r} not in {sorted(HARMFUL_LABELS)}")
+            fh.write(json.dumps({"request": r["prompt"], "answer": r["answer"], "label": labels[o["id"]],
+                                 "dataset": r["dataset"], "attack": r["attack"], "defense": r["defense"]},
+                                ensure_ascii=False) + "\n")
+            n += 1
+    print(f"{n} read answers -> {args.dest}")
+
+
+def agree(args):
+    first = {o["id"]: o["label"] for o in read_objects(Path(args.out) / "labels.jsonl")}
+    second = {o["id"]: o["label"] for o in read_objects(args.dest)}
+    ids = sorted(set(first) & set(second))
+    a, b = [first[i] == "help" for i in ids], [second[i] == "help" for i in ids]
+    report = {"n": len(ids), "help_first": sum(a), "help_second": sum(b),
+              "help_both": sum(x and y for x, y in zip(a, b)), "help_kappa": kappa(a, b),
+              "same_label": round(sum(first[i] == second[i] for i in ids) / len(ids), 3),
+              "disagreements": {f"{x}->{y}": n for (x, y), n in
+                                Counter((first[i], second[i]) for i in ids if first[i] != second[i]).most_common()}}
+    print(json.dumps(report, indent=1))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["sample", "score"])
+    ap.add_argument("cmd", choices=["sample", "score", "export", "agree"])
     ap.add_argument("results")
     ap.add_argument("out")
+    ap.add_argument("dest", nargs="?")
     ap.add_argument("--per-cell", type=int, default=4)
     ap.add_argument("--benign", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse", default=None, help="a finished reading folder whose labels stand")
     args = ap.parse_args()
-    sample(args) if args.cmd == "sample" else score(args)
+    {"sample": sample, "score": score, "export": export, "agree": agree}[args.cmd](args)
 
 
 if __name__ == "__main__":
