@@ -650,3 +650,32 @@ def test_defender_withdraws_a_forced_opening(tiny_tokenizer, tmp_path):
     assert not kept.trace.summary()["prefill_retracted"] and kept.trace.events == []
     forced = encode_chat(tok, [{"role": "user", "content": PROMPT}], prefill="Sure, here is")
     assert kept.token_ids == plain(lm, forced, 8).token_ids
+
+
+def test_end_check_reads_the_last_token_as_a_verdict_on_the_whole_answer(setup):
+    """A k-of-window monitor cannot flag an answer that ends before k of its tokens score high.
+    With end_check, the ending token's score alone flags it (and only the ending token's)."""
+    lm, expert, probe, ids, _ = setup
+    first = plain(lm, ids, 6).token_ids
+    end = next(i for i, t in enumerate(first) if i >= 2 and t not in first[:i])  # a token not seen before it
+    eos = {first[end]}  # it ends the answer here: an answer of end + 1 tokens
+
+    def run(**settings):
+        correction = Correction(probe, CorrectionSettings(**settings), expert, None, lm.tokenizer)
+        return Decoder(lm.model, lm.tokenizer, probe, eos_token_ids=eos,
+                       correction=correction).generate(ids, GenerationConfig(max_new_tokens=12))
+
+    unflagged = run(tau=0.999999, window=8, k=8, loop_repeats=99)
+    assert unflagged.token_ids == first[:end + 1] and unflagged.trace.events == []
+    harms = [s.harm for s in unflagged.trace.steps]
+    if max(harms[:-1]) >= harms[-1]:
+        pytest.skip("this random probe scores an earlier token higher than the ending one")
+    tau = (max(harms[:-1]) + harms[-1]) / 2  # only the ending token reaches it
+    assert run(tau=tau, window=8, k=8, loop_repeats=99).trace.events == []  # k of 8: never, in so few tokens
+    checked = run(tau=tau, window=8, k=8, loop_repeats=99, end_check=True)
+    flag = [e for e in checked.trace.events if e.get("reason") == "harm"]
+    assert len(flag) == 1 and flag[0]["at_end"] is True and flag[0]["at_token"] == end + 1
+    assert checked.token_ids[:end + 1] != first[:end + 1]  # the expert answered instead
+    m = RecoveryMonitor(tau=0.5, window=4, k=2)
+    assert [m.update(h) for h in (0.9, 0.1)] == [False, False] and m.update(0.6, final=True)
+    assert not RecoveryMonitor(0.5, 4, 2).update(0.4, final=True)

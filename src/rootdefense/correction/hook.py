@@ -112,7 +112,9 @@ class Correction:
         s = self.settings
         tokens, n = row.tokens, len(row.tokens)
         steer = None
-        if rc.mode == "watch" and rc.monitor.update(row.trace.steps[-1].harm) and rc.rollbacks < s.max_rollbacks:
+        final = s.end_check and tokens[-1] in eos
+        if rc.mode == "watch" and rc.monitor.update(row.trace.steps[-1].harm, final) \
+                and rc.rollbacks < s.max_rollbacks:
             harms = [round(h, 4) for h in rc.monitor.harms[-rc.monitor.window:]]
             rc.rollbacks += 1
             if not s.recover:  # ablation: steer from the flagged token on, keeping what was emitted
@@ -122,7 +124,7 @@ class Correction:
             else:
                 retract = s.retract_prefill and row.query_len < len(row.prompt)
                 keep = 0 if retract else self.rollback_point(tokens)
-                event = self._rollback_event(tokens, keep, "harm", harms=harms)
+                event = self._rollback_event(tokens, keep, "harm", harms=harms, **({"at_end": True} if final else {}))
                 if retract:  # the forced opening goes too: the expert answers the request afresh
                     event.update(type="correction", retracted_prefill=True,
                                  retracted_prefill_text=self._text(row.prompt[row.query_len:]))

@@ -29,8 +29,12 @@ class RecoveryMonitor:
     def score(self, harm: float) -> float:
         return trajectory(harm, self.query, self.blend)
 
-    def update(self, harm: float) -> bool:
+    def update(self, harm: float, final: bool = False) -> bool:
+        """Whether the answer is flagged after a token of ``harm``; ``final``: the token ends
+        the answer and is read as a verdict on all of it (its score alone flags it)."""
         self.harms.append(harm)
+        if final and self.score(harm) >= self.tau:
+            return True
         recent = self.harms[-self.window:]
         return sum(self.score(h) >= self.tau for h in recent) >= self.k
 

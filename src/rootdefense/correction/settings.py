@@ -57,6 +57,11 @@ class CorrectionSettings:
     looping answer to a request it reads as benign is the model's own, ended after its last
     complete sentence before the loop (the expert, trained to refuse, would refuse it);
     without a complete sentence, or without a gate, the expert answers as with ``always``.
+    ``end_check``: the answer's last token (EOS) is read as a verdict on the whole answer:
+    when its monitor score is at or above the monitor's tau, the answer is flagged however
+    few tokens it has (a k-of-window monitor cannot flag a willing answer shorter than it
+    takes to see k flagged tokens, such as "I'm ready to help. What's the question?"). Not
+    part of `rootdefense tune`'s replay: its cost on benign answers is measured by evaluation.
     ``retract_prefill``: when the answer was forced to open with text (an assistant
     prefill) and the monitor flags it, the expert answers from the start of the assistant
     turn, withdrawing the forced opening (an explicit correction event with
@@ -90,6 +95,7 @@ class CorrectionSettings:
     guard: bool = True  # off: no plausibility floor, no loop stop
     close: bool = True  # off: a steered answer that loops or runs out of tokens may end mid-sentence
     loop_expert: str = "always"  # "gated": only where the gate reads the request as harmful (see below)
+    end_check: bool = False  # the EOS token's score alone can flag the answer (see below)
 
     def validate(self) -> None:
         if self.tau is not None and not 0 < self.tau < 1:
