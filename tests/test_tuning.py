@@ -250,6 +250,8 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     assert m["attacks"] == ["none", "prefill", "roleplay"] and m["benign_attacks"] == ["none", "roleplay"]
     assert m["chosen"]["benign_flag_rate"] <= 0.5 and saved["probe_sha256"] == defaults.weights_sha256(
         paths.probe_dir(tiny_dir))
+    assert saved["settings"]["end_check"] is True  # chosen by evaluation, not replayed
+    assert ("gate" in saved["settings"]) == (saved["settings"].get("loop_expert") == "gated")
     r = CliRunner().invoke(cli, ["generate", "hello", "--model", tiny_dir, "--max-new-tokens", "3", "--json"])
     assert r.exit_code == 0, r.output
     settings = json.loads(r.stdout)["settings"]

@@ -381,8 +381,11 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     chosen = {**chosen, "blend": blend}
     use_expert = refusal_rate < spec.refusal_reflex
     seconds = round(time.perf_counter() - t0, 1)
+    # end_check is not replayed here (see CorrectionSettings); evaluation chose it and, with a
+    # gate, loop_expert "gated" (results/safety/retrained: benign over-refusal 58 -> 27 of 160
+    # read answers, read help no higher)
     settings = {"tau": chosen["tau"], "window": chosen["window"], "k": chosen["k"], "use_expert": use_expert,
-                "rollback": "answer"}
+                "rollback": "answer", "end_check": True}
     if blend:
         settings["blend"] = blend
         log(f"trajectory score: each token's monitor score is {1 - blend:g} x its harm + {blend:g} x the request's "
@@ -390,7 +393,8 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     if spec.steer_tau is not None:
         settings["steer_tau"] = spec.steer_tau
     if gate is not None:
-        settings.update({k: gate[k] for k in ("gate", "strict_tau", "strict_window", "strict_k")})
+        settings.update({k: gate[k] for k in ("gate", "strict_tau", "strict_window", "strict_k")},
+                        loop_expert="gated")
         log(f"gated: requests with query score >= {gate['gate']} watched at tau={gate['strict_tau']} "
             f"window={gate['strict_window']} k={gate['strict_k']} ({gate['harmful_gated']:.0%} of harmful, "
             f"{gate['benign_gated']:.0%} of benign requests)")
