@@ -18,7 +18,9 @@ human-labelled scorer evaluations, UncensorBench's comply/refuse pairs, benign S
 conversations, and answers made up here: degenerate ones (not harmful, :mod:`.degenerate`)
 and willing but content-free ones (harmful, :mod:`.willing`), because the reading rubric
 judges gibberish harmless and starting to comply harmful while the packaged data has
-neither. Training takes one to two minutes on a CPU, almost all of it embedding ~2,800
+neither. Its agreement with readers is measured on the evaluation runs' blind readings
+(``results/**/reading``, never trained on) and saved as ``metrics.readings``. Training
+takes one to two minutes on a CPU, almost all of it embedding ~2,800
 texts.
 
 Files, in ``rootdefense.paths.judge_dir("harm-minilm")``:
@@ -59,7 +61,10 @@ from .harm_data import (
     TEST_PERCENT,
     LabelledAnswer,
     default_foundation_file,
+    default_readings,
     foundation_rows,
+    normalise,
+    reading_rows,
     request_bucket,
     training_rows,
 )
@@ -227,9 +232,12 @@ def binary_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         kappa = float(cohen_kappa_score(y, pred))
+    hits = int((y & pred).sum())
     return {
         "n": len(y), "positives": int(y.sum()), "predicted_positive": int(pred.sum()),
         "accuracy": round(float(accuracy_score(y, pred)), 4),
+        "recall": round(hits / int(y.sum()), 4) if y.any() else None,
+        "precision": round(hits / int(pred.sum()), 4) if pred.any() else None,
         "f1": round(float(f1_score(y, pred, zero_division=0)), 4),
         "kappa": None if np.isnan(kappa) else round(kappa, 4),
         "auroc": None if (a := auroc(y, p)) is None else round(a, 4),
@@ -251,6 +259,19 @@ def _held_out_metrics(rows: list[LabelledAnswer], p: np.ndarray, threshold: floa
         "synthetic_willing": test & (src == "synthetic-willing"),
     }
     return {name: binary_metrics(y[m], p[m], threshold) for name, m in groups.items() if m.any()}
+
+
+def _readings_metrics(rows: list[LabelledAnswer], p: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Agreement with the readers of evaluation runs (answers to harmful requests; ``help``
+    is harmful): per run, and over every distinct (request, answer) pair of all runs."""
+    y = np.array([r.harmful for r in rows], dtype=bool)
+    run = np.array([r.detail.split(":")[0] for r in rows])
+    out = {name: binary_metrics(y[run == name], p[run == name], threshold) for name in sorted(set(run.tolist()))}
+    first: dict[tuple[str, str], int] = {}
+    for i, r in enumerate(rows):
+        first.setdefault((normalise(r.request), normalise(r.answer)), i)
+    keep = np.array(sorted(first.values()), dtype=int)
+    return {"all_distinct": binary_metrics(y[keep], p[keep], threshold), "runs": out}
 
 
 def _foundation_metrics(rows: list[LabelledAnswer], p: np.ndarray, threshold: float) -> dict[str, Any]:
@@ -323,13 +344,16 @@ def _data_sizes(rows: list[LabelledAnswer]) -> dict[str, dict[str, int]]:
 
 def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *, limit: int | None = None,
                      sharegpt: int = DEFAULT_SHAREGPT, synthetic: bool = True,
-                     foundation: Path | str | None | bool = True, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+                     foundation: Path | str | None | bool = True, readings: list | bool = True,
+                     max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
     """Train, measure and save the harm judge; returns its metrics.
 
     ``limit`` caps the rows read from each training source (quick tests); ``sharegpt`` is
     the number of benign ShareGPT conversations added as negatives; ``synthetic`` adds the
     made-up degenerate negatives and willing positives (:mod:`.degenerate`,
-    :mod:`.willing`). ``foundation``: a
+    :mod:`.willing`). ``readings``: evaluation runs' blind reading folders to measure
+    agreement with readers on (``True``: the source checkout's ``results/**/reading``;
+    ``False``: none). ``foundation``: a
     labelled ``answers.jsonl`` to measure agreement on (evaluation only, never trained
     on); ``True`` uses the source checkout's ``results/foundation/answers.jsonl`` when
     present, ``False``/``None`` skips it. ``max_tokens`` truncates every text before
@@ -347,14 +371,16 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     rows = training_rows(limit=limit, sharegpt=sharegpt, synthetic=synthetic)
     found_path = default_foundation_file() if foundation is True else (Path(foundation) if foundation else None)
     found = foundation_rows(found_path) if found_path else []
+    reading_dirs = default_readings() if readings is True else [Path(d) for d in (readings or [])]
+    read_rows = [row for d in reading_dirs for row in reading_rows(d)]
     train = [r for r in rows if r.split == "train"]
     if len({r.harmful for r in train}) < 2:
         raise JudgeError("harm judge training data has a single class; raise `limit`")
 
     embedder = MiniLMEmbedder(max_tokens=max_tokens)
-    everything = rows + found
+    everything = rows + found + read_rows
     X = embed_pairs(embedder, [r.request for r in everything], [r.answer for r in everything], progress)
-    X_rows, X_found = X[: len(rows)], X[len(rows):]
+    X_rows, X_found, X_read = X[: len(rows)], X[len(rows): len(rows) + len(found)], X[len(rows) + len(found):]
     train_mask = np.array([r.split == "train" for r in rows])
     y = np.array([r.harmful for r in rows], dtype=float)
 
@@ -371,6 +397,8 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
                                  **_foundation_metrics(found, model.probabilities(X_found), model.threshold)}
     else:
         metrics["foundation"] = None
+    metrics["readings"] = _readings_metrics(read_rows, model.probabilities(X_read), model.threshold) \
+        if read_rows else None
     seconds = round(time.perf_counter() - t0, 1)
     model.meta = {
         "judge": "harm", "question": "harmful",

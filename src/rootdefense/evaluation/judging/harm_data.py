@@ -210,6 +210,35 @@ def default_foundation_file() -> Path | None:
 
 
 FOUNDATION_HARMFUL_LABELS = ("help",)
+READINGS_GLOB = "results/**/reading/labels.jsonl"
+
+
+def default_readings() -> list[Path]:
+    """The blind readings of a source checkout's evaluation runs (``results/**/reading``
+    folders with ``key.jsonl`` and ``labels.jsonl``, beside their run's ``results.jsonl``)."""
+    root = Path(__file__).resolve().parents[4]
+    return sorted(p.parent for p in root.glob(READINGS_GLOB)
+                  if (p.parent / "key.jsonl").is_file() and (p.parent.parent / "results.jsonl").is_file())
+
+
+def reading_rows(folder: Path) -> list[LabelledAnswer]:
+    """An evaluation run's answers to harmful requests as its readers labelled them
+    (``folder``: the run's ``reading`` folder, beside the run's ``results.jsonl``): ``help``
+    is harmful. Evaluation only; never trained on (their requests are AdvBench and
+    HarmBench, always held out, or Do-Not-Answer answers no source here holds)."""
+    from ...jsonl import read_objects
+
+    folder = Path(folder)
+    results = {o["key"]: o for o in read_objects(folder.parent / "results.jsonl") if o.get("kind") == "result"}
+    labels = {o["id"]: o["label"] for o in read_objects(folder / "labels.jsonl")}
+    rows = []
+    for o in read_objects(folder / "key.jsonl"):
+        r = results.get(o["key"])
+        if r is None or o["id"] not in labels or not r.get("harmful"):
+            continue
+        rows.append(LabelledAnswer(r["prompt"], r.get("answer") or "", labels[o["id"]] in FOUNDATION_HARMFUL_LABELS,
+                                   "reading", "test", f"{folder.parent.name}:{labels[o['id']]}"))
+    return rows
 
 
 def foundation_rows(path: Path) -> list[LabelledAnswer]:
