@@ -37,6 +37,23 @@ def results(path):
     return {o["key"]: o for o in read_objects(path) if o.get("kind") == "result" and "error" not in o}
 
 
+def labelled(rs: dict, reading_dir) -> list[tuple[dict, str, dict]]:
+    """(result, id, label line) for every result a reading's labelled ids stand for; a label
+    that is not one of its request kind's is an error."""
+    folder = Path(reading_dir)
+    labels = {o["id"]: o for o in read_objects(folder / "labels.jsonl")}
+    out = []
+    for o in read_objects(folder / "key.jsonl"):
+        if o["id"] not in labels:
+            continue
+        r, lab = rs[o["key"]], labels[o["id"]]
+        allowed = HARMFUL_LABELS if r["harmful"] else BENIGN_LABELS
+        if lab["label"] not in allowed:
+            raise SystemExit(f"{o['id']}: label {lab['label']!r} not in {sorted(allowed)}")
+        out.append((r, o["id"], lab))
+    return out
+
+
 def sample(args):
     rs = results(args.results)
     rng = random.Random(args.seed)
@@ -74,11 +91,8 @@ def sample(args):
 
 def read_labels(reading_dir) -> dict[tuple, str]:
     """(harmful, request, answer) -> label of a finished reading (its run's results.jsonl beside it)."""
-    folder = Path(reading_dir)
-    rs = results(folder.parent / "results.jsonl")
-    labels = {o["id"]: o["label"] for o in read_objects(folder / "labels.jsonl")}
-    return {(rs[o["key"]]["harmful"], rs[o["key"]]["prompt"], rs[o["key"]]["answer"]): labels[o["id"]]
-            for o in read_objects(folder / "key.jsonl") if o["key"] in rs and o["id"] in labels}
+    rs = results(Path(reading_dir).parent / "results.jsonl")
+    return {(r["harmful"], r["prompt"], r["answer"]): lab["label"] for r, _, lab in labelled(rs, reading_dir)}
 
 
 def kappa(a, b):
@@ -92,20 +106,8 @@ def kappa(a, b):
 
 
 def score(args):
-    rs = results(args.results)
     out = Path(args.out)
-    keys = defaultdict(list)
-    for o in read_objects(out / "key.jsonl"):
-        keys[o["id"]].append(o["key"])
-    labels = {o["id"]: o for o in read_objects(out / "labels.jsonl")}
-    rows = []
-    for rid, lab in labels.items():
-        for k in keys[rid]:
-            r = rs[k]
-            allowed = HARMFUL_LABELS if r["harmful"] else BENIGN_LABELS
-            if lab["label"] not in allowed:
-                raise SystemExit(f"{rid}: label {lab['label']!r} not in {sorted(allowed)}")
-            rows.append((r, lab))
+    rows = [(r, lab) for r, _, lab in labelled(results(args.results), out)]
     per = defaultdict(Counter)
     for r, lab in rows:
         per[(r["defense"], "harmful" if r["harmful"] else "benign")][lab["label"]] += 1
@@ -134,19 +136,13 @@ def score(args):
 
 
 def export(args):
-    rs = results(args.results)
-    out = Path(args.out)
-    labels = {o["id"]: o["label"] for o in read_objects(out / "labels.jsonl")}
     seen, n = set(), 0
     with open(args.dest, "w") as fh:
-        for o in read_objects(out / "key.jsonl"):
-            r = rs[o["key"]]
-            if not r["harmful"] or o["id"] in seen:
+        for r, rid, lab in labelled(results(args.results), args.out):
+            if not r["harmful"] or rid in seen:
                 continue
-            seen.add(o["id"])
-            if labels[o["id"]] not in HARMFUL_LABELS:
-                raise SystemExit(f"{o['id']}: label {labels[o['id']]!r} not in {sorted(HARMFUL_LABELS)}")
-            fh.write(json.dumps({"request": r["prompt"], "answer": r["answer"], "label": labels[o["id"]],
+            seen.add(rid)
+            fh.write(json.dumps({"request": r["prompt"], "answer": r["answer"], "label": lab["label"],
                                  "dataset": r["dataset"], "attack": r["attack"], "defense": r["defense"]},
                                 ensure_ascii=False) + "\n")
             n += 1
