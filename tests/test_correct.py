@@ -323,6 +323,7 @@ def test_steer_choice_prefers_safe_plausible_expert_tokens():
     ({"k": 9, "window": 8}, "k <= window"), ({"rollback": "paragraph"}, "rollback must be"),
     ({"tau": 1.5}, "strictly between"), ({"expert_top": 0}, "expert_top must be"),
     ({"steer_first": -1}, "steer_first must be"), ({"steer_tau": 1.0}, "steer_tau must lie"),
+    ({"end_check": "yes"}, "end_check must be true or false"),
 ])
 def test_settings_are_checked(kwargs, needle):
     with pytest.raises(InputError, match=needle):

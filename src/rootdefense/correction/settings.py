@@ -104,6 +104,8 @@ class CorrectionSettings:
             raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
         if self.loop_expert not in ("always", "gated"):
             raise InputError(f"loop_expert must be 'always' or 'gated', got {self.loop_expert!r}")
+        if not isinstance(self.end_check, bool):
+            raise InputError(f"end_check must be true or false, got {self.end_check!r}")
         if self.rollback not in ("answer", "sentence"):
             raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
         for name in ("expert_top", "base_top", "loop_ngram", "loop_repeats", "loop_span"):
