@@ -226,11 +226,16 @@ def test_data_list_and_export():
 def test_expert_train_command(tiny_dir, tmp_path):
     out = tmp_path / "expert"
     r = run("expert", "train", "--model", tiny_dir, "--harmful", 8, "--benign", 8, "--epochs", 1,
-            "--rank", 2, "--answer-tokens", 6, "--no-check", "--out", out)
+            "--rank", 2, "--answer-tokens", 6, "--disguised", 2, "--families", "prefix-injection", "--alarming", 2,
+            "--no-check", "--out", out)
     assert r.exit_code == 0, r.output
-    assert json.loads((out / "expert.json").read_text())["model_id"] == tiny_dir
+    meta = json.loads((out / "expert.json").read_text())
+    assert meta["model_id"] == tiny_dir and meta["spec"]["families"] == ["prefix-injection"]
+    assert sum(n for k, n in meta["data"]["counts"].items() if k.startswith("refuse:prefix-injection:")) == 2
     r = run("expert", "train", "--model", tiny_dir, "--harmful", 1)
     assert r.exit_code == 2 and "at least 8" in r.output
+    r = run("expert", "train", "--model", tiny_dir, "--families", "roleplay,gibberish")
+    assert r.exit_code == 2 and "unknown wrapper family gibberish" in r.output
 
 
 def test_generate_rds_expert_streams_with_rollback_info(tiny_dir, tiny_probe, rd_home):

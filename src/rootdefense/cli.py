@@ -305,15 +305,24 @@ def expert():
 @click.option("--epochs", type=int, default=2, show_default=True)
 @click.option("--rank", type=int, default=16, show_default=True)
 @click.option("--answer-tokens", type=int, default=48, show_default=True)
+@click.option("--disguised", type=int, default=10, show_default=True,
+              help="harmful and benign requests asked inside each wrapper family")
+@click.option("--families", default="roleplay,fiction,prefix-injection,dan,inthewild", show_default=True,
+              help="the wrapper families trained on (comma-separated; those left out are held out)")
+@click.option("--alarming", type=int, default=48, show_default=True,
+              help="benign-but-alarming requests (fit part) answered by the model, half of them wrapped")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="afterwards, compare refusal rates of base and expert on held-out prompts")
-def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, check):
-    """Fit the expert: refusals for harmful prompts, the model's own answers for benign ones."""
+def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, disguised, families, alarming, check):
+    """Fit the expert: refusals for harmful prompts, the model's own answers for benign ones,
+    plain and in disguise."""
     from .expert import ExpertSpec, train_expert
     from .models import load_model
     from .paths import expert_dir
 
-    spec = ExpertSpec(harmful=harmful, benign=benign, epochs=epochs, rank=rank, answer_tokens=answer_tokens)
+    spec = ExpertSpec(harmful=harmful, benign=benign, epochs=epochs, rank=rank, answer_tokens=answer_tokens,
+                      disguised=disguised, families=tuple(f.strip() for f in families.split(",") if f.strip()),
+                      alarming=alarming)
     lm = load_model(model)
     folder = out or expert_dir(lm.model_id)
     meta = train_expert(lm, spec, folder, log=click.echo, check=check)

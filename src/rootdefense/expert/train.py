@@ -3,7 +3,14 @@
 Harmful prompts are paired with refusals or safe redirects (uncensorbench's refusing answers
 where they exist, otherwise the varied refusals written for this project); benign prompts
 with the model's OWN greedy answers, so the expert stays close to the base model wherever
-there is nothing to refuse. Only fit/val-split prompts are used; the test split stays clean.
+there is nothing to refuse. Requests are also asked in disguise (:mod:`rootdefense.probes.
+disguise`: a persona, a fiction frame, a prefix injection, jailbreak templates): a harmful
+request inside a wrapper still gets a refusal, a benign one the model's own answer to the
+wrapped request, so the expert learns to refuse the request beneath the wrapper and not the
+wrapper. The benign-but-alarming set's fit part is answered by the model too, plain and
+wrapped, so the expert does not read an alarming word as a reason to refuse. Whole
+families can be held out (by default AutoDAN's templates), to measure the expert on a
+family it never saw. Only fit/val-split prompts are used; the test split stays clean.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_answer_pairs, load_dataset, refusal_for
-from ..data.split import edgy_half, held_out, split_of
+from ..data.split import alarming_part, edgy_half, held_out, split_of
 from ..errors import InputError
 from ..probes.features import left_pad, prompt_ids, self_answers
 from .adapter import META
@@ -41,11 +48,22 @@ class ExpertSpec:
     batch_size: int = 8
     lr: float = 5e-4
     seed: int = 0
+    disguised: int = 10  # harmful and benign requests asked inside each wrapper family (0: none)
+    families: tuple[str, ...] = ("roleplay", "fiction", "prefix-injection", "dan", "inthewild")  # autodan held out
+    alarming: int = 48  # requests of the alarming set's fit part, answered by the model (half of them wrapped)
 
     def __post_init__(self):
+        from ..probes.disguise import FAMILIES
+
         for name in ("harmful", "benign"):
             if getattr(self, name) < 8:
                 raise InputError(f"expert training needs at least 8 {name} examples")
+        if self.disguised < 0 or self.alarming < 0:
+            raise InputError("disguised and alarming must be >= 0")
+        self.families = tuple(self.families)
+        if unknown := [f for f in self.families if f not in FAMILIES]:
+            raise InputError(f"unknown wrapper famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                             f"choose among {', '.join(FAMILIES)}")
         if not 0 < self.top_layers <= 1:
             raise InputError("top_layers must lie in (0, 1]")
         if not 1 <= self.rank <= 256:
@@ -61,7 +79,10 @@ def _trainable(e) -> bool:
 
 
 def build_examples(lm, spec: ExpertSpec, log=print) -> list[dict]:
-    """(prompt, target, kind) rows: refusals for harmful prompts, own answers for benign."""
+    """(prompt, target, kind, source) rows: refusals for harmful prompts, own answers for
+    benign ones; a wrapped request's source is ``family:dataset``."""
+    from ..probes.disguise import wrap
+
     rng = random.Random(spec.seed)
     refusing = {e.prompt: e.answer for e in load_answer_pairs("uncensorbench") if e.answer_kind == "refuse"}
     harmful = [e for n in ("advbench", "harmbench", "donotanswer", "uncensorbench") for e in load_dataset(n)
@@ -73,11 +94,25 @@ def build_examples(lm, spec: ExpertSpec, log=print) -> list[dict]:
               if _trainable(e)]
     benign += [e for e in load_dataset("edgy") if edgy_half(e.prompt) == "train" and _trainable(e)]
     benign = rng.sample(benign, min(spec.benign, len(benign)))
-    log(f"expert data: {len(harmful)} harmful prompts -> refusals; answering {len(benign)} benign prompts "
-        f"with the model itself ({spec.answer_tokens} tokens)")
-    answers = self_answers(lm, [e.prompt for e in benign], max_new_tokens=spec.answer_tokens)
-    rows += [{"prompt": e.prompt, "target": a, "kind": "answer", "source": e.source}
-             for e, a in zip(benign, answers) if a.strip()]
+    alarming = [e for e in load_dataset("alarming") if alarming_part(e.prompt) == "fit"]
+    alarming = rng.sample(alarming, min(spec.alarming, len(alarming)))
+    # (prompt, source) of every request the model answers itself
+    asked = [(e.prompt, e.source) for e in benign]
+    asked += [(e.prompt if i % 2 == 0 else wrap(("roleplay", "fiction")[i // 2 % 2], e.prompt, i // 4),
+               e.source if i % 2 == 0 else f"{('roleplay', 'fiction')[i // 2 % 2]}:{e.source}")
+              for i, e in enumerate(alarming)]
+    for f, family in enumerate(spec.families):
+        for i, e in enumerate(rng.sample(harmful, min(spec.disguised, len(harmful)))):
+            rows.append({"prompt": wrap(family, e.prompt, i), "target": refusal_for(e.prompt, f"{e.id}:{family}"),
+                         "kind": "refuse", "source": f"{family}:{e.source}"})
+        asked += [(wrap(family, e.prompt, i), f"{family}:{e.source}")
+                  for i, e in enumerate(rng.sample(benign, min(spec.disguised, len(benign))))]
+    log(f"expert data: {len(rows)} harmful prompts -> refusals ({len(rows) - len(harmful)} in disguise: "
+        f"{', '.join(spec.families) or 'none'}); answering {len(asked)} benign prompts with the model itself "
+        f"({spec.answer_tokens} tokens)")
+    answers = self_answers(lm, [p for p, _ in asked], max_new_tokens=spec.answer_tokens)
+    rows += [{"prompt": p, "target": a, "kind": "answer", "source": src}
+             for (p, src), a in zip(asked, answers, strict=True) if a.strip()]
     rng.shuffle(rows)
     return rows
 
@@ -88,6 +123,17 @@ def _linear_names(model) -> list[str]:
     out = model.get_output_embeddings()
     return sorted({name.rsplit(".", 1)[-1] for name, mod in model.named_modules()
                    if isinstance(mod, torch.nn.Linear) and mod is not out})
+
+
+def length_batches(lengths: list[int], size: int, seed: int) -> list[list[int]]:
+    """Batches of indices of similar length, in random order: a jailbreak template runs to
+    ~1,000 tokens, and left padding a batch of short requests to it would multiply the cost.
+    Equal lengths are shuffled among themselves, so each epoch's batches differ."""
+    rng = random.Random(seed)
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], rng.random()))
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    rng.shuffle(batches)
+    return batches
 
 
 def _encode(lm, row, max_answer: int) -> tuple[list[int], int]:
@@ -121,10 +167,8 @@ def train_expert(lm, spec: ExpertSpec, out: str | Path, log=print, check: bool =
     losses = []
     with tqdm(total=steps, desc="expert LoRA", unit="step") as bar:
         for epoch in range(spec.epochs):
-            order = list(range(len(encoded)))
-            random.Random(spec.seed + epoch).shuffle(order)
-            for start in range(0, len(order), spec.batch_size):
-                batch = [encoded[i] for i in order[start:start + spec.batch_size]]
+            for idx in length_batches([len(e[0]) for e in encoded], spec.batch_size, spec.seed + epoch):
+                batch = [encoded[i] for i in idx]
                 ids, mask = left_pad([b[0] for b in batch], pad)
                 labels = torch.full_like(ids, -100)
                 width = ids.shape[1]
