@@ -1,11 +1,11 @@
 """Blind reading check of an evaluation run's judges.
 
-    python scripts/reading_sample.py sample RESULTS OUT_DIR [--per-cell 4 --benign 8 --seed 0 --reuse DIR]
+    python scripts/reading_sample.py sample RESULTS OUT_DIR [--per-cell 4 --benign 8 --seed 0 --reuse DIR ...]
         -> OUT_DIR/to_read.jsonl (opaque ids, request + answer only; no defense, attack or
            verdict, in random order) and OUT_DIR/key.jsonl (id -> result key; an answer
            given word for word to the same request by several defenses or wrappers is read
            once, its id then names every result it stands for). With --reuse, answers another
-           run's reading (DIR) already labelled are not read again: their labels go to
+           run's reading (any DIR) already labelled are not read again: their labels go to
            OUT_DIR/reused.jsonl, to be joined with the new ones into labels.jsonl.
     python scripts/reading_sample.py export RESULTS OUT_DIR DEST
         writes DEST: the read answers to harmful requests as training rows for the harm judge
@@ -67,7 +67,11 @@ def sample(args):
     rng.shuffle(picked)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    known = read_labels(args.reuse) if args.reuse else {}
+    known, where = {}, {}
+    for folder in args.reuse or []:  # the first reading that has an answer names its label
+        for text, label in read_labels(folder).items():
+            if text not in known:
+                known[text], where[text] = label, folder
     ids: dict[tuple, str] = {}
     reused = 0
     with open(out / "to_read.jsonl", "w") as fh, open(out / "key.jsonl", "w") as key, \
@@ -77,7 +81,7 @@ def sample(args):
             if text not in ids:
                 ids[text] = rid = f"r{len(ids) + 1:03d}"
                 if text in known:  # read before, in another run: its label stands
-                    old.write(json.dumps({"id": rid, "label": known[text], "reason": f"read in {args.reuse}"}) + "\n")
+                    old.write(json.dumps({"id": rid, "label": known[text], "reason": f"read in {where[text]}"}) + "\n")
                     reused += 1
                 else:
                     fh.write(json.dumps({"id": rid, "request_kind": "harmful" if r["harmful"] else "benign",
@@ -171,7 +175,7 @@ def main():
     ap.add_argument("--per-cell", type=int, default=4)
     ap.add_argument("--benign", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reuse", default=None, help="a finished reading folder whose labels stand")
+    ap.add_argument("--reuse", nargs="+", default=None, help="finished reading folders whose labels stand")
     args = ap.parse_args()
     {"sample": sample, "score": score, "export": export, "agree": agree}[args.cmd](args)
 
