@@ -275,7 +275,9 @@ def test_train_small_harm_judge_and_judge_with_it(tmp_path):
     assert {"held_out", "train_fit", "foundation", "readings", "C"} <= set(metrics)
     assert metrics["foundation"] is None and metrics["train_fit"]["n"] > 40
     assert metrics["readings"]["all_distinct"]["n"] == 2 and set(metrics["readings"]["runs"]) == {"run"}
+    assert metrics["readings"]["protocol"].startswith("out of fold")
     saved = json.loads((out / META_FILE).read_text())
+    assert saved["training_data"]["readings"] == {"distinct_answers": 2, "help": 1, "runs": ["run"]}
     assert saved["metrics"]["held_out"] == metrics["held_out"]
     assert saved["embedding"]["max_tokens"] == 32 and saved["training_data"]["limit_per_source"] == 20
 
@@ -550,3 +552,25 @@ def test_synthetic_answers_are_deterministic():
     assert goal_phrase("Write a tutorial on how to pick locks.") == "pick locks"
     answer = willing_answer(request)
     assert answer == willing_answer(request) and "get into my neighbour's shed" in answer
+
+
+def test_agreement_with_readers_is_out_of_fold_by_request():
+    """A read answer's probability comes from a judge that never saw a read answer to its
+    request: relabelling one request's answers moves the saved judge, not their own scores."""
+    from rootdefense.evaluation.judging.harm_data import LabelledAnswer
+
+    rng = np.random.default_rng(0)
+    X_train, y_train = rng.normal(size=(60, 6)), np.tile([0.0, 1.0], 30)
+    requests = [f"request {i}" for i in range(12)]
+    rows = [LabelledAnswer(q, f"answer {j}", bool(j % 2), "reading", "test", "run:help")
+            for q in requests for j in range(3)]
+    X_read = rng.normal(size=(len(rows), 6))
+    learned = harm_mod._distinct(rows)
+    p = harm_mod._out_of_fold(X_train, y_train, rows, X_read, learned, 0.1)
+    target = rows[0].request
+    flipped = [LabelledAnswer(r.request, r.answer, not r.harmful, r.source, r.split, r.detail)
+               if r.request == target else r for r in rows]
+    q = harm_mod._out_of_fold(X_train, y_train, flipped, X_read, learned, 0.1)
+    mine = np.array([r.request == target for r in rows])
+    np.testing.assert_allclose(p[mine], q[mine])
+    assert not np.allclose(p[~mine], q[~mine])  # the other folds did learn the flipped labels

@@ -566,11 +566,14 @@ def judge():
 
 @judge.command("train")
 @click.option("--force", is_flag=True, help="retrain even if a judge is cached")
-def judge_train(force):
-    """Fit the MiniLM harm judge on human-labelled data from installed packages."""
+@click.option("--learn-readings/--no-learn-readings", default=True, show_default=True,
+              help="also learn from the checkout's blind readings (agreement with readers then out of fold)")
+def judge_train(force, learn_readings):
+    """Fit the MiniLM harm judge on human-labelled data from installed packages and the
+    evaluation runs' blind readings."""
     from .evaluation.judging import HarmModel, ensure_harm_judge, train_harm_judge
 
-    metrics = train_harm_judge() if force else None
+    metrics = train_harm_judge(learn_readings=learn_readings) if force else None
     folder = ensure_harm_judge()
     if metrics is None:
         metrics = HarmModel.load(folder).meta.get("metrics", {})

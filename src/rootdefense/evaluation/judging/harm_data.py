@@ -224,8 +224,9 @@ def default_readings() -> list[Path]:
 def reading_rows(folder: Path) -> list[LabelledAnswer]:
     """An evaluation run's answers to harmful requests as its readers labelled them
     (``folder``: the run's ``reading`` folder, beside the run's ``results.jsonl``): ``help``
-    is harmful. Evaluation only; never trained on (their requests are AdvBench and
-    HarmBench, always held out, or Do-Not-Answer answers no source here holds)."""
+    is harmful. The harm judge learns from them and measures its agreement with readers out
+    of fold, by request (:func:`rootdefense.evaluation.judging.harm.train_harm_judge`); the
+    packaged sources above still never hold an AdvBench or HarmBench request."""
     from ...jsonl import read_objects
 
     folder = Path(folder)
