@@ -73,14 +73,18 @@ def test_without_a_flag_the_answer_is_the_undefended_one(setup):
     assert all(s.harm is not None for s in gen.trace.steps)
 
 
-def reference_steer(tok, folder, probe, ids, tau, n, expert_top=10, base_top=10, floor=-12.0, use_expert=True):
-    """Steering recomputed from scratch with two separate models and full forwards."""
+def reference_steer(tok, folder, probe, ids, tau, n, expert_top=10, base_top=10, floor=-12.0, use_expert=True,
+                    alpha=0.0, alpha_tokens=0):
+    """Steering recomputed from scratch with two separate models and full forwards (the
+    first ``alpha_tokens`` ranked by p_b + alpha (p_e - p_b), written out here)."""
     base, expert = independent_models(tok, folder)
     out = []
-    for _ in range(n):
+    for step in range(n):
         seq = torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1) if out else ids
         lp_b = torch.log_softmax(base(input_ids=seq).logits[0, -1].float(), -1)
         lp_e = torch.log_softmax(expert(input_ids=seq).logits[0, -1].float(), -1) if use_expert else lp_b
+        if step < alpha_tokens:
+            lp_e = torch.log(torch.clamp(lp_b.exp() + alpha * (lp_e.exp() - lp_b.exp()), min=1e-30))
         own = int(torch.argmax(lp_b))
         pool = _union_pool(lp_e, lp_b, own, expert_top, base_top)
         harms = []
@@ -680,3 +684,32 @@ def test_end_check_reads_the_last_token_as_a_verdict_on_the_whole_answer(setup):
     m = RecoveryMonitor(tau=0.5, window=4, k=2)
     assert [m.update(h) for h in (0.9, 0.1)] == [False, False] and m.update(0.6, final=True)
     assert not RecoveryMonitor(0.5, 4, 2).update(0.4, final=True)
+
+
+@torch.no_grad()
+def test_amplified_opening_matches_an_independent_recompute(setup, tiny_tokenizer):
+    """steer_alpha ranks the first steered tokens by SafeDecoding's amplified distribution,
+    then the expert's own ranking again, exactly as a recompute from scratch."""
+    lm, expert, probe, ids, folder = setup
+    tau = min(0.999, max(1e-3, first_harm(lm, probe, ids) - 1e-4))
+    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, loop_repeats=99, steer_alpha=3.0,
+                  steer_alpha_tokens=3).generate(ids, GenerationConfig(max_new_tokens=10))
+    assert gen.trace.summary()["flags"] == 1 and {s.source for s in gen.trace.steps} == {"expert"}
+    assert gen.token_ids == reference_steer(tiny_tokenizer, folder, probe, ids, tau, len(gen.token_ids),
+                                            alpha=3.0, alpha_tokens=3)
+
+
+def test_amplified_ranking_puts_the_experts_shift_first():
+    from rootdefense.correction.steering import amplified
+
+    p_b = torch.tensor([0.70, 0.05, 0.25])  # the base model opens willingly (token 0)
+    p_e = torch.tensor([0.60, 0.25, 0.15])  # the expert too, but it raised its refusal (token 1)
+    lp = amplified(p_e.log(), p_b.log(), 3.0)
+    assert int(torch.argmax(p_e)) == 0 and int(torch.argmax(lp)) == 1
+    torch.testing.assert_close(amplified(p_e.log(), p_b.log(), 1.0), p_e.log())  # alpha 1: the expert itself
+
+
+@pytest.mark.parametrize("bad", [{"steer_alpha": -1.0}, {"steer_alpha": True}, {"steer_alpha_tokens": 0}])
+def test_steer_alpha_settings_are_checked(bad):
+    with pytest.raises(InputError, match="steer_alpha"):
+        CorrectionSettings(**bad).validate()

@@ -62,6 +62,12 @@ class CorrectionSettings:
     few tokens it has (a k-of-window monitor cannot flag a willing answer shorter than it
     takes to see k flagged tokens, such as "I'm ready to help. What's the question?"). Not
     part of `rootdefense tune`'s replay: its cost on benign answers is measured by evaluation.
+    ``steer_alpha``: for the first ``steer_alpha_tokens`` tokens of a steered answer, the
+    candidates are ranked by SafeDecoding's amplified distribution ``p_base + steer_alpha *
+    (p_expert - p_base)`` instead of the expert's own: where base and expert both open
+    willingly inside a jailbreak template ("I'm here to help you create ..."), the tokens the
+    expert raised most over the base model (its refusal) win the opening. 0: the expert's
+    own ranking throughout.
     ``retract_prefill``: when the answer was forced to open with text (an assistant
     prefill) and the monitor flags it, the expert answers from the start of the assistant
     turn, withdrawing the forced opening (an explicit correction event with
@@ -89,6 +95,8 @@ class CorrectionSettings:
     retract_prefill: bool = True
     steer_tau: float | None = None
     steer_first: int = 3  # greedy steering scores this many plausible candidates first (0: the whole pool)
+    steer_alpha: float = 0.0  # amplify the expert's shift over the base model in a steered opening (see below)
+    steer_alpha_tokens: int = 4
     # ablation switches: each part can be turned off to measure what it adds
     use_expert: bool = True  # off: steer with the base model's own candidates only
     recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
@@ -116,6 +124,11 @@ class CorrectionSettings:
         if not isinstance(self.steer_first, int) or self.steer_first < 0:
             raise InputError(f"steer_first must be an integer >= 0 (0: score the whole pool at once), "
                              f"got {self.steer_first!r}")
+        if not isinstance(self.steer_alpha, int | float) or isinstance(self.steer_alpha, bool) \
+                or self.steer_alpha < 0:
+            raise InputError(f"steer_alpha must be a number >= 0, got {self.steer_alpha!r}")
+        if not isinstance(self.steer_alpha_tokens, int) or self.steer_alpha_tokens < 1:
+            raise InputError(f"steer_alpha_tokens must be an integer >= 1, got {self.steer_alpha_tokens!r}")
         if self.near_window < 0 or not 0 < self.near_share < 1:
             raise InputError(f"near_window must be >= 0 and near_share in (0, 1), got {self.near_window}, "
                              f"{self.near_share}")

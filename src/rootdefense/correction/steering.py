@@ -10,6 +10,15 @@ import torch
 BASE, EXPERT = "__base__", "expert"  # peft adapter names of a base row and an expert row
 
 
+def amplified(lp_e: torch.Tensor, lp_b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Log of SafeDecoding's amplified distribution ``p_b + alpha (p_e - p_b)`` (negative
+    values floored): the ranking of a steered opening, where the tokens the expert raised
+    most over the base model come first. Unnormalised: only its order and, when sampling,
+    its softmax matter."""
+    p_e, p_b = lp_e.exp(), lp_b.exp()
+    return (p_b + alpha * (p_e - p_b)).clamp(min=1e-30).log()
+
+
 def union_pool(lp_e: torch.Tensor, lp_b: torch.Tensor, own: int, expert_top: int, base_top: int) -> torch.Tensor:
     """The expert's top tokens, then the base model's (and its own choice) not yet in,
     most expert-probable first."""

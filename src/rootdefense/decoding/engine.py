@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..correction.steering import BASE, EXPERT, steer_choice, steer_stages, union_pool
+from ..correction.steering import BASE, EXPERT, amplified, steer_choice, steer_stages, union_pool
 from ..errors import InputError
 from . import batchcache
 from .config import GenerationConfig
@@ -363,6 +363,8 @@ class Engine:
         s = self.correction.settings
         lp_b = r.lp
         lp_e = r.lp_e if r.twin else lp_b
+        if r.twin and s.steer_alpha > 0 and len(r.tokens) - r.corr.steer_from < s.steer_alpha_tokens:
+            lp_e = amplified(lp_e, lp_b, s.steer_alpha)  # the opening: the expert's shift, amplified
         pool = union_pool(lp_e, lp_b, r.own, s.expert_top, s.base_top)
         own_idx = int((pool == r.own).nonzero()[0, 0])
         floor = s.min_base_logprob if s.guard else -math.inf
