@@ -305,17 +305,17 @@ def expert():
 @click.option("--epochs", type=int, default=2, show_default=True)
 @click.option("--rank", type=int, default=16, show_default=True)
 @click.option("--answer-tokens", type=int, default=48, show_default=True)
-@click.option("--disguised", type=int, default=10, show_default=True,
-              help="harmful and benign requests asked inside each wrapper family")
+@click.option("--disguised", type=int, default=0, show_default=True,
+              help="harmful and benign requests asked inside each wrapper family (0: none, as shipped)")
 @click.option("--families", default="roleplay,fiction,prefix-injection,dan,inthewild", show_default=True,
               help="the wrapper families trained on (comma-separated; those left out are held out)")
-@click.option("--alarming", type=int, default=48, show_default=True,
+@click.option("--alarming", type=int, default=0, show_default=True,
               help="benign-but-alarming requests (fit part) answered by the model, half of them wrapped")
 @click.option("--check/--no-check", default=True, show_default=True,
               help="afterwards, compare refusal rates of base and expert on held-out prompts")
 def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, disguised, families, alarming, check):
-    """Fit the expert: refusals for harmful prompts, the model's own answers for benign ones,
-    plain and in disguise."""
+    """Fit the expert: refusals for harmful prompts, the model's own answers for benign ones
+    (with --disguised, also inside wrapper families)."""
     from .expert import ExpertSpec, train_expert
     from .models import load_model
     from .paths import expert_dir

@@ -3,14 +3,16 @@
 Harmful prompts are paired with refusals or safe redirects (uncensorbench's refusing answers
 where they exist, otherwise the varied refusals written for this project); benign prompts
 with the model's OWN greedy answers, so the expert stays close to the base model wherever
-there is nothing to refuse. Requests are also asked in disguise (:mod:`rootdefense.probes.
+there is nothing to refuse. Optionally (``disguised``, ``alarming``; off by default, see
+:class:`ExpertSpec`), requests are also asked in disguise (:mod:`rootdefense.probes.
 disguise`: a persona, a fiction frame, a prefix injection, jailbreak templates): a harmful
 request inside a wrapper still gets a refusal, a benign one the model's own answer to the
-wrapped request, so the expert learns to refuse the request beneath the wrapper and not the
-wrapper. The benign-but-alarming set's fit part is answered by the model too, plain and
-wrapped, so the expert does not read an alarming word as a reason to refuse. Whole
-families can be held out (by default AutoDAN's templates), to measure the expert on a
-family it never saw. Only fit/val-split prompts are used; the test split stays clean.
+wrapped request, meant to teach the expert to refuse the request beneath the wrapper and not
+the wrapper; the benign-but-alarming set's fit part is answered by the model too, plain and
+wrapped. Whole families can be held out (by default AutoDAN's templates). Measured, such an
+expert did not refuse more under attack families and refused less under fiction frames (it
+learned to stay in the frame; results/safety/expert), so it is not the shipped one. Only
+fit/val-split prompts are used; the test split stays clean.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ class ExpertSpec:
     batch_size: int = 8
     lr: float = 5e-4
     seed: int = 0
-    disguised: int = 10  # harmful and benign requests asked inside each wrapper family (0: none)
+    # off by default: the shipped expert is trained without them; an expert trained with
+    # disguise 10 and alarming 48 refused less under fiction frames (results/safety/expert)
+    disguised: int = 0  # harmful and benign requests asked inside each wrapper family (0: none)
     families: tuple[str, ...] = ("roleplay", "fiction", "prefix-injection", "dan", "inthewild")  # autodan held out
-    alarming: int = 48  # requests of the alarming set's fit part, answered by the model (half of them wrapped)
+    alarming: int = 0  # requests of the alarming set's fit part, answered by the model (half of them wrapped)
 
     def __post_init__(self):
         from ..probes.disguise import FAMILIES
