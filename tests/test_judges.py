@@ -277,7 +277,8 @@ def test_train_small_harm_judge_and_judge_with_it(tmp_path):
     assert metrics["readings"]["all_distinct"]["n"] == 2 and set(metrics["readings"]["runs"]) == {"run"}
     assert metrics["readings"]["protocol"].startswith("out of fold")
     saved = json.loads((out / META_FILE).read_text())
-    assert saved["training_data"]["readings"] == {"distinct_answers": 2, "help": 1, "runs": ["run"]}
+    assert saved["training_data"]["readings"] == {"distinct_answers": 2, "help": 1, "runs": ["run"],
+                                                  "weight": harm_mod.READ_WEIGHT}
     assert saved["metrics"]["held_out"] == metrics["held_out"]
     assert saved["embedding"]["max_tokens"] == 32 and saved["training_data"]["limit_per_source"] == 20
 

@@ -36,6 +36,24 @@ def test_affine_collapse_equals_pipeline(standardize, pca):
     np.testing.assert_allclose(X @ w + b, ref, rtol=1e-3, atol=1e-4)
 
 
+def test_sample_weight_scales_a_rows_loss():
+    """Every row at weight 2 is the same loss as C doubled; a row at weight 0 is not fitted
+    (the same direction as dropping it, since standardising still sees it)."""
+    X, y = _data(seed=1)
+    w2, b2 = fit_affine(X, y, C=0.05, sample_weight=np.full(len(y), 2.0))
+    wc, bc = fit_affine(X, y, C=0.1)
+    np.testing.assert_allclose(X @ w2 + b2, X @ wc + bc, rtol=1e-3, atol=1e-3)
+    flipped = y.copy()
+    flipped[:60] = 1 - flipped[:60]  # 60 mislabelled rows, weighted out
+    weight = np.ones(len(y))
+    weight[:60] = 0.0
+    w0, b0 = fit_affine(X, flipped, C=0.5, sample_weight=weight)
+    wd, bd = fit_affine(X[60:], y[60:], C=0.5)
+    cos = float(w0 @ wd / np.linalg.norm(w0) / np.linalg.norm(wd))
+    assert cos > 0.99
+    assert float(w0 @ wd) > 0 and not np.allclose(fit_affine(X, flipped, C=0.5)[0], w0)
+
+
 def test_threshold_at_fpr_flags_at_most_that_share():
     s = np.linspace(0, 1, 101)
     for fpr in (0.0, 0.01, 0.05, 0.2):

@@ -10,8 +10,9 @@ from sklearn.linear_model import LogisticRegression
 
 
 def fit_affine(X: np.ndarray, y: np.ndarray, standardize: bool = True, pca_dims: int | None = None,
-               C: float = 0.1, seed: int = 0) -> tuple[np.ndarray, float]:
-    """Return (w, b) with logit = X @ w + b equal to the fitted pipeline's decision function."""
+               C: float = 0.1, seed: int = 0, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Return (w, b) with logit = X @ w + b equal to the fitted pipeline's decision function.
+    ``sample_weight``: each row's weight in the logistic loss (on top of the class balance)."""
     X = np.asarray(X, dtype=np.float64)
     d = X.shape[1]
     mu = X.mean(0) if standardize else np.zeros(d)
@@ -23,7 +24,7 @@ def fit_affine(X: np.ndarray, y: np.ndarray, standardize: bool = True, pca_dims:
         pca = PCA(n_components=pca_dims, random_state=seed).fit(Z)
         proj, center = pca.components_.T, pca.mean_
     P = (Z - center) @ proj
-    lr = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(P, y)
+    lr = LogisticRegression(C=C, max_iter=3000, class_weight="balanced").fit(P, y, sample_weight=sample_weight)
     coef = lr.coef_[0]
     direction = proj @ coef  # in standardised space
     w = direction / sigma

@@ -84,6 +84,10 @@ DEFAULT_THRESHOLD = 0.5
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 CV_FOLDS = 4
 READ_FOLDS = 5  # folds by request for the out-of-fold agreement with readers
+# A read answer's weight in the fit. At weight 1 the ~1,100 read answers (one small model's
+# answers) pull the judge off the packaged sources (UncensorBench held out 0.81 -> 0.63); at
+# 0.25 it keeps them (0.75) for most of the gain with readers (out-of-fold kappa 0.31 -> 0.45).
+READ_WEIGHT = 0.25
 TRAIN_COMMAND = "rootdefense judge train"
 
 
@@ -294,10 +298,17 @@ def _foundation_metrics(rows: list[LabelledAnswer], p: np.ndarray, threshold: fl
 # --------------------------------------------------------------------------- training
 
 
-def _fit(X: np.ndarray, y: np.ndarray, C: float) -> tuple[np.ndarray, float]:
+def _fit(X: np.ndarray, y: np.ndarray, C: float, sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, float]:
     from ...probes.fit import fit_affine
 
-    return fit_affine(X, y, standardize=True, C=C)
+    return fit_affine(X, y, standardize=True, C=C, sample_weight=sample_weight)
+
+
+def _fit_with_readings(X_train: np.ndarray, y_train: np.ndarray, X_read: np.ndarray, y_read: np.ndarray,
+                       C: float) -> tuple[np.ndarray, float]:
+    """Fit on the training rows (weight 1) and read answers (weight ``READ_WEIGHT``)."""
+    weight = np.concatenate([np.ones(len(y_train)), np.full(len(y_read), READ_WEIGHT)])
+    return _fit(np.vstack([X_train, X_read]), np.concatenate([y_train, y_read]), C, weight)
 
 
 def choose_c(X: np.ndarray, y: np.ndarray, groups: np.ndarray, grid: tuple[float, ...] = C_GRID,
@@ -340,7 +351,7 @@ def _out_of_fold(X_train: np.ndarray, y_train: np.ndarray, read_rows: list[Label
     p = np.zeros(len(read_rows))
     for k in sorted(set(fold.tolist())):
         rest = learned[fold[learned] != k]
-        w, b = _fit(np.vstack([X_train, X_read[rest]]), np.concatenate([y_train, y_read[rest]]), C)
+        w, b = _fit_with_readings(X_train, y_train, X_read[rest], y_read[rest], C)
         m = fold == k
         p[m] = 1.0 / (1.0 + np.exp(-(X_read[m] @ w + b)))
     return p
@@ -414,9 +425,8 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     groups = np.array([request_bucket(r.request) % CV_FOLDS for r in rows])[train_mask]
     C, cv_losses = choose_c(X_rows[train_mask], y[train_mask], groups)
     learned = _distinct(read_rows) if learn_readings else np.array([], dtype=int)
-    X_fit = np.vstack([X_rows[train_mask], X_read[learned]])
-    y_fit = np.concatenate([y[train_mask], [float(read_rows[i].harmful) for i in learned]])
-    w, b = _fit(X_fit, y_fit, C)
+    y_learned = np.array([float(read_rows[i].harmful) for i in learned])
+    w, b = _fit_with_readings(X_rows[train_mask], y[train_mask], X_read[learned], y_learned, C)
     model = HarmModel(weight=w, bias=b, threshold=DEFAULT_THRESHOLD)
 
     metrics: dict[str, Any] = {"held_out": _held_out_metrics(rows, model.probabilities(X_rows), model.threshold)}
@@ -451,7 +461,7 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
                   "always_test": "requests in AdvBench or HarmBench"},
         "training_data": {"limit_per_source": limit, "sharegpt": sharegpt, "synthetic": synthetic,
                           "sizes": _data_sizes(rows),
-                          "readings": {"distinct_answers": int(len(learned)),
+                          "readings": {"distinct_answers": int(len(learned)), "weight": READ_WEIGHT,
                                        "help": int(sum(read_rows[i].harmful for i in learned)),
                                        "runs": sorted({read_rows[i].detail.split(":")[0] for i in learned})}},
         "metrics": metrics, "versions": _versions(), "train_seconds": seconds,
