@@ -293,3 +293,26 @@ def test_batch_size_changes_no_answer(tiny_dir, tiny_probe, tmp_path, defense):
     assert texts[1] == texts[3]
     r = run("generate", "--model", tiny_dir, "--input", inp, "--output", tmp_path / "x.jsonl", "--batch-size", 0)
     assert r.exit_code == 2 and "batch size" in r.output
+
+
+def test_cli_judge_train_passes_its_options_when_no_judge_is_cached(monkeypatch, tmp_path):
+    """Without --force the judge trains only when none is cached, and then with the options
+    given (they were once ignored there); a weight of 0 is refused by the option itself."""
+    from rootdefense.evaluation.judging import harm as harm_mod
+
+    monkeypatch.setenv("ROOTDEFENSE_HOME", str(tmp_path / "home"))
+    seen = {}
+
+    class Trained(Exception):
+        pass
+
+    def fake_train(out_dir=None, progress=True, **options):
+        seen.update(options)
+        raise Trained
+
+    monkeypatch.setattr(harm_mod, "train_harm_judge", fake_train)
+    with pytest.raises(Trained):
+        run("judge", "train", "--no-learn-readings", "--read-weight", "0.5")
+    assert seen == {"learn_readings": False, "read_weight": 0.5}
+    r = CliRunner().invoke(cli, ["judge", "train", "--read-weight", "0"])
+    assert r.exit_code == 2 and "--read-weight" in r.output

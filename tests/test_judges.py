@@ -579,3 +579,8 @@ def test_agreement_with_readers_is_out_of_fold_by_request():
     mine = np.array([r.request == target for r in rows])
     np.testing.assert_allclose(p[mine], q[mine])
     assert not np.allclose(p[~mine], q[~mine])  # the other folds did learn the flipped labels
+
+
+def test_read_weight_must_be_positive(tmp_path):
+    with pytest.raises(InputError, match="read_weight must be a number above 0"):
+        train_harm_judge(tmp_path / "harm", progress=False, limit=5, read_weight=0)

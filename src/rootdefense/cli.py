@@ -568,13 +568,17 @@ def judge():
 @click.option("--force", is_flag=True, help="retrain even if a judge is cached")
 @click.option("--learn-readings/--no-learn-readings", default=True, show_default=True,
               help="also learn from the checkout's blind readings (agreement with readers then out of fold)")
-def judge_train(force, learn_readings):
+@click.option("--read-weight", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="a read answer's weight in the fit  [default: 0.25]")
+def judge_train(force, learn_readings, read_weight):
     """Fit the MiniLM harm judge on human-labelled data from installed packages and the
-    evaluation runs' blind readings."""
+    evaluation runs' blind readings (the options apply when it trains: with --force, or when
+    no judge is cached)."""
     from .evaluation.judging import HarmModel, ensure_harm_judge, train_harm_judge
 
-    metrics = train_harm_judge(learn_readings=learn_readings) if force else None
-    folder = ensure_harm_judge()
+    options = {"learn_readings": learn_readings, **({"read_weight": read_weight} if read_weight else {})}
+    metrics = train_harm_judge(**options) if force else None
+    folder = ensure_harm_judge(**options)
     if metrics is None:
         metrics = HarmModel.load(folder).meta.get("metrics", {})
     click.echo(json.dumps({"saved": str(folder), "metrics": metrics}, indent=2))

@@ -305,9 +305,9 @@ def _fit(X: np.ndarray, y: np.ndarray, C: float, sample_weight: np.ndarray | Non
 
 
 def _fit_with_readings(X_train: np.ndarray, y_train: np.ndarray, X_read: np.ndarray, y_read: np.ndarray,
-                       C: float) -> tuple[np.ndarray, float]:
-    """Fit on the training rows (weight 1) and read answers (weight ``READ_WEIGHT``)."""
-    weight = np.concatenate([np.ones(len(y_train)), np.full(len(y_read), READ_WEIGHT)])
+                       C: float, read_weight: float = READ_WEIGHT) -> tuple[np.ndarray, float]:
+    """Fit on the training rows (weight 1) and read answers (weight ``read_weight``)."""
+    weight = np.concatenate([np.ones(len(y_train)), np.full(len(y_read), read_weight)])
     return _fit(np.vstack([X_train, X_read]), np.concatenate([y_train, y_read]), C, weight)
 
 
@@ -343,7 +343,7 @@ def _distinct(rows: list[LabelledAnswer]) -> np.ndarray:
 
 
 def _out_of_fold(X_train: np.ndarray, y_train: np.ndarray, read_rows: list[LabelledAnswer], X_read: np.ndarray,
-                 learned: np.ndarray, C: float) -> np.ndarray:
+                 learned: np.ndarray, C: float, read_weight: float = READ_WEIGHT) -> np.ndarray:
     """Each read answer's probability from a judge fitted on the training rows and the read
     answers to requests of the other folds (folds: SHA-256 of the request mod ``READ_FOLDS``)."""
     fold = np.array([request_bucket(r.request) % READ_FOLDS for r in read_rows])
@@ -351,7 +351,7 @@ def _out_of_fold(X_train: np.ndarray, y_train: np.ndarray, read_rows: list[Label
     p = np.zeros(len(read_rows))
     for k in sorted(set(fold.tolist())):
         rest = learned[fold[learned] != k]
-        w, b = _fit_with_readings(X_train, y_train, X_read[rest], y_read[rest], C)
+        w, b = _fit_with_readings(X_train, y_train, X_read[rest], y_read[rest], C, read_weight)
         m = fold == k
         p[m] = 1.0 / (1.0 + np.exp(-(X_read[m] @ w + b)))
     return p
@@ -382,7 +382,8 @@ def _data_sizes(rows: list[LabelledAnswer]) -> dict[str, dict[str, int]]:
 def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *, limit: int | None = None,
                      sharegpt: int = DEFAULT_SHAREGPT, synthetic: bool = True,
                      foundation: Path | str | None | bool = True, readings: list | bool = True,
-                     learn_readings: bool = True, max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
+                     learn_readings: bool = True, read_weight: float = READ_WEIGHT,
+                     max_tokens: int = MAX_TOKENS) -> dict[str, Any]:
     """Train, measure and save the harm judge; returns its metrics.
 
     ``limit`` caps the rows read from each training source (quick tests); ``sharegpt`` is
@@ -390,7 +391,8 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     made-up degenerate negatives and willing positives (:mod:`.degenerate`,
     :mod:`.willing`). ``readings``: evaluation runs' blind reading folders (``True``: the
     source checkout's ``results/**/reading``; ``False``: none); ``learn_readings``: train on
-    them too, agreement then measured out of fold by request (else they only measure it).
+    them too, each at weight ``read_weight`` (> 0), agreement then measured out of fold by
+    request (else they only measure it).
     ``foundation``: a
     labelled ``answers.jsonl`` to measure agreement on (evaluation only, never trained
     on); ``True`` uses the source checkout's ``results/foundation/answers.jsonl`` when
@@ -404,6 +406,9 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     ``foundation`` (all, harmful and benign prompts, and how many answers of each reader
     label were flagged).
     """
+    if not (isinstance(read_weight, (int, float)) and read_weight > 0):
+        raise InputError(f"read_weight must be a number above 0, got {read_weight!r} (to leave the readings "
+                         "out of the fit, pass learn_readings=False)")
     t0 = time.perf_counter()
     folder = Path(out_dir) if out_dir is not None else harm_judge_dir()
     rows = training_rows(limit=limit, sharegpt=sharegpt, synthetic=synthetic)
@@ -426,7 +431,7 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     C, cv_losses = choose_c(X_rows[train_mask], y[train_mask], groups)
     learned = _distinct(read_rows) if learn_readings else np.array([], dtype=int)
     y_learned = np.array([float(read_rows[i].harmful) for i in learned])
-    w, b = _fit_with_readings(X_rows[train_mask], y[train_mask], X_read[learned], y_learned, C)
+    w, b = _fit_with_readings(X_rows[train_mask], y[train_mask], X_read[learned], y_learned, C, read_weight)
     model = HarmModel(weight=w, bias=b, threshold=DEFAULT_THRESHOLD)
 
     metrics: dict[str, Any] = {"held_out": _held_out_metrics(rows, model.probabilities(X_rows), model.threshold)}
@@ -440,7 +445,7 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     if not read_rows:
         metrics["readings"] = None
     elif len(learned):
-        p_read = _out_of_fold(X_rows[train_mask], y[train_mask], read_rows, X_read, learned, C)
+        p_read = _out_of_fold(X_rows[train_mask], y[train_mask], read_rows, X_read, learned, C, read_weight)
         metrics["readings"] = {**_readings_metrics(read_rows, p_read, model.threshold),
                                "protocol": f"out of fold: {READ_FOLDS} folds by request; each read answer judged "
                                            "by a judge fitted without any read answer to its request"}
@@ -461,7 +466,7 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
                   "always_test": "requests in AdvBench or HarmBench"},
         "training_data": {"limit_per_source": limit, "sharegpt": sharegpt, "synthetic": synthetic,
                           "sizes": _data_sizes(rows),
-                          "readings": {"distinct_answers": int(len(learned)), "weight": READ_WEIGHT,
+                          "readings": {"distinct_answers": int(len(learned)), "weight": read_weight,
                                        "help": int(sum(read_rows[i].harmful for i in learned)),
                                        "runs": sorted({read_rows[i].detail.split(":")[0] for i in learned})}},
         "metrics": metrics, "versions": _versions(), "train_seconds": seconds,
@@ -471,15 +476,16 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     return {**metrics, "folder": str(folder), "train_seconds": seconds, "C": C}
 
 
-def ensure_harm_judge(progress: bool = True) -> Path:
-    """The trained judge's folder, training it first if it is missing (``rootdefense prepare``)."""
+def ensure_harm_judge(progress: bool = True, **options: Any) -> Path:
+    """The trained judge's folder, training it first if it is missing (``rootdefense prepare``);
+    ``options`` go to :func:`train_harm_judge` when it trains."""
     folder = harm_judge_dir()
     try:
         HarmModel.load(folder)
     except JudgeError:
         if (folder / META_FILE).exists():
             raise  # present but broken: do not silently overwrite
-        train_harm_judge(folder, progress=progress)
+        train_harm_judge(folder, progress=progress, **options)
     return folder
 
 
