@@ -713,3 +713,71 @@ def test_amplified_ranking_puts_the_experts_shift_first():
 def test_steer_alpha_settings_are_checked(bad):
     with pytest.raises(InputError, match="steer_alpha"):
         CorrectionSettings(**bad).validate()
+
+
+@torch.no_grad()
+def test_an_unreadable_span_makes_the_request_read_as_harmful(setup):
+    """suspect_nll: the engine hands the hook the request tokens' surprisal, exactly the
+    model's own -log p (recomputed here from a full forward); the hook's suspicion is the
+    highest mean over suspect_window consecutive content tokens; a request at or above
+    suspect_nll reads as harmful to the gate (query score 1), so the strict monitor watches
+    it, as gate 0 would; below it, the query probe decides as before."""
+    lm, expert, probe, ids, _ = setup
+    cfg = GenerationConfig(max_new_tokens=16)
+    tau = min(0.999, max(1e-3, first_harm(lm, probe, ids) - 1e-4))
+    base = {"tau": 0.999999, "window": 8, "k": 8, "loop_repeats": 99,
+            "strict_tau": tau, "strict_window": 1, "strict_k": 1, "gate": 0.999999}
+
+    def run(**kw):
+        c = Corrected(lm, probe, expert, CorrectionSettings(**base, **kw), query_probe=_query_probe())
+        return c, c.generate(ids, cfg)
+
+    c, low = run(suspect_nll=1e6, suspect_window=3)
+    logits = lm.model(input_ids=ids).logits[0].float()
+    nll = (torch.logsumexp(logits[:-1], -1) - logits[:-1].gather(-1, ids[0, 1:, None])[:, 0]).tolist()
+    pre, post = c.correction.template_span()
+    content = nll[pre - 1: len(nll) - post]
+    n_content = len(lm.tokenizer(PROMPT, add_special_tokens=False)["input_ids"])
+    assert pre > 0 and len(content) == n_content  # the span is the request's own tokens
+    want = max(sum(content[i:i + 3]) / 3 for i in range(len(content) - 2))
+    assert low.trace.gate["suspicion"] == pytest.approx(want, abs=2e-3)
+    assert low.trace.gate["suspect"] is False and not low.trace.gate["strict"]
+    assert low.token_ids == plain(lm, ids, 16).token_ids and low.trace.summary()["suspect_request"] is False
+    _, high = run(suspect_nll=want - 1e-3, suspect_window=3)
+    assert high.trace.gate["suspect"] is True and high.trace.gate["strict"]
+    assert high.trace.gate["query_score"] == low.trace.gate["query_score"]  # the probe's own score is kept
+    strict_everywhere = Corrected(lm, probe, expert, CorrectionSettings(**{**base, "gate": 0.0}),
+                                  query_probe=_query_probe()).generate(ids, cfg)
+    assert high.token_ids == strict_everywhere.token_ids and high.trace.summary()["flags"] == 1
+
+
+def test_suspicion_windows_and_settings(setup):
+    lm, expert, probe, _, _ = setup
+    c = Correction(probe, CorrectionSettings(gate=0.5, suspect_nll=5.0, suspect_window=2), expert, _query_probe(),
+                   None)  # no tokenizer: the whole request is content
+    assert c.template_span() == (0, 0)
+    assert c.suspicion([1.0, 9.0, 9.0, 1.0]) == 9.0
+    assert c.suspicion([4.0]) == 4.0 and c.suspicion([]) == 0.0
+    with pytest.raises(InputError, match="surprisal"):
+        c.start(torch.zeros(48))
+    for bad, match in (({"suspect_nll": 5.0}, "set 'gate' or 'blend'"),
+                       ({"gate": 0.5, "suspect_nll": 0}, "surprisal in nats above 0"),
+                       ({"gate": 0.5, "suspect_nll": True}, "surprisal in nats above 0"),
+                       ({"gate": 0.5, "suspect_window": 0}, "suspect_window")):
+        with pytest.raises(InputError, match=match):
+            CorrectionSettings(**bad).validate()
+
+
+@torch.no_grad()
+def test_suspicion_is_the_same_in_a_left_padded_batch(setup):
+    """Rows of different lengths share one left-padded prefill: each row's suspicion is the
+    one it gets alone."""
+    lm, expert, probe, ids, _ = setup
+    other = encode_chat(lm.tokenizer, [{"role": "user", "content": "Tell me a long story about a dragon and a cat"}])
+    settings = CorrectionSettings(gate=0.5, suspect_nll=1e6, suspect_window=4)
+    c = Corrected(lm, probe, expert, settings, query_probe=_query_probe())
+    cfg = GenerationConfig(max_new_tokens=4)
+    alone = [c.generate(x, cfg).trace.gate["suspicion"] for x in (ids, other)]
+    batch = c.decoder.generate_batch([ids, other], cfg)
+    assert [g.trace.gate["suspicion"] for g in batch] == pytest.approx(alone, abs=2e-3)
+    assert alone[0] != pytest.approx(alone[1], abs=1e-3)

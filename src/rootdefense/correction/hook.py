@@ -95,14 +95,60 @@ class Correction:
 
     # ------------------------------------------------------------------ per row
 
-    def start(self, query_hidden) -> RowCorrection:
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether :meth:`start` needs the request tokens' surprisal (``suspect_nll`` set)."""
+        return self.settings.suspect_nll is not None
+
+    def template_span(self) -> tuple[int, int]:
+        """How many tokens the chat template puts before and after a one-message request's
+        content (0, 0 without a tokenizer or a chat template); computed once."""
+        if getattr(self, "_span", None) is None:
+            self._span = (0, 0)
+            if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
+                from ..models.chat import encode_chat
+
+                a, b = (encode_chat(self.tokenizer, [{"role": "user", "content": c}])[0].tolist()
+                        for c in ("apple", "Zebra crossing 42"))
+                pre = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                post = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1])) if x != y), 0)
+                self._span = (pre, min(post, min(len(a), len(b)) - pre))
+        return self._span
+
+    def suspicion(self, surprisal) -> float:
+        """The highest mean surprisal over ``suspect_window`` consecutive tokens of the
+        request's content (``surprisal[j]``: the model's -log p of prompt token j + 1, for the
+        request's tokens); over all of it when shorter; 0 when empty."""
+        pre, post = self.template_span()
+        x = [float(v) for v in surprisal][max(pre - 1, 0): max(len(surprisal) - post, 0)]
+        w = self.settings.suspect_window
+        if not x:
+            return 0.0
+        if len(x) <= w:
+            return sum(x) / len(x)
+        run = best = sum(x[:w])
+        for i in range(w, len(x)):
+            run += x[i] - x[i - w]
+            best = max(best, run)
+        return best / w
+
+    def start(self, query_hidden, surprisal=None) -> RowCorrection:
         """A row's state; ``query_hidden``: the hidden state (H,) at the request's last token
-        at the query probe's layer (used when a gate or a blend is set)."""
+        at the query probe's layer (used when a gate or a blend is set); ``surprisal``: the
+        request tokens' surprisal (needed when ``suspect_nll`` is set, see :meth:`suspicion`)."""
         s = self.settings
         gate, score = None, 0.0
         if s.reads_request:
             score = gate_score(self.query_probe, query_hidden)
-            gate = {"query_score": round(score, 4), "strict": s.gate is not None and score >= s.gate}
+            gate = {"query_score": round(score, 4)}
+            if s.suspect_nll is not None:
+                if surprisal is None:
+                    raise InputError("suspect_nll needs the request tokens' surprisal from the prefill")
+                gate["suspicion"] = round(self.suspicion(surprisal), 3)
+                gate["suspect"] = gate["suspicion"] >= s.suspect_nll
+                if gate["suspect"]:
+                    score = 1.0  # an unreadable span: the request reads as harmful
+            gate["strict"] = s.gate is not None and score >= s.gate
         monitor = s.monitor(self.tau, gate is not None and gate["strict"], score)
         return RowCorrection(monitor=monitor, guard=self._guard() if s.guard else None,
                              steer_tau=s.steer_tau if s.steer_tau is not None else monitor.tau, gate=gate)

@@ -68,6 +68,14 @@ class CorrectionSettings:
     willingly inside a jailbreak template ("I'm here to help you create ..."), the tokens the
     expert raised most over the base model (its refusal) win the opening. 0: the expert's
     own ranking throughout.
+    ``suspect_nll`` (needs a gate or a blend): a request that holds a span the model itself
+    finds unreadable (the mean surprisal, in nats, of some ``suspect_window`` consecutive
+    request tokens at or above ``suspect_nll``, as an optimised adversarial suffix does) reads
+    as harmful to the gate and the blend (its query score is taken as 1), whatever the query
+    probe says: an attacker who optimises a suffix against the query probe can drive its score
+    to 0 and with it the blended monitor. The answer must still read harmful to the response
+    probe to be flagged. The surprisal is the model's own, from the prefill's final hidden
+    states, so the threshold is the model's: calibrate it on benign prompts (None: off).
     ``retract_prefill``: when the answer was forced to open with text (an assistant
     prefill) and the monitor flags it, the expert answers from the start of the assistant
     turn, withdrawing the forced opening (an explicit correction event with
@@ -104,6 +112,8 @@ class CorrectionSettings:
     close: bool = True  # off: a steered answer that loops or runs out of tokens may end mid-sentence
     loop_expert: str = "always"  # "gated": only where the gate reads the request as harmful (see below)
     end_check: bool = False  # the EOS token's score alone can flag the answer (see below)
+    suspect_nll: float | None = None  # an unreadable span in the request reads as harmful (see below)
+    suspect_window: int = 8
 
     def validate(self) -> None:
         if self.tau is not None and not 0 < self.tau < 1:
@@ -136,6 +146,15 @@ class CorrectionSettings:
             raise InputError(f"blend must lie in [0, 1), got {self.blend!r}")
         if self.gate is not None and not 0 <= self.gate < 1:
             raise InputError(f"gate must lie in [0, 1), got {self.gate}")
+        if self.suspect_nll is not None:
+            if isinstance(self.suspect_nll, bool) or not isinstance(self.suspect_nll, int | float) \
+                    or self.suspect_nll <= 0:
+                raise InputError(f"suspect_nll must be a surprisal in nats above 0, got {self.suspect_nll!r}")
+            if not self.reads_request:
+                raise InputError("suspect_nll acts through the gate or the blend: set 'gate' or 'blend' too")
+        if isinstance(self.suspect_window, bool) or not isinstance(self.suspect_window, int) \
+                or self.suspect_window < 1:
+            raise InputError(f"suspect_window must be an integer >= 1, got {self.suspect_window!r}")
         for name in ("strict_tau", "steer_tau"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:

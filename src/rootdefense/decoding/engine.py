@@ -41,7 +41,7 @@ from ..errors import InputError
 from . import batchcache
 from .config import GenerationConfig
 from .generation import Detokenizer, Generation, decode_timings, emit, end_reason, final_text
-from .hidden import forward_hidden
+from .hidden import forward_hidden, forward_layers
 from .kvcache import new_cache
 from .mix import SafeDecodingMix
 from .pools import BATCH_STAGES, FIRST_CANDIDATES, PoolPlan, rule_plan
@@ -217,13 +217,22 @@ class Engine:
         self.next_pos = self.next_pos[torch.tensor(keep, dtype=torch.long, device=self.device)]
         row.twin, row.lp_e = False, None
 
-    def _forward(self, adapters: list[str] | None, layer: int | None, **kwargs):
-        """One forward of the model (``adapters``: per cache row, base or expert)."""
+    def _forward(self, adapters: list[str] | None, layer: int | list[int] | None, **kwargs):
+        """One forward of the model (``adapters``: per cache row, base or expert) and the
+        hidden states of ``layer`` (one, or a list of them)."""
+        fwd = forward_layers if isinstance(layer, list) else forward_hidden
         if adapters is None:
-            return forward_hidden(self.model, layer, **kwargs)
+            return fwd(self.model, layer, **kwargs)
         with self.expert.active() as peft_model:
-            return forward_hidden(self.model, layer, runner=lambda **kw: peft_model(adapter_names=adapters, **kw),
-                                  **kwargs)
+            return fwd(self.model, layer, runner=lambda **kw: peft_model(adapter_names=adapters, **kw), **kwargs)
+
+    def _surprisal(self, final: torch.Tensor, ids: list[int], query_len: int) -> list[float]:
+        """-log p of the request's tokens 1 .. query_len - 1 under the model, from one row's
+        final hidden states (left-padded to ``final``'s length)."""
+        offset = final.shape[0] - len(ids)
+        logits = self.model.get_output_embeddings()(final[offset: offset + query_len - 1]).float()
+        target = torch.tensor(ids[1:query_len], device=logits.device)
+        return (torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None])[:, 0]).tolist()
 
     def _admit(self) -> None:
         """Prefill the rows waiting to join, in one left-padded forward, into the batch."""
@@ -241,11 +250,17 @@ class Engine:
             kwargs.update(attention_mask=past, position_ids=(past.cumsum(-1) - 1).clamp(min=0))
         gated = self.correction is not None and self.correction.settings.reads_request
         gate_layer = self.correction.query_probe.layer if gated else None
+        suspect = gated and self.correction.reads_prompt
         cache = new_cache(self.model)
         t0 = time.perf_counter()
+        adapters = [a for r in rows for a in ((BASE, EXPERT) if r.twin else (BASE,))] if twins else None
+        final = None
         with torch.no_grad():
-            out, hidden = self._forward([a for r in rows for a in ((BASE, EXPERT) if r.twin else (BASE,))]
-                                        if twins else None, gate_layer, cache=cache, **kwargs)
+            if suspect:
+                out, (hidden, final) = self._forward(adapters, [gate_layer, self.model.config.num_hidden_layers],
+                                                     cache=cache, **kwargs)
+            else:
+                out, hidden = self._forward(adapters, gate_layer, cache=cache, **kwargs)
         logits = out.logits[:, -1].float()
         elapsed = time.perf_counter() - t0
         i = 0
@@ -254,7 +269,9 @@ class Engine:
             r.lp = step_logprobs(logits[i], r.cfg)
             r.lp_e = step_logprobs(logits[i + 1], r.cfg) if r.twin else None
             if self.correction is not None and r.corr is None:
-                r.corr = self.correction.start(None if hidden is None else hidden[i, width - len(ids[i]) + r.query_len - 1])
+                surprisal = None if final is None else self._surprisal(final[i], ids[i], r.query_len)
+                r.corr = self.correction.start(None if hidden is None else hidden[i, width - len(ids[i]) + r.query_len - 1],
+                                               surprisal)
             i += 2 if r.twin else 1
         lengths = past.sum(-1)
         if self.cache is None:

@@ -72,17 +72,24 @@ def forward_hidden(model, layer: int | None, runner=None, **kwargs):
     """``model(**kwargs)`` and its ``hidden_states[layer]`` (None when ``layer`` is None).
     ``runner``: what runs the forward instead of ``model`` itself (a peft wrapper of it
     with per-row adapters); the layer is still looked up on ``model``."""
-    run = runner or model
     if layer is None:
-        return run(**kwargs), None
-    module = layer_module(model, layer)
-    if module is None:
+        return (runner or model)(**kwargs), None
+    out, (hidden,) = forward_layers(model, [layer], runner, **kwargs)
+    return out, hidden
+
+
+def forward_layers(model, layers: list[int], runner=None, **kwargs):
+    """``model(**kwargs)`` and its ``hidden_states[l]`` for each of ``layers``, in order."""
+    run = runner or model
+    modules = {layer: layer_module(model, layer) for layer in layers}
+    if any(m is None for m in modules.values()):
         out = run(**kwargs, output_hidden_states=True)
-        return out, out.hidden_states[layer]
-    caught: list = []
-    handle = _catch(module, caught)
+        return out, [out.hidden_states[layer] for layer in layers]
+    caught: dict[int, list] = {layer: [] for layer in modules}
+    handles = [_catch(module, caught[layer]) for layer, module in modules.items()]
     try:
         out = run(**kwargs)
     finally:
-        handle.remove()
-    return out, caught[-1]
+        for handle in handles:
+            handle.remove()
+    return out, [caught[layer][-1] for layer in layers]

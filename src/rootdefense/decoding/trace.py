@@ -58,6 +58,7 @@ class Trace:
             "closed": next((e["reason"] for e in self.events if e.get("type") == "close"), None),  # loop | length | eos
             "prefill_retracted": any(e.get("retracted_prefill") for e in self.events),
             "strict_monitor": None if self.gate is None else self.gate["strict"],
+            **({"suspect_request": self.gate["suspect"]} if self.gate and "suspect" in self.gate else {}),
         }
 
     def to_dict(self) -> dict:
