@@ -760,8 +760,9 @@ def test_suspicion_windows_and_settings(setup):
     assert c.suspicion([4.0]) == 4.0 and c.suspicion([]) == 0.0
     with pytest.raises(InputError, match="surprisal"):
         c.start(torch.zeros(48))
-    for bad, match in (({"suspect_nll": 5.0}, "set 'gate' or 'blend'"),
-                       ({"gate": 0.5, "suspect_nll": 0}, "surprisal in nats above 0"),
+    with pytest.raises(InputError, match="set 'gate' or 'blend'"):
+        Correction(probe, CorrectionSettings(suspect_nll=5.0), expert, _query_probe(), None)
+    for bad, match in (({"gate": 0.5, "suspect_nll": 0}, "surprisal in nats above 0"),
                        ({"gate": 0.5, "suspect_nll": True}, "surprisal in nats above 0"),
                        ({"gate": 0.5, "suspect_window": 0}, "suspect_window")):
         with pytest.raises(InputError, match=match):

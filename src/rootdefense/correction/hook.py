@@ -22,6 +22,7 @@ from ..errors import InputError
 from .guard import DegenerationGuard
 from .monitor import RecoveryMonitor, gate_score
 from .settings import CorrectionSettings
+from .suspicion import suspicion, template_span
 
 SENTENCE_END = (".", "!", "?", "\n")
 _LIST_MARKER = re.compile(r"(?:^|\n)\s*(?:\d+|[a-zA-Z])\.$")
@@ -74,6 +75,8 @@ class Correction:
         if self.settings.reads_request and query_probe is None:
             raise InputError("a gated or blended monitor (correction setting 'gate' or 'blend') needs a query "
                              "probe; train one with `rootdefense probe train --kind query` or drop them")
+        if self.settings.suspect_nll is not None and not self.settings.reads_request:
+            raise InputError("suspect_nll acts through the gate or the blend: set 'gate' or 'blend' too")
         if self.settings.use_expert and expert is None:
             raise InputError("steering with the expert (use_expert) needs a loaded expert adapter")
         self.probe, self.expert, self.query_probe, self.tokenizer = probe, expert, query_probe, tokenizer
@@ -101,36 +104,14 @@ class Correction:
         return self.settings.suspect_nll is not None
 
     def template_span(self) -> tuple[int, int]:
-        """How many tokens the chat template puts before and after a one-message request's
-        content (0, 0 without a tokenizer or a chat template); computed once."""
+        """The chat template's tokens before and after a request's content (computed once)."""
         if getattr(self, "_span", None) is None:
-            self._span = (0, 0)
-            if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
-                from ..models.chat import encode_chat
-
-                a, b = (encode_chat(self.tokenizer, [{"role": "user", "content": c}])[0].tolist()
-                        for c in ("apple", "Zebra crossing 42"))
-                pre = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                post = next((i for i, (x, y) in enumerate(zip(a[::-1], b[::-1])) if x != y), 0)
-                self._span = (pre, min(post, min(len(a), len(b)) - pre))
+            self._span = template_span(self.tokenizer)
         return self._span
 
     def suspicion(self, surprisal) -> float:
-        """The highest mean surprisal over ``suspect_window`` consecutive tokens of the
-        request's content (``surprisal[j]``: the model's -log p of prompt token j + 1, for the
-        request's tokens); over all of it when shorter; 0 when empty."""
-        pre, post = self.template_span()
-        x = [float(v) for v in surprisal][max(pre - 1, 0): max(len(surprisal) - post, 0)]
-        w = self.settings.suspect_window
-        if not x:
-            return 0.0
-        if len(x) <= w:
-            return sum(x) / len(x)
-        run = best = sum(x[:w])
-        for i in range(w, len(x)):
-            run += x[i] - x[i - w]
-            best = max(best, run)
-        return best / w
+        """The request's suspicion (:func:`.suspicion.suspicion`) from its tokens' surprisal."""
+        return suspicion(surprisal, self.template_span(), self.settings.suspect_window)
 
     def start(self, query_hidden, surprisal=None) -> RowCorrection:
         """A row's state; ``query_hidden``: the hidden state (H,) at the request's last token

@@ -150,8 +150,6 @@ class CorrectionSettings:
             if isinstance(self.suspect_nll, bool) or not isinstance(self.suspect_nll, int | float) \
                     or self.suspect_nll <= 0:
                 raise InputError(f"suspect_nll must be a surprisal in nats above 0, got {self.suspect_nll!r}")
-            if not self.reads_request:
-                raise InputError("suspect_nll acts through the gate or the blend: set 'gate' or 'blend' too")
         if isinstance(self.suspect_window, bool) or not isinstance(self.suspect_window, int) \
                 or self.suspect_window < 1:
             raise InputError(f"suspect_window must be an integer >= 1, got {self.suspect_window!r}")
