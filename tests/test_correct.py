@@ -757,7 +757,8 @@ def test_suspicion_windows_and_settings(setup):
                    None)  # no tokenizer: the whole request is content
     assert c.template_span() == (0, 0)
     assert c.suspicion([1.0, 9.0, 9.0, 1.0]) == 9.0
-    assert c.suspicion([4.0]) == 4.0 and c.suspicion([]) == 0.0
+    assert c.suspicion([1.0, 9.0]) == 5.0  # exactly one window
+    assert c.suspicion([14.0]) == 0.0 and c.suspicion([]) == 0.0  # shorter than the window: no span
     with pytest.raises(InputError, match="surprisal"):
         c.start(torch.zeros(48))
     with pytest.raises(InputError, match="set 'gate' or 'blend'"):

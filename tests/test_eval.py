@@ -389,3 +389,13 @@ def test_rds_expert_endings_are_eval_options():
     assert d.options()["loop_expert"] == "gated" and d.options()["close"] is False
     with pytest.raises(InputError, match="loop_expert"):
         make_defense("rds-expert", loop_expert="sometimes")
+
+
+def test_rds_expert_suspicion_is_an_eval_option():
+    from rootdefense.evaluation.defenses import make_defense
+
+    d = make_defense("rds-expert", suspect_nll=9.5, suspect_window=6)
+    assert d.correction == {"suspect_nll": 9.5, "suspect_window": 6}
+    assert d.options()["suspect_nll"] == 9.5
+    with pytest.raises(InputError, match="suspect_nll"):
+        make_defense("rds-expert", suspect_nll=-1.0)

@@ -25,15 +25,14 @@ def template_span(tokenizer) -> tuple[int, int]:
 
 
 def suspicion(surprisal, span: tuple[int, int], window: int) -> float:
-    """The highest mean of ``window`` consecutive content surprisals (over all of them when
-    fewer; 0 when none). ``surprisal[j]`` is -log p of prompt token j + 1, for the request's
-    tokens; ``span`` is :func:`template_span`."""
+    """The highest mean of ``window`` consecutive content surprisals; 0 for a request of
+    fewer content tokens (a short message such as "hi" or "codes please" is surprising as a
+    whole, and holds no span to hide a suffix in). ``surprisal[j]`` is -log p of prompt token
+    j + 1, for the request's tokens; ``span`` is :func:`template_span`."""
     pre, post = span
     x = [float(v) for v in surprisal][max(pre - 1, 0): max(len(surprisal) - post, 0)]
-    if not x:
+    if len(x) < window:
         return 0.0
-    if len(x) <= window:
-        return sum(x) / len(x)
     run = best = sum(x[:window])
     for i in range(window, len(x)):
         run += x[i] - x[i - window]
