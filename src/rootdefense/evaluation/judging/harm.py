@@ -84,10 +84,11 @@ DEFAULT_THRESHOLD = 0.5
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
 CV_FOLDS = 4
 READ_FOLDS = 5  # folds by request for the out-of-fold agreement with readers
-# A read answer's weight in the fit. At weight 1 the ~1,100 read answers (one small model's
+# A read answer's weight in the fit. At weight 1 the ~1,170 read answers (one small model's
 # answers) pull the judge off the packaged sources (UncensorBench held out 0.81 -> 0.63); at
-# 0.25 it keeps them (0.75) for most of the gain with readers (out-of-fold kappa 0.31 -> 0.45).
-READ_WEIGHT = 0.25
+# 0.15 it keeps them (0.75) for most of the gain with readers (out-of-fold kappa 0.33 -> 0.44;
+# 0.47 at weight 1). Chosen among 0.1, 0.15, 0.25, 0.5 and 1 on these same figures.
+READ_WEIGHT = 0.15
 TRAIN_COMMAND = "rootdefense judge train"
 
 
