@@ -80,6 +80,7 @@ class Correction:
         if self.settings.use_expert and expert is None:
             raise InputError("steering with the expert (use_expert) needs a loaded expert adapter")
         self.probe, self.expert, self.query_probe, self.tokenizer = probe, expert, query_probe, tokenizer
+        self._span: tuple[int, int] | None = None  # the chat template's span, on first use
         self.tau = self.settings.tau if self.settings.tau is not None else probe.threshold
         self.max_cut = self._guard().max_cut()
 
@@ -105,7 +106,7 @@ class Correction:
 
     def template_span(self) -> tuple[int, int]:
         """The chat template's tokens before and after a request's content (computed once)."""
-        if getattr(self, "_span", None) is None:
+        if self._span is None:
             self._span = template_span(self.tokenizer)
         return self._span
 

@@ -40,10 +40,15 @@ def suspicion(surprisal, span: tuple[int, int], window: int) -> float:
     return best / window
 
 
+def token_surprisal(logits: torch.Tensor, targets: list[int]) -> list[float]:
+    """-log p of each target token under the logits (T, V) of the position before it."""
+    logits = logits.float()
+    target = torch.tensor(targets, device=logits.device)
+    return (torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None])[:, 0]).tolist()
+
+
 @torch.no_grad()
 def prompt_surprisal(model, ids: list[int]) -> list[float]:
     """-log p of tokens 1 .. len(ids) - 1 from one full forward (offline; the engine takes
     the same numbers from its prefill)."""
-    logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float()
-    target = torch.tensor(ids[1:], device=logits.device)
-    return (torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None])[:, 0]).tolist()
+    return token_surprisal(model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1], ids[1:])

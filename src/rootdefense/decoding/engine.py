@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..correction.steering import BASE, EXPERT, amplified, steer_choice, steer_stages, union_pool
+from ..correction.suspicion import token_surprisal
 from ..errors import InputError
 from . import batchcache
 from .config import GenerationConfig
@@ -230,9 +231,8 @@ class Engine:
         """-log p of the request's tokens 1 .. query_len - 1 under the model, from one row's
         final hidden states (left-padded to ``final``'s length)."""
         offset = final.shape[0] - len(ids)
-        logits = self.model.get_output_embeddings()(final[offset: offset + query_len - 1]).float()
-        target = torch.tensor(ids[1:query_len], device=logits.device)
-        return (torch.logsumexp(logits, -1) - logits.gather(-1, target[:, None])[:, 0]).tolist()
+        return token_surprisal(self.model.get_output_embeddings()(final[offset: offset + query_len - 1]),
+                               ids[1:query_len])
 
     def _admit(self) -> None:
         """Prefill the rows waiting to join, in one left-padded forward, into the batch."""
