@@ -12,7 +12,7 @@ from test_defenses import MODEL_ID, MODEL_SEED, independent_models, write_expert
 from rootdefense.correction import Correction, CorrectionSettings, DegenerationGuard, RecoveryMonitor
 from rootdefense.correction import steer_choice as _steer_choice
 from rootdefense.correction import union_pool as _union_pool
-from rootdefense.correction.hook import RowCorrection
+from rootdefense.correction.hook import RowCorrection, complete_sentence
 from rootdefense.decoding import Decoder, GenerationConfig, Streamer
 from rootdefense.errors import InputError
 from rootdefense.expert.adapter import attach_expert
@@ -91,6 +91,8 @@ def reference_steer(tok, folder, probe, ids, tau, n, expert_top=10, base_top=10,
         for t in pool.tolist():
             h = base(input_ids=torch.cat([seq, torch.tensor([[t]])], 1), output_hidden_states=True)
             harms.append(float(probe.score(h.hidden_states[probe.layer][0, -1:].float())[0]))
+        if complete_sentence(tok.decode(out, skip_special_tokens=True)):  # steer_end: stopping passes
+            harms = [0.0 if t == tok.eos_token_id else h for t, h in zip(pool.tolist(), harms)]
         j = _steer_choice(pool, lp_e, lp_b, torch.tensor(harms), tau, floor, None)
         out.append(int(pool[j]))
         if out[-1] == tok.eos_token_id:
@@ -394,6 +396,53 @@ def test_complete_sentence():
         assert complete_sentence(text), text
     for text in ("", "I can't help with", "Steps:\n1.", "Steps:\n  b.", "Yes,", "Read this\n"):
         assert not complete_sentence(text), text
+
+
+def test_a_steered_answer_may_stop_after_a_complete_sentence(setup, tiny_tokenizer):
+    lm, expert, probe, _, _ = setup
+    tok = tiny_tokenizer
+    for steer_end in (True, False):
+        dec = decoder(lm, expert, probe, steer_end=steer_end)
+        for text, steer_from, want in (("I can't help with that.", 0, steer_end), ("I can't help with", 0, False),
+                                       ("Bread needs flour. I can't", 4, False)):
+            row, rc = _steered_row(tok, text, steer_from=steer_from)
+            assert dec.correction.may_end(rc, row) is want, (text, steer_end)
+            rc.mode = "watch"  # an answer never flagged is the model's own: the probe's reading stands
+            assert not dec.correction.may_end(rc, row)
+    with pytest.raises(InputError, match="steer_end must be true or false"):
+        CorrectionSettings(steer_end="yes").validate()
+
+
+@torch.no_grad()
+def test_a_stop_token_the_probe_reads_as_harmful_ends_a_finished_steered_answer(setup, monkeypatch):
+    """The probe reads every token as harmful, so steering takes the expert's most probable
+    token. Once the steered text counts as a complete sentence (after 3 tokens here), a stop
+    token in the pool passes and ends the answer; without ``steer_end`` it never does."""
+    from rootdefense.correction import hook
+
+    lm, expert, _, ids, _ = setup
+    harmful = LinearProbe(torch.zeros(48), 20.0, layer=2, threshold=0.5, meta={"model_id": MODEL_ID, "kind": "response"})
+
+    def run(eos, steer_end):
+        correction = Correction(harmful, CorrectionSettings(tau=0.5, k=1, window=1, loop_repeats=99,
+                                                            steer_end=steer_end), expert, None, lm.tokenizer)
+        return Decoder(lm.model, lm.tokenizer, harmful, eos_token_ids=eos,
+                       correction=correction).generate(ids, GenerationConfig(max_new_tokens=8))
+
+    off = run([lm.tokenizer.eos_token_id], False)
+    assert off.trace.events[0]["reason"] == "harm" and len(off.token_ids) > 4
+    first3 = off.token_ids[:3]
+    logits = lm.model(input_ids=torch.cat([ids, torch.tensor([first3])], 1)).logits[0, -1]
+    seen = set(off.token_ids[:4]) | set(plain(lm, ids, 1).token_ids)
+    stop = next(t for t in torch.topk(logits, 10).indices.tolist() if t not in seen)  # in the steered pool
+    finished = lm.tokenizer.decode(first3, skip_special_tokens=True)
+    monkeypatch.setattr(hook, "complete_sentence", lambda text: text == finished)
+    assert stop not in run([stop], False).token_ids  # the probe keeps the stop token out
+    ended = run([stop], True)
+    assert ended.token_ids[:3] == first3 and len(ended.token_ids) <= 4
+    # the stop token was chosen; it decodes to text here, so the answer ends after the "sentence" before it
+    assert ended.trace.finish_reason == "closed" and ended.trace.events[-1]["reason"] == "eos"
+    assert ended.trace.events[-1]["dropped_text"] == lm.tokenizer.decode([stop])
 
 
 def _steered_row(tok, text: str, max_new_tokens: int = 200, steer_from: int = 0):

@@ -190,6 +190,12 @@ class Correction:
             return Verdict(keep=steer, cut=cut, finish="degenerate")
         return Verdict(keep=steer, finish=reason)
 
+    def may_end(self, rc: RowCorrection, row) -> bool:
+        """Whether a steered row may stop now whatever the probe reads at its stop token
+        (``steer_end``): its steered text ends a complete sentence."""
+        return self.settings.steer_end and rc.mode == "steer" and \
+            complete_sentence(self._text(row.tokens[rc.steer_from:]))
+
     def final_len(self, rc: RowCorrection, row) -> int:
         """How many of the row's answer tokens no later verdict can withdraw."""
         s, n = self.settings, len(row.tokens)

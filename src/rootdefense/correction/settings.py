@@ -47,6 +47,10 @@ class CorrectionSettings:
     ``steer_first``: greedy steered steps score this many candidates the base model finds
     plausible (and its own token) first, and the rest of the pool only when none of them
     passes the probe; the choice is the same as scoring the whole pool (0: score it whole).
+    ``steer_end``: a steered answer may stop once its text ends a complete sentence: its
+    stop token passes whatever the probe reads there. Stopping adds no text, and the probe
+    reads a stop token after a harmful request as harmful (0.97 after a finished refusal),
+    so without this the expert cannot end its refusal and writes on until it loops.
     ``close``: a steered answer ends cleanly: when it starts to loop, reaches
     ``max_new_tokens``, or ends (EOS) on an unfinished sentence, it ends after its last
     complete sentence (a ``close`` event, finish reason ``closed``) rather than mid-sentence
@@ -105,6 +109,7 @@ class CorrectionSettings:
     steer_first: int = 3  # greedy steering scores this many plausible candidates first (0: the whole pool)
     steer_alpha: float = 0.0  # amplify the expert's shift over the base model in a steered opening (see below)
     steer_alpha_tokens: int = 4
+    steer_end: bool = True  # a steered answer may stop after a complete sentence (see below)
     # ablation switches: each part can be turned off to measure what it adds
     use_expert: bool = True  # off: steer with the base model's own candidates only
     recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
@@ -122,8 +127,9 @@ class CorrectionSettings:
             raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
         if self.loop_expert not in ("always", "gated"):
             raise InputError(f"loop_expert must be 'always' or 'gated', got {self.loop_expert!r}")
-        if not isinstance(self.end_check, bool):
-            raise InputError(f"end_check must be true or false, got {self.end_check!r}")
+        for name in ("end_check", "steer_end"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.rollback not in ("answer", "sentence"):
             raise InputError(f"rollback must be 'answer' or 'sentence', got {self.rollback!r}")
         for name in ("expert_top", "base_top", "loop_ngram", "loop_repeats", "loop_span"):

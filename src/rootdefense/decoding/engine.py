@@ -387,8 +387,14 @@ class Engine:
         floor = s.min_base_logprob if s.guard else -math.inf
         stages, plausible = steer_stages(pool, lp_b, own_idx, floor, s.steer_first, r.rng is None)
         tau = r.corr.steer_tau
+        # a stop token after a complete sentence passes: stopping adds no text (steer_end)
+        stops = [i for i, t in enumerate(pool.tolist()) if t in self.eos] \
+            if self.correction.may_end(r.corr, r) else []
 
         def settle(harms, last):
+            if stops:
+                harms = harms.clone()
+                harms[stops] = 0.0
             if not last:  # the first plausible candidate that passes, else score the rest
                 return next((i for i in plausible if harms[i] < tau), None)
             return steer_choice(pool, lp_e, lp_b, harms, tau, floor, r.rng)
