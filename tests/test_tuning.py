@@ -531,3 +531,50 @@ def test_the_package_history_lists_the_earlier_embedded_probes():
             defaults.shipped_probe_dir("smollm2-135m", kind)
         name = defaults.EXPERT_FILES[0] if kind == "expert" else defaults.PROBE_FILES[0]
         assert defaults.weights_sha256(current, name) not in shas and all(len(s) == 64 for s in shas)
+
+
+def test_tune_sets_the_suspicion_check_just_above_every_benign_prompt(tiny_dir, rd_home, monkeypatch):
+    """Where a gate or blend is chosen, tune reads benign prompts' suspicion and sets
+    suspect_nll past the highest (0.2-nat margin, rounded up to a half nat); without a
+    query probe, or with --suspicion-sharegpt 0, there is no check."""
+    from rootdefense import tuning
+    from rootdefense.models import load_model
+
+    save_response_probe(tiny_dir)
+    lm = load_model(tiny_dir)
+    prompts = ["How do I bake bread?", "Give me three ideas for a birthday party in the garden",
+               "zq xv 9f kk 0p ]] wq mm ,, ;; 7y rr", "hi"]
+    monkeypatch.setattr(tuning, "suspicion_prompts", lambda spec: prompts)
+    # the records of test_the_gate_flags_what_no_single_setting_can: the gate wins within the budget
+    rows = [("none", True, [0.95] * 3, 0.9), ("none", True, [0.7] * 3, 0.95), ("prefill", True, [0.99, 0.2, 0.2], 0.2),
+            ("none", False, [0.75] * 3, 0.3), ("none", False, [0.1] * 3, 0.1)]
+
+    def records(with_query):
+        return [{"attack": a, "harmful": h, "prompt": f"p{i}", "answer": "Sure.", "harms": harms,
+                 "query_score": q if with_query else None} for i, (a, h, harms, q) in enumerate(rows)]
+
+    spec = TuneSpec(attacks=("none", "prefill"), benign_attacks=("none",), max_benign_flag=0.0)
+    assert "suspect_nll" not in tuning.tune(lm, spec, log=lambda m: None, records=records(False))["settings"]
+    _probe(lm.model_id, "query", paths.probe_dir(lm.model_id, "query"), seed=3)
+    result = tuning.tune(lm, spec, log=lambda m: None, records=records(True))
+    assert "gate" in result["settings"] or "blend" in result["settings"]
+    want = tuning.suspicion_threshold(lm, prompts)
+    top = want["max_benign"]
+    assert result["settings"]["suspect_nll"] == want["suspect_nll"] and result["settings"]["suspect_window"] == 8
+    assert top + 0.2 <= want["suspect_nll"] < top + 0.2 + 0.5 and want["suspect_nll"] % 0.5 == 0
+    assert result["measured"]["suspicion"] == want and want["prompts"] == 4 and top > 0
+    off = TuneSpec(attacks=("none", "prefill"), benign_attacks=("none",), max_benign_flag=0.0, suspicion_sharegpt=0)
+    assert "suspect_nll" not in tuning.tune(lm, off, log=lambda m: None, records=records(True))["settings"]
+    with pytest.raises(InputError, match="suspicion_sharegpt"):
+        TuneSpec(suspicion_sharegpt=-1)
+
+
+def test_suspicion_prompts_are_sharegpt_turns_and_benign_validation_prompts():
+    from rootdefense.data.loaders import load_dataset
+    from rootdefense.tuning import suspicion_prompts
+
+    prompts = suspicion_prompts(TuneSpec(suspicion_sharegpt=5))
+    assert prompts[:5] == [e.prompt for e in load_dataset("sharegpt", limit=5)]
+    assert len(prompts) == len(set(prompts)) > 5
+    test_alarming = {e.prompt for e in load_dataset("alarming") if alarming_part(e.prompt) == "test"}
+    assert test_alarming and not test_alarming & set(prompts)

@@ -348,9 +348,12 @@ def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, disgu
               help="folder for defaults.json (default: beside the model's response probe, where it is used)")
 @click.option("--reuse", is_flag=True,
               help="re-sweep the calibration answers of an earlier run (calibration.jsonl) instead of decoding")
+@click.option("--suspicion-sharegpt", type=int, default=400, show_default=True,
+              help="ShareGPT user turns read (with the benign validation prompts) to set the suspicion check "
+                   "just above them, where a gate or blend is chosen (0: no suspicion check)")
 @click.option("--json", "as_json", is_flag=True, help="print the defaults as JSON")
 def tune(model, dtype, harmful, benign, attacks, benign_attacks, max_new_tokens, max_benign_flag, steer_tau, out, reuse,
-         as_json):
+         suspicion_sharegpt, as_json):
     """Measure the model's undefended answers and save its tuned defense defaults.
 
     The answers' per-token harms go to calibration.jsonl beside defaults.json as they are
@@ -360,7 +363,7 @@ def tune(model, dtype, harmful, benign, attacks, benign_attacks, max_new_tokens,
 
     spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)),
                     benign_attacks=tuple(_csv(benign_attacks)), max_new_tokens=max_new_tokens,
-                    max_benign_flag=max_benign_flag, steer_tau=steer_tau)
+                    max_benign_flag=max_benign_flag, steer_tau=steer_tau, suspicion_sharegpt=suspicion_sharegpt)
     lm = load_model(model, dtype=dtype)
     command = " ".join(["rootdefense", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] else "rootdefense tune"
     result, path = tune_and_save(lm, spec, out, reuse=reuse, command=command, log=lambda m: click.echo(m, err=True))

@@ -16,6 +16,12 @@ Whether to steer with the safety expert is measured too: a model that already re
 most plain harmful requests on its own has harmless candidates of its own to steer among
 (the paper's assumption); one that does not needs the expert.
 
+Where the monitor reads the request (a gate or a blend), tuning also sets the suspicion
+check (``suspect_nll``): the threshold lies just above the highest suspicion of the benign
+prompts read (the first ``suspicion_sharegpt`` ShareGPT user turns, real traffic with its
+typos and pasted text, and the benign calibration sources' validation prompts), rounded up
+to the next half nat past a 0.2-nat margin (:func:`suspicion_threshold`).
+
 Calibration prompts come from the validation split (``data/split.py``): never the test
 split that evaluation reads, never the fit split that probes and the expert train on.
 """
@@ -23,6 +29,7 @@ split that evaluation reads, never the fit split that probes and the expert trai
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -66,6 +73,8 @@ class TuneSpec:
     taus: tuple[float, ...] = TAUS
     windows: tuple[int, ...] = WINDOWS
     seed: int = 0
+    # the suspicion check's benign reading: this many ShareGPT user turns (0: no check)
+    suspicion_sharegpt: int = 400
 
     def __post_init__(self):
         if self.harmful < 1 or self.benign < 1:
@@ -82,6 +91,8 @@ class TuneSpec:
                              f"choose from {', '.join(TUNING_ATTACKS)}")
         if not self.attacks or not self.benign_attacks:
             raise InputError("tuning needs at least one attack for harmful and one for benign requests ('none')")
+        if not isinstance(self.suspicion_sharegpt, int) or self.suspicion_sharegpt < 0:
+            raise InputError(f"suspicion_sharegpt must be an integer >= 0, got {self.suspicion_sharegpt!r}")
 
 
 def calibration_prompts(spec: TuneSpec):
@@ -105,6 +116,42 @@ def calibration_prompts(spec: TuneSpec):
                   lambda name, p: (edgy_half(p) == "train" and part_of(p) != "fit") if name == "edgy"
                   else part_of(p, name) == "val")
     return harmful, benign
+
+
+SUSPECT_MARGIN, SUSPECT_STEP = 0.2, 0.5  # nats above the benign maximum, and the rounding
+
+
+def suspicion_prompts(spec: TuneSpec) -> list[str]:
+    """The benign prompts the suspicion threshold must pass: the first
+    ``spec.suspicion_sharegpt`` ShareGPT user turns and every validation prompt of the
+    other benign calibration sources (edgy: its unfitted train buckets, as in
+    :func:`calibration_prompts`)."""
+    from .data.loaders import load_dataset
+
+    prompts = [e.prompt for e in load_dataset("sharegpt", limit=spec.suspicion_sharegpt)]
+    for name in (n for n in BENIGN_SOURCES if n != "sharegpt"):
+        prompts += [e.prompt for e in load_dataset(name)
+                    if (edgy_half(e.prompt) == "train" and part_of(e.prompt) != "fit" if name == "edgy"
+                        else part_of(e.prompt, name) == "val")]
+    return list(dict.fromkeys(prompts))
+
+
+def suspicion_threshold(lm, prompts: list[str], window: int = 8) -> dict:
+    """``suspect_nll`` for ``lm``: just above the highest suspicion of ``prompts``, each
+    read as a one-message request (the surprisal of one full forward, as the engine's
+    prefill gives it; requests are read up to 2,048 tokens)."""
+    from .correction.suspicion import prompt_surprisal, suspicion, template_span
+    from .models import encode_chat
+
+    span = template_span(lm.tokenizer)
+    values = []
+    for prompt in tqdm(prompts, desc="tuning: request suspicion", unit="prompt"):
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": prompt}])[0].tolist()[:2048]
+        values.append(suspicion(prompt_surprisal(lm.model, ids), span, window))
+    top = max(values, default=0.0)
+    threshold = math.ceil((top + SUSPECT_MARGIN) / SUSPECT_STEP) * SUSPECT_STEP
+    return {"suspect_nll": threshold, "suspect_window": window, "prompts": len(values),
+            "max_benign": round(top, 4), "margin": SUSPECT_MARGIN}
 
 
 def flag_index(harms: list[float], tau: float, window: int, k: int) -> int | None:
@@ -380,6 +427,9 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
                                                             -o[1], o[2] is None))
     chosen = {**chosen, "blend": blend}
     use_expert = refusal_rate < spec.refusal_reflex
+    # the suspicion check acts through the gate and the blend (see CorrectionSettings)
+    suspect = suspicion_threshold(lm, suspicion_prompts(spec)) \
+        if (gate is not None or blend) and spec.suspicion_sharegpt else None
     seconds = round(time.perf_counter() - t0, 1)
     # end_check is not replayed here (see CorrectionSettings); evaluation chose it and, with a
     # gate, loop_expert "gated" (results/safety/retrained: benign over-refusal 58 -> 27 of 160
@@ -398,6 +448,11 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
         log(f"gated: requests with query score >= {gate['gate']} watched at tau={gate['strict_tau']} "
             f"window={gate['strict_window']} k={gate['strict_k']} ({gate['harmful_gated']:.0%} of harmful, "
             f"{gate['benign_gated']:.0%} of benign requests)")
+    if suspect is not None:
+        settings.update(suspect_nll=suspect["suspect_nll"], suspect_window=suspect["suspect_window"])
+        log(f"suspicion check: a request with {suspect['suspect_window']} consecutive tokens averaging "
+            f">= {suspect['suspect_nll']:g} nats reads as harmful (highest of {suspect['prompts']} benign prompts: "
+            f"{suspect['max_benign']:.2f})")
     log(f"chosen: tau={chosen['tau']} window={chosen['window']} k={chosen['k']} flags "
         f"{chosen['harmful_flag_rate']:.0%} of harmful and {chosen['benign_flag_rate']:.0%} of benign answers "
         f"(single setting: {best['harmful_flag_rate']:.0%} / {best['benign_flag_rate']:.0%}); undefended "
@@ -415,7 +470,7 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
                      "benign_prompts": len({r["prompt"] for r in records if not r["harmful"]}),
                      "benign_answers": len(benign_traces),
                      "attacks": list(spec.attacks), "benign_attacks": list(spec.benign_attacks),
-                     "max_new_tokens": spec.max_new_tokens,
+                     "max_new_tokens": spec.max_new_tokens, **({"suspicion": suspect} if suspect else {}),
                      "max_benign_flag": spec.max_benign_flag, "seconds": seconds,
                      "split": "validation (advbench, harmbench, mtbench, sharegpt, sensitive, alarming; "
                               "edgy train half, unfitted buckets)"},
