@@ -480,6 +480,25 @@ def test_a_steered_answer_that_loops_ends_after_its_last_complete_sentence(setup
     assert tok.decode(row.tokens[v.cut:]).strip() == ev["dropped_text"].strip() == "I am not going to"
 
 
+def test_a_steered_answer_that_says_a_sentence_again_ends_before_the_repeat(setup, tiny_tokenizer):
+    lm, expert, probe, _, _ = setup
+    tok = tiny_tokenizer
+    dec = decoder(lm, expert, probe)
+    head = "I can't help with that. If you need help, ask me."
+    row, rc = _steered_row(tok, head + " I can't help with that.")
+    v = dec.correction.after_token(rc, row, eos=set())
+    assert v.finish == "closed" and tok.decode(row.tokens[:v.cut]) == head
+    assert row.trace.events[-1]["reason"] == "repeat"
+    assert row.trace.events[-1]["dropped_text"].strip() == "I can't help with that."
+    for text in (head + " I can't help with this.", head + " I can't help with", "That is all. That is all right."):
+        row, rc = _steered_row(tok, text)
+        assert dec.correction.after_token(rc, row, eos=set()).finish is None, text
+    row, rc = _steered_row(tok, head + " I can't help with that.")
+    rc.mode = "watch"  # the model's own answer is not the expert's to end
+    rc.monitor = RecoveryMonitor(0.99, 8, 3)
+    assert dec.correction.after_token(rc, row, eos=set()).finish is None
+
+
 def test_closing_drops_only_steered_text_and_never_a_fragment_of_its_own(setup, tiny_tokenizer, monkeypatch):
     lm, expert, probe, _, _ = setup
     tok = tiny_tokenizer

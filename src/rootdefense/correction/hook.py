@@ -26,6 +26,7 @@ from .suspicion import suspicion, template_span
 
 SENTENCE_END = (".", "!", "?", "\n")
 _LIST_MARKER = re.compile(r"(?:^|\n)\s*(?:\d+|[a-zA-Z])\.$")
+_SENTENCES = re.compile(r"(?<=[.!?])\s+")
 
 
 def complete_sentence(text: str) -> bool:
@@ -166,6 +167,11 @@ class Correction:
                 if (v := self._close(rc, row, steer, n - 1, "eos")) is not None:
                     return v
             return Verdict(keep=steer, finish=reason)
+        if rc.mode == "steer" and (i := self._repeat_start(rc, tokens)) is not None:
+            # the expert says a sentence again ("I can't help with that. I can't help with that."):
+            # the answer ends before the repeat
+            if (v := self._close(rc, row, steer, i, "repeat")) is not None:
+                return v
         cut = self._loop_cut(rc, tokens) if rc.guard is not None else None
         if rc.mode == "steer" and (cut is not None or (reason is None and n >= row.cfg.max_new_tokens)):
             end, why = (cut, "loop") if cut is not None else (n, "length")
@@ -248,6 +254,22 @@ class Correction:
                                          "dropped_tokens": len(tokens) - i, "at_token": len(tokens),
                                          "dropped_text": self._text(tokens[i:])})
                 return Verdict(keep=steer, cut=i, finish="closed")
+        return None
+
+    def _repeat_start(self, rc: RowCorrection, tokens: list[int]) -> int | None:
+        """Where the steered text's last sentence begins, when it just ended and says again
+        a sentence said before it in the steered text; else None."""
+        if len(tokens) - rc.steer_from < 2 or not complete_sentence(self._text(tokens[-1:])):
+            return None
+        text = self._text(tokens[rc.steer_from:])
+        if not complete_sentence(text):
+            return None
+        parts = _SENTENCES.split(text.strip())
+        if len(parts) < 2 or parts[-1] not in parts[:-1]:
+            return None
+        for i in range(len(tokens) - 1, rc.steer_from, -1):
+            if self._text(tokens[i:]).strip() == parts[-1]:
+                return i
         return None
 
     def _loop_cut(self, rc: RowCorrection, tokens: list[int]) -> int | None:
