@@ -86,6 +86,35 @@ def test_health_is_503_until_the_model_has_loaded(defender):
             time.sleep(0.05)
 
 
+def test_a_shutdown_while_the_model_loads_starts_no_worker(defender):
+    """A server stopped before its model finished loading leaves no model thread behind
+    (a thread left running at interpreter exit can crash the process as it ends)."""
+    from rootdefense.serving.app import Service
+
+    gate = threading.Event()
+
+    def slow_load():
+        gate.wait(30)
+        return defender
+
+    def workers():
+        return sum(t.name == "rootdefense-model-worker" for t in threading.enumerate())
+
+    before = workers()
+    svc = Service(slow_load, ServeOptions())
+    svc.start(background=True)
+    svc.stop()
+    gate.set()
+    svc._loader.join(30)
+    assert not svc._loader.is_alive() and svc.worker is None and svc.defender is None
+    assert workers() == before
+    loaded = Service(lambda: defender, ServeOptions())  # without the shutdown the worker runs, until stopped
+    loaded.start(background=False)
+    assert workers() == before + 1 and loaded.defender is defender
+    loaded.stop()
+    assert workers() == before
+
+
 def test_chat_and_completions_answer_as_the_library(server, defender):
     """The server's answer is the library's (greedy is the server's default), with usage
     and the defense's report; the trace when asked."""

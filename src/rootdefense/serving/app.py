@@ -59,10 +59,14 @@ class Service:
         self.worker: ModelWorker | None = None
         self.error: str | None = None
         self.created = int(time.time())
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._loader: threading.Thread | None = None
 
     def start(self, background: bool = True) -> None:
         if background:
-            threading.Thread(target=self._load, name="rootdefense-load", daemon=True).start()
+            self._loader = threading.Thread(target=self._load, name="rootdefense-load", daemon=True)
+            self._loader.start()
         else:
             self._load()
 
@@ -70,17 +74,24 @@ class Service:
         try:
             d = self.load()
             o = self.options
-            self.worker = ModelWorker(d, max_batch=o.max_batch, max_queue=o.max_queue,
-                                      allow_undefended=o.allow_undefended, metrics=self.metrics).start()
-            self.defender = d
+            with self._lock:  # a shutdown during the load: no worker is started after it
+                if self._stopped:
+                    log.info("the model loaded after shutdown began; not serving it")
+                    return
+                self.worker = ModelWorker(d, max_batch=o.max_batch, max_queue=o.max_queue,
+                                          allow_undefended=o.allow_undefended, metrics=self.metrics).start()
+                self.defender = d
             log.info("serving %s with the %s defense", d.lm.model_id, d.settings.defense)
         except Exception as e:  # the health check says why
             log.exception("the model could not be loaded")
             self.error = f"{type(e).__name__}: {e}"
 
     def stop(self) -> None:
-        if self.worker is not None:
-            self.worker.stop()
+        with self._lock:
+            self._stopped = True
+            worker = self.worker
+        if worker is not None:
+            worker.stop()
 
     @property
     def model(self) -> str:
