@@ -74,11 +74,11 @@ def test_without_a_flag_the_answer_is_the_undefended_one(setup):
 
 
 def reference_steer(tok, folder, probe, ids, tau, n, expert_top=10, base_top=10, floor=-12.0, use_expert=True,
-                    alpha=0.0, alpha_tokens=0):
+                    alpha=0.0, alpha_tokens=0, end_lift=3.0):
     """Steering recomputed from scratch with two separate models and full forwards (the
     first ``alpha_tokens`` ranked by p_b + alpha (p_e - p_b), written out here)."""
     base, expert = independent_models(tok, folder)
-    out = []
+    out, lift = [], 0.0
     for step in range(n):
         seq = torch.cat([ids, torch.tensor([out], dtype=torch.long)], 1) if out else ids
         lp_b = torch.log_softmax(base(input_ids=seq).logits[0, -1].float(), -1)
@@ -91,10 +91,13 @@ def reference_steer(tok, folder, probe, ids, tau, n, expert_top=10, base_top=10,
         for t in pool.tolist():
             h = base(input_ids=torch.cat([seq, torch.tensor([[t]])], 1), output_hidden_states=True)
             harms.append(float(probe.score(h.hidden_states[probe.layer][0, -1:].float())[0]))
-        if complete_sentence(tok.decode(out, skip_special_tokens=True)):  # steer_end: stopping passes
-            harms = [0.0 if t == tok.eos_token_id else h for t, h in zip(pool.tolist(), harms)]
+        if complete_sentence(tok.decode(out, skip_special_tokens=True)) and (lift >= end_lift or not use_expert):
+            harms = [0.0 if t == tok.eos_token_id else h for t, h in zip(pool.tolist(), harms)]  # steer_end
         j = _steer_choice(pool, lp_e, lp_b, torch.tensor(harms), tau, floor, None)
         out.append(int(pool[j]))
+        if use_expert:  # the expert's raw lift over the base model (the amplified ranking aside)
+            raw = torch.log_softmax(expert(input_ids=seq).logits[0, -1].float(), -1)
+            lift = max(lift, float(raw[out[-1]] - lp_b[out[-1]]))
         if out[-1] == tok.eos_token_id:
             break
     return out
@@ -402,7 +405,7 @@ def test_a_steered_answer_may_stop_after_a_complete_sentence(setup, tiny_tokeniz
     lm, expert, probe, _, _ = setup
     tok = tiny_tokenizer
     for steer_end in (True, False):
-        dec = decoder(lm, expert, probe, steer_end=steer_end)
+        dec = decoder(lm, expert, probe, steer_end=steer_end, end_lift=0.0)
         for text, steer_from, want in (("I can't help with that.", 0, steer_end), ("I can't help with", 0, False),
                                        ("Bread needs flour. I can't", 4, False)):
             row, rc = _steered_row(tok, text, steer_from=steer_from)
@@ -411,6 +414,18 @@ def test_a_steered_answer_may_stop_after_a_complete_sentence(setup, tiny_tokeniz
             assert not dec.correction.may_end(rc, row)
     with pytest.raises(InputError, match="steer_end must be true or false"):
         CorrectionSettings(steer_end="yes").validate()
+    for bad in (-1.0, "3", True):
+        with pytest.raises(InputError, match="end_lift must be a number"):
+            CorrectionSettings(end_lift=bad).validate()
+    # with the expert, the stop needs its correction in the text: a token it raised by end_lift nats
+    dec = decoder(lm, expert, probe, end_lift=3.0)
+    row, rc = _steered_row(tok, "I'm glad to help with that.")
+    rc.lift = 1.5  # a willing opening the base model would write too
+    assert not dec.correction.may_end(rc, row)
+    dec.correction.steered(rc, 4.2)  # "not" in "I'm not going to": the expert's correction
+    dec.correction.steered(rc, 0.3)
+    assert rc.lift == 4.2 and dec.correction.may_end(rc, row)
+    assert decoder(lm, expert, probe, end_lift=5.0).correction.may_end(rc, row) is False
 
 
 @torch.no_grad()
@@ -423,9 +438,10 @@ def test_a_stop_token_the_probe_reads_as_harmful_ends_a_finished_steered_answer(
     lm, expert, _, ids, _ = setup
     harmful = LinearProbe(torch.zeros(48), 20.0, layer=2, threshold=0.5, meta={"model_id": MODEL_ID, "kind": "response"})
 
-    def run(eos, steer_end):
+    def run(eos, steer_end, end_lift=0.0):
         correction = Correction(harmful, CorrectionSettings(tau=0.5, k=1, window=1, loop_repeats=99,
-                                                            steer_end=steer_end), expert, None, lm.tokenizer)
+                                                            steer_end=steer_end, end_lift=end_lift), expert, None,
+                                lm.tokenizer)
         return Decoder(lm.model, lm.tokenizer, harmful, eos_token_ids=eos,
                        correction=correction).generate(ids, GenerationConfig(max_new_tokens=8))
 
@@ -438,6 +454,7 @@ def test_a_stop_token_the_probe_reads_as_harmful_ends_a_finished_steered_answer(
     finished = lm.tokenizer.decode(first3, skip_special_tokens=True)
     monkeypatch.setattr(hook, "complete_sentence", lambda text: text == finished)
     assert stop not in run([stop], False).token_ids  # the probe keeps the stop token out
+    assert stop not in run([stop], True, end_lift=50.0).token_ids  # no steered token carries such a lift
     ended = run([stop], True)
     assert ended.token_ids[:3] == first3 and len(ended.token_ids) <= 4
     # the stop token was chosen; it decodes to text here, so the answer ends after the "sentence" before it

@@ -47,6 +47,7 @@ class RowCorrection:
     mode: str = "watch"  # or "steer"
     steer_from: int = 0  # answer index where steering began
     rollbacks: int = 0
+    lift: float = 0.0  # the most the expert raised a steered token over the base model (nats)
 
 
 @dataclass
@@ -196,10 +197,17 @@ class Correction:
             return Verdict(keep=steer, cut=cut, finish="degenerate")
         return Verdict(keep=steer, finish=reason)
 
+    def steered(self, rc: RowCorrection, lift: float) -> None:
+        """A steered token was chosen that the expert made ``lift`` nats more likely than the
+        base model."""
+        rc.lift = max(rc.lift, lift)
+
     def may_end(self, rc: RowCorrection, row) -> bool:
         """Whether a steered row may stop now whatever the probe reads at its stop token
-        (``steer_end``): its steered text ends a complete sentence."""
-        return self.settings.steer_end and rc.mode == "steer" and \
+        (``steer_end``): its steered text ends a complete sentence and, with the expert, holds
+        the expert's correction (``end_lift``)."""
+        s = self.settings
+        return s.steer_end and rc.mode == "steer" and (not self.twin or rc.lift >= s.end_lift) and \
             complete_sentence(self._text(row.tokens[rc.steer_from:]))
 
     def final_len(self, rc: RowCorrection, row) -> int:

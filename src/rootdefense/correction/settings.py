@@ -51,6 +51,11 @@ class CorrectionSettings:
     stop token passes whatever the probe reads there. Stopping adds no text, and the probe
     reads a stop token after a harmful request as harmful (0.97 after a finished refusal),
     so without this the expert cannot end its refusal and writes on until it loops.
+    ``end_lift``: with the expert, the stop passes only once the steered text holds a token
+    the expert made at least this many nats more likely than the base model (log p_expert -
+    log p_base): its correction ("not" in "I'm not going to ...") is in the text. A willing
+    opening the base model would write too ("I'm glad to help with that.") cannot end the
+    answer. 0: any complete sentence may end it.
     ``close``: a steered answer ends cleanly: when it starts to loop, reaches
     ``max_new_tokens``, or ends (EOS) on an unfinished sentence, it ends after its last
     complete sentence (a ``close`` event, finish reason ``closed``) rather than mid-sentence
@@ -110,6 +115,7 @@ class CorrectionSettings:
     steer_alpha: float = 0.0  # amplify the expert's shift over the base model in a steered opening (see below)
     steer_alpha_tokens: int = 4
     steer_end: bool = True  # a steered answer may stop after a complete sentence (see below)
+    end_lift: float = 3.0  # ... once the expert's correction is in it (see below)
     # ablation switches: each part can be turned off to measure what it adds
     use_expert: bool = True  # off: steer with the base model's own candidates only
     recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
@@ -127,6 +133,8 @@ class CorrectionSettings:
             raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
         if self.loop_expert not in ("always", "gated"):
             raise InputError(f"loop_expert must be 'always' or 'gated', got {self.loop_expert!r}")
+        if isinstance(self.end_lift, bool) or not isinstance(self.end_lift, (int, float)) or self.end_lift < 0:
+            raise InputError(f"end_lift must be a number >= 0 (nats), got {self.end_lift!r}")
         for name in ("end_check", "steer_end"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")

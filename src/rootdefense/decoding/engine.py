@@ -421,6 +421,8 @@ class Engine:
             slot = idx.index(j)
         r.stats["exact_steps"] += 1
         token, own = int(plan.pool[j]), int(plan.pool[plan.own_idx])
+        if r.steering and r.twin:  # how far the expert raised this token over the base model
+            self.correction.steered(r.corr, float(r.lp_e[token] - r.lp[token]))
         self._commit(r, token, own, r.lp, float(plan.harms[j]), float(plan.harms[plan.own_idx]), len(plan.pool),
                      plan.source)
         r.lp = step_logprobs(logits[b, slot].float(), r.cfg)
