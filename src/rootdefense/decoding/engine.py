@@ -388,8 +388,9 @@ class Engine:
         stages, plausible = steer_stages(pool, lp_b, own_idx, floor, s.steer_first, r.rng is None)
         tau = r.corr.steer_tau
         # a stop token after a complete sentence passes: stopping adds no text (steer_end)
-        stops = [i for i, t in enumerate(pool.tolist()) if t in self.eos] \
-            if self.correction.may_end(r.corr, r) else []
+        stops = [i for i, t in enumerate(pool.tolist()) if t in self.eos]
+        if stops and not self.correction.may_end(r.corr, r):  # (decodes the steered text: only when needed)
+            stops = []
 
         def settle(harms, last):
             if stops:
