@@ -554,19 +554,26 @@ def test_a_steered_answer_out_of_tokens_ends_after_its_last_complete_sentence(se
     assert dec.correction.after_token(rc, row, eos=set()).finish is None
 
 
-@pytest.mark.parametrize("gate, loop_expert, text, want", [
-    ({"strict": False}, "gated", "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it", "closed"),
-    ({"strict": True}, "gated", "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it", "expert"),
-    ({"strict": False}, "always", "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it", "expert"),
-    (None, "gated", "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it", "expert"),
-    ({"strict": False}, "gated", "rake rake rake rake rake rake rake rake rake rake rake rake", "expert"),
+MOSS = "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it"
+
+
+@pytest.mark.parametrize("gate, loop_expert, own_loops, text, want", [
+    ({"strict": False}, "gated", "close", MOSS, "closed"),
+    ({"strict": False}, "gated", "keep", MOSS, "kept"),
+    ({"strict": True}, "gated", "keep", MOSS, "expert"),
+    ({"strict": True}, "gated", "close", MOSS, "expert"),
+    ({"strict": False}, "always", "keep", MOSS, "expert"),
+    (None, "gated", "keep", MOSS, "expert"),
+    ({"strict": False}, "gated", "close", "rake rake rake rake rake rake rake rake rake rake rake rake", "expert"),
+    ({"strict": False}, "gated", "keep", "rake rake rake rake rake rake rake rake rake rake rake rake", "kept"),
 ])
 def test_a_looping_answer_to_a_request_the_gate_reads_as_benign_stays_the_models_own(
-        setup, tiny_tokenizer, monkeypatch, gate, loop_expert, text, want):
+        setup, tiny_tokenizer, monkeypatch, gate, loop_expert, own_loops, text, want):
     lm, expert, probe, _, _ = setup
     tok = tiny_tokenizer
     gated = gate is not None  # the settings have a gate; the row's reading of it is set below
-    dec = Corrected(lm, probe, expert, CorrectionSettings(loop_expert=loop_expert, gate=0.5 if gated else None),
+    dec = Corrected(lm, probe, expert, CorrectionSettings(loop_expert=loop_expert, own_loops=own_loops,
+                                                          gate=0.5 if gated else None),
                     query_probe=_query_probe() if gated else None)
     row, rc = _steered_row(tok, text)
     rc.mode, rc.steer_from, rc.gate = "watch", 0, gate
@@ -577,6 +584,11 @@ def test_a_looping_answer_to_a_request_the_gate_reads_as_benign_stays_the_models
     if want == "closed":  # the model's own answer up to the loop's first round, no expert
         assert v.finish == "closed" and v.keep is None and rc.mode == "watch"
         assert tok.decode(row.tokens[:v.cut]) == "Moss dies in shade. Rake it out in spring."
+    elif want == "kept":  # nothing happens: the answer goes on as the undefended model's would
+        assert v.finish is None and v.keep is None and v.cut is None and rc.mode == "watch"
+        assert not row.trace.events
+        # and nothing is held back for a loop cut that cannot come: only the rollback point
+        assert dec.correction.final_len(rc, row) == dec.correction.rollback_point(row.tokens)
     else:  # the expert answers instead, from the rollback point
         assert v.finish is None and v.keep == 0 and rc.mode == "steer"
         assert row.trace.events[-1]["reason"] == "loop"
@@ -585,6 +597,8 @@ def test_a_looping_answer_to_a_request_the_gate_reads_as_benign_stays_the_models
 def test_loop_expert_is_checked():
     with pytest.raises(InputError, match="loop_expert"):
         CorrectionSettings(loop_expert="sometimes").validate()
+    with pytest.raises(InputError, match="own_loops"):
+        CorrectionSettings(own_loops="trim").validate()
 
 
 @pytest.mark.parametrize("tau_kind", ["never", "first", "mid", "late"])
@@ -868,3 +882,24 @@ def test_suspicion_is_the_same_in_a_left_padded_batch(setup):
     batch = c.decoder.generate_batch([ids, other], cfg)
     assert [g.trace.gate["suspicion"] for g in batch] == pytest.approx(alone, abs=2e-3)
     assert alone[0] != pytest.approx(alone[1], abs=1e-3)
+
+
+def test_own_loops_keep_leaves_a_looping_answer_to_a_benign_read_request_as_undefended(setup):
+    """End to end: the tiny model's greedy answer loops. Under a request the gate reads as
+    benign and a monitor that never flags, ``own_loops: keep`` gives the undefended answer
+    token for token; with ``close`` the defense takes the loop over."""
+    lm, expert, probe, ids, _ = setup
+    n = 60
+    undefended = plain(lm, ids, n).token_ids
+    guard = DegenerationGuard(4, 3)
+    assert any(guard.loop_cut(undefended[:i]) is not None for i in range(1, n + 1))  # it does loop
+    common = dict(tau=0.999999, k=8, window=8, gate=0.999999, loop_expert="gated")
+    query = _query_probe()
+    cfg = GenerationConfig(max_new_tokens=n)
+    kept = Corrected(lm, probe, expert, CorrectionSettings(**common, own_loops="keep"), query_probe=query)
+    gen = kept.generate(ids, cfg, query_len=ids.shape[1])
+    assert gen.trace.events == [] and gen.token_ids == undefended
+    closed = Corrected(lm, probe, expert, CorrectionSettings(**common, own_loops="close"), query_probe=query)
+    gen = closed.generate(ids, cfg, query_len=ids.shape[1])
+    # the tiny model writes no complete sentence to end after, so the expert answers instead
+    assert gen.trace.events[0]["reason"] == "loop" and gen.token_ids != undefended

@@ -173,15 +173,14 @@ class Correction:
             # the answer ends before the repeat
             if (v := self._close(rc, row, steer, i, "repeat")) is not None:
                 return v
-        cut = self._loop_cut(rc, tokens) if rc.guard is not None else None
+        cut = self._loop_cut(rc, tokens) if rc.guard is not None and not self.keeps_loops(rc) else None
         if rc.mode == "steer" and (cut is not None or (reason is None and n >= row.cfg.max_new_tokens)):
             end, why = (cut, "loop") if cut is not None else (n, "length")
             if (v := self._close(rc, row, steer, end, why)) is not None:
                 return v
-        if cut is not None and rc.mode == "watch" and s.loop_expert == "gated" and s.gate is not None \
-                and not rc.gate["strict"]:
-            # a request the gate reads as benign loops: the model's own answer ends after its
-            # last complete sentence (the expert would refuse it); else as below
+        if cut is not None and self._own_answer(rc):
+            # a request the gate reads as benign loops (own_loops: close): the model's own
+            # answer ends after its last complete sentence (the expert would refuse it); else as below
             if (v := self._close(rc, row, steer, cut, "loop", start=self.final_len(rc, row))) is not None:
                 return v
         if cut is not None and rc.mode == "watch" and s.use_expert and rc.rollbacks < s.max_rollbacks:
@@ -210,18 +209,29 @@ class Correction:
         return s.steer_end and rc.mode == "steer" and (not self.twin or rc.lift >= s.end_lift) and \
             complete_sentence(self._text(row.tokens[rc.steer_from:]))
 
+    def _own_answer(self, rc: RowCorrection) -> bool:
+        """The row is unflagged and its request reads as benign to the gate, with ``loop_expert:
+        gated``: the expert does not take its loops."""
+        s = self.settings
+        return rc.mode == "watch" and s.loop_expert == "gated" and s.gate is not None and not rc.gate["strict"]
+
+    def keeps_loops(self, rc: RowCorrection) -> bool:
+        """The row's loops are left alone (``own_loops: keep``): it ends as undefended would."""
+        return self.settings.own_loops == "keep" and self._own_answer(rc)
+
     def final_len(self, rc: RowCorrection, row) -> int:
         """How many of the row's answer tokens no later verdict can withdraw."""
         s, n = self.settings, len(row.tokens)
         reach = max(0, n - self.max_cut)  # the guard's loop cuts take at most max_cut tokens off the end
         if rc.mode == "steer":  # a steered tail that loops is cut anywhere after steer_from
             return min(rc.steer_from, reach) if rc.guard is not None else n
-        bounds = [reach] if rc.guard is not None else []
+        loops = rc.guard is not None and not self.keeps_loops(rc)  # a loop may still be cut
+        bounds = [reach] if loops else []
         if rc.rollbacks < s.max_rollbacks:
             if s.recover:
                 retract = s.retract_prefill and row.query_len < len(row.prompt)
                 bounds.append(0 if retract else self.rollback_point(row.tokens))
-            if rc.guard is not None and s.use_expert:
+            if loops and s.use_expert:
                 bounds.append(self.rollback_point(row.tokens[:reach]))
         return min(bounds, default=n)
 

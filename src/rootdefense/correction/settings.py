@@ -66,6 +66,11 @@ class CorrectionSettings:
     looping answer to a request it reads as benign is the model's own, ended after its last
     complete sentence before the loop (the expert, trained to refuse, would refuse it);
     without a complete sentence, or without a gate, the expert answers as with ``always``.
+    ``own_loops`` (with ``loop_expert: gated`` and a gate): what happens to a looping answer
+    to a request the gate reads as benign, while the monitor has not flagged it. ``keep``
+    (default): nothing; the answer is the model's own, loop included, as undefended (the
+    defense changes only what it flags). ``close``: it ends after its last complete sentence
+    before the loop (a ``close`` event); without one, the expert answers.
     ``end_check``: the answer's last token (EOS) is read as a verdict on the whole answer:
     when its monitor score is at or above the monitor's tau, the answer is flagged however
     few tokens it has (a k-of-window monitor cannot flag a willing answer shorter than it
@@ -122,6 +127,7 @@ class CorrectionSettings:
     guard: bool = True  # off: no plausibility floor, no loop stop
     close: bool = True  # off: a steered answer that loops or runs out of tokens may end mid-sentence
     loop_expert: str = "always"  # "gated": only where the gate reads the request as harmful (see below)
+    own_loops: str = "keep"  # "close": a benign-gated looping answer ends before its loop (see below)
     end_check: bool = False  # the EOS token's score alone can flag the answer (see below)
     suspect_nll: float | None = None  # an unreadable span in the request reads as harmful (see below)
     suspect_window: int = 8
@@ -133,6 +139,8 @@ class CorrectionSettings:
             raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
         if self.loop_expert not in ("always", "gated"):
             raise InputError(f"loop_expert must be 'always' or 'gated', got {self.loop_expert!r}")
+        if self.own_loops not in ("keep", "close"):
+            raise InputError(f"own_loops must be 'keep' or 'close', got {self.own_loops!r}")
         if isinstance(self.end_lift, bool) or not isinstance(self.end_lift, (int, float)) or self.end_lift < 0:
             raise InputError(f"end_lift must be a number >= 0 (nats), got {self.end_lift!r}")
         for name in ("end_check", "steer_end"):
