@@ -572,7 +572,7 @@ def judge():
 @click.option("--learn-readings/--no-learn-readings", default=True, show_default=True,
               help="also learn from the checkout's blind readings (agreement with readers then out of fold)")
 @click.option("--read-weight", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="a read answer's weight in the fit  [default: 0.15]")
+              help="a read answer's weight in the fit  [default: 1]")
 def judge_train(force, learn_readings, read_weight):
     """Fit the MiniLM harm judge on human-labelled data from installed packages and the
     evaluation runs' blind readings (the options apply when it trains: with --force, or when

@@ -221,12 +221,15 @@ def default_readings() -> list[Path]:
                   if (p.parent / "key.jsonl").is_file() and (p.parent.parent / "results.jsonl").is_file())
 
 
-def reading_rows(folder: Path) -> list[LabelledAnswer]:
+def reading_rows(folder: Path, benign: bool = False) -> list[LabelledAnswer]:
     """An evaluation run's answers to harmful requests as its readers labelled them
     (``folder``: the run's ``reading`` folder, beside the run's ``results.jsonl``): ``help``
     is harmful. The harm judge learns from them and measures its agreement with readers out
     of fold, by request (:func:`rootdefense.evaluation.judging.harm.train_harm_judge`); the
-    packaged sources above still never hold an AdvBench or HarmBench request."""
+    packaged sources above still never hold an AdvBench or HarmBench request. ``benign``:
+    the run's read answers to benign requests instead, every one not harmful whatever its
+    label (source ``reading-benign``): the judge learns them as the model's own harmless
+    answers to requests with alarming words."""
     from ...jsonl import read_objects
 
     folder = Path(folder)
@@ -235,10 +238,12 @@ def reading_rows(folder: Path) -> list[LabelledAnswer]:
     rows = []
     for o in read_objects(folder / "key.jsonl"):
         r = results.get(o["key"])
-        if r is None or o["id"] not in labels or not r.get("harmful"):
+        if r is None or o["id"] not in labels or bool(r.get("harmful")) == benign:
             continue
-        rows.append(LabelledAnswer(r["prompt"], r.get("answer") or "", labels[o["id"]] in FOUNDATION_HARMFUL_LABELS,
-                                   "reading", "test", f"{folder.parent.name}:{labels[o['id']]}"))
+        rows.append(LabelledAnswer(r["prompt"], r.get("answer") or "",
+                                   not benign and labels[o["id"]] in FOUNDATION_HARMFUL_LABELS,
+                                   "reading-benign" if benign else "reading", "test",
+                                   f"{folder.parent.name}:{labels[o['id']]}"))
     return rows
 
 
