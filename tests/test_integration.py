@@ -132,9 +132,11 @@ def test_cli_prepare_is_cached(smollm):
 
 
 def test_cli_judge_train_reports_cached_metrics(smollm):
+    """The metrics are JSON on stdout, whether the judge was cached or trained now (its
+    progress bars go to stderr)."""
     r = run("judge", "train")
     assert r.exit_code == 0, r.output
-    metrics = json.loads(r.output)["metrics"]
+    metrics = json.loads(r.stdout)["metrics"]
     assert metrics["held_out"]["pyrit_human"]["n"] > 100 and metrics["held_out"]["pyrit_human"]["accuracy"] > 0.7
 
 
