@@ -22,20 +22,19 @@ from pathlib import Path
 DEFAULT_RUNS = ("results/safety/ending", "results/safety/adaptive-ending", "results/safety/families-ending")
 
 
-def measure(runs: list[str], out: str) -> list[dict]:
+def measure(runs: list[str], out: str, lm, expert) -> list[dict]:
+    """Write and return the lift rows of ``runs`` for the loaded model ``lm`` and its attached
+    ``expert`` (:class:`rootdefense.expert.adapter` handle)."""
     import torch
     from tqdm import tqdm
 
     sys.path.insert(0, str(Path(__file__).parent))
     from suspicion import _rebuilt
 
-    from rootdefense import api
     from rootdefense.jsonl import read_objects
     from rootdefense.models import encode_chat
 
-    d = api.Defender.load("smollm2-135m", defense="rds-expert")
-    expert, tok = d.decoder.correction.expert, d.lm.tokenizer
-    stop = d.lm.eos_token_ids[0]
+    tok, stop = lm.tokenizer, lm.eos_token_ids[0]
     jobs = []
     for run in runs:
         folder = Path(run)
@@ -55,7 +54,7 @@ def measure(runs: list[str], out: str) -> list[dict]:
             ids = encode_chat(tok, _rebuilt(r, attacks))[0].tolist()
             x = torch.tensor([ids + tok.encode(r["answer"], add_special_tokens=False) + [stop]])
             with torch.no_grad():
-                lb = torch.log_softmax(d.lm.model(input_ids=x).logits[0].float(), -1)
+                lb = torch.log_softmax(lm.model(input_ids=x).logits[0].float(), -1)
                 with expert.active() as peft_model:
                     le = torch.log_softmax(peft_model(input_ids=x).logits[0].float(), -1)
             pos = torch.arange(len(ids) - 1, x.shape[1] - 1)
@@ -89,7 +88,10 @@ def main() -> None:
 
         table(read_objects(args.out))
         return
-    table(measure(args.runs, args.out))
+    from rootdefense import api
+
+    d = api.Defender.load("smollm2-135m", defense="rds-expert")
+    table(measure(args.runs, args.out, d.lm, d.decoder.correction.expert))
 
 
 if __name__ == "__main__":
