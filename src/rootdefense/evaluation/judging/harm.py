@@ -376,13 +376,9 @@ def _fit(X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) 
 
 
 def _fit_with_readings(X_train: np.ndarray, y_train: np.ndarray, X_read: np.ndarray, y_read: np.ndarray,
-                       read_weight: float = READ_WEIGHT, benign: int = 0) -> HarmModel:
-    """Fit on the training rows (weight 1; their last ``benign`` rows are read answers to
-    benign requests, weight ``read_weight``) and read answers (weight ``read_weight``)."""
-    own = np.ones(len(y_train))
-    if benign:
-        own[len(own) - benign:] = read_weight
-    weight = np.concatenate([own, np.full(len(y_read), read_weight)])
+                       read_weight: float = READ_WEIGHT) -> HarmModel:
+    """Fit on the training rows (weight 1) and read answers (weight ``read_weight``)."""
+    weight = np.concatenate([np.ones(len(y_train)), np.full(len(y_read), read_weight)])
     return _fit(np.vstack([X_train, X_read]), np.concatenate([y_train, y_read]), weight)
 
 
@@ -396,17 +392,21 @@ def _distinct(rows: list[LabelledAnswer]) -> np.ndarray:
 
 
 def _out_of_fold(X_train: np.ndarray, y_train: np.ndarray, read_rows: list[LabelledAnswer], X_read: np.ndarray,
-                 learned: np.ndarray, read_weight: float = READ_WEIGHT, benign: int = 0) -> np.ndarray:
+                 learned: np.ndarray, read_weight: float = READ_WEIGHT,
+                 X_benign: np.ndarray | None = None) -> np.ndarray:
     """Each read answer's probability from a judge fitted on the training rows and the read
-    answers to requests of the other folds (folds: SHA-256 of the request mod ``READ_FOLDS``)."""
+    answers to requests of the other folds (folds: SHA-256 of the request mod ``READ_FOLDS``).
+    ``X_benign``: read answers to benign requests, learned as not harmful in every fold."""
+    X_benign = np.zeros((0, X_read.shape[1])) if X_benign is None else X_benign
     fold = np.array([request_bucket(r.request) % READ_FOLDS for r in read_rows])
     y_read = np.array([float(r.harmful) for r in read_rows])
     p = np.zeros(len(read_rows))
     for k in sorted(set(fold.tolist())):
         rest = learned[fold[learned] != k]
         m = fold == k
-        p[m] = _fit_with_readings(X_train, y_train, X_read[rest], y_read[rest], read_weight,
-                                  benign).probabilities(X_read[m])
+        fit = _fit_with_readings(X_train, y_train, np.vstack([X_benign, X_read[rest]]),
+                                 np.concatenate([np.zeros(len(X_benign)), y_read[rest]]), read_weight)
+        p[m] = fit.probabilities(X_read[m])
     return p
 
 
@@ -484,14 +484,13 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     X_benign = X[len(everything) - len(benign_rows):]
     train_mask = np.array([r.split == "train" for r in rows])
     y = np.array([r.harmful for r in rows], dtype=float)
-    # the read answers to benign requests are always learned (never judged out of fold: the
-    # agreement is measured on answers to harmful requests); they weigh as read answers do
-    X_fit = np.vstack([X_rows[train_mask], X_benign])
-    y_fit = np.concatenate([y[train_mask], np.zeros(len(benign_rows))])
 
     learned = _distinct(read_rows) if learn_readings else np.array([], dtype=int)
     y_learned = np.array([float(read_rows[i].harmful) for i in learned])
-    model = _fit_with_readings(X_fit, y_fit, X_read[learned], y_learned, read_weight, benign=len(benign_rows))
+    # the read answers to benign requests are always learned, as not harmful (never judged
+    # out of fold: the agreement is measured on answers to harmful requests)
+    model = _fit_with_readings(X_rows[train_mask], y[train_mask], np.vstack([X_benign, X_read[learned]]),
+                               np.concatenate([np.zeros(len(benign_rows)), y_learned]), read_weight)
 
     metrics: dict[str, Any] = {"held_out": _held_out_metrics(rows, model.probabilities(X_rows), model.threshold)}
     metrics["train_fit"] = binary_metrics(y[train_mask].astype(bool), model.probabilities(X_rows[train_mask]),
@@ -504,7 +503,7 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     if not read_rows:
         metrics["readings"] = None
     elif len(learned):
-        p_read = _out_of_fold(X_fit, y_fit, read_rows, X_read, learned, read_weight, benign=len(benign_rows))
+        p_read = _out_of_fold(X_rows[train_mask], y[train_mask], read_rows, X_read, learned, read_weight, X_benign)
         metrics["readings"] = {**_readings_metrics(read_rows, p_read, model.threshold),
                                "protocol": f"out of fold: {READ_FOLDS} folds by request; each read answer judged "
                                            "by a judge fitted without any read answer to its request"}
