@@ -54,6 +54,9 @@ class Corrected:
 
 
 def decoder(lm, expert, probe, **settings):
+    """Most tests here check the steered text itself, which a random expert rarely corrects
+    by end_lift nats: they keep it (``uncorrected: release``) unless they say otherwise."""
+    settings.setdefault("uncorrected", "release")
     return Corrected(lm, probe, expert, CorrectionSettings(**settings))
 
 
@@ -195,19 +198,30 @@ class Recorder(Streamer):
 
 
 @pytest.mark.parametrize("rollback", ["answer", "sentence"])
-def test_a_stream_never_takes_back_a_word(setup, rollback):
+@pytest.mark.parametrize("end_lift", [0.0, 50.0])
+def test_a_stream_never_takes_back_a_word(setup, rollback, end_lift):
     """The answer is flagged late and rolled back: the streamer was never sent the dropped
-    text, and what it received adds up to the final answer."""
+    text, and what it received adds up to the final answer. With an end_lift no steered
+    token reaches, the steered text is withheld whole at the end, and the stream had not
+    carried it either."""
     lm, expert, probe, _, _ = setup
     ids, tau, flagged_at = late_flag(lm, expert, probe)
     rec = Recorder()
-    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, rollback=rollback).generate(
+    gen = decoder(lm, expert, probe, tau=tau, k=1, window=1, rollback=rollback, end_lift=end_lift,
+                  uncorrected="withhold").generate(
         ids, GenerationConfig(max_new_tokens=16), streamer=rec)
     assert "".join(rec.pieces) == gen.text and rec.ended is gen
     harm = [e for e in gen.trace.events if e["reason"] == "harm"]
     assert [e["type"] for e in harm] == ["rollback"]
     assert harm[0]["answer_tokens_dropped"] == flagged_at + 1 - harm[0]["keep_tokens"]
-    assert harm[0]["at_token"] == flagged_at + 1 and len(rec.pieces) >= 1
+    assert harm[0]["at_token"] == flagged_at + 1 and bool(rec.pieces) == bool(gen.text)
+    withheld = [e for e in gen.trace.events if e["type"] == "withhold"]
+    if end_lift == 0.0:
+        assert not withheld and gen.trace.finish_reason != "withheld"
+    else:
+        assert gen.trace.finish_reason == "withheld" and gen.trace.summary()["withheld"]
+        assert len(gen.token_ids) == harm[0]["keep_tokens"] == withheld[0]["keep_tokens"]
+        assert withheld[0]["dropped_text"].strip()
 
 
 BATCH_PROMPTS = [PROMPT, "Tell me a story about a dragon.", "hi", "How do I pick a lock? Explain every step.",
@@ -462,7 +476,9 @@ def test_a_stop_token_the_probe_reads_as_harmful_ends_a_finished_steered_answer(
     assert ended.trace.events[-1]["dropped_text"] == lm.tokenizer.decode([stop])
 
 
-def _steered_row(tok, text: str, max_new_tokens: int = 200, steer_from: int = 0):
+def _steered_row(tok, text: str, max_new_tokens: int = 200, steer_from: int = 0, lift: float = 5.0):
+    """A row steering since ``steer_from`` whose steered text holds a token the expert raised
+    ``lift`` nats over the base model (default: its correction is in, see end_lift)."""
     from types import SimpleNamespace
 
     from rootdefense.decoding.trace import TokenStep
@@ -472,7 +488,7 @@ def _steered_row(tok, text: str, max_new_tokens: int = 200, steer_from: int = 0)
     row = SimpleNamespace(tokens=ids, trace=SimpleNamespace(steps=steps, events=[]), query_len=3, prompt=[1, 2, 3],
                           cfg=GenerationConfig(max_new_tokens=max_new_tokens), detok=SimpleNamespace(text=text))
     rc = RowCorrection(monitor=None, guard=DegenerationGuard(4, 3), steer_tau=0.5, gate=None, mode="steer",
-                       steer_from=steer_from)
+                       steer_from=steer_from, lift=lift)
     return row, rc
 
 
@@ -552,6 +568,55 @@ def test_a_steered_answer_out_of_tokens_ends_after_its_last_complete_sentence(se
     rc.mode = "watch"  # an answer never flagged is the model's own: the engine ends it at the limit as it is
     rc.monitor = RecoveryMonitor(0.99, 8, 3)
     assert dec.correction.after_token(rc, row, eos=set()).finish is None
+
+
+WILLING = " I'm glad to help with that. Here is how you do it. Step one is"
+
+
+@pytest.mark.parametrize("ending, released", [("loop", "closed"), ("cut", "degenerate"), ("length", "closed"),
+                                              ("length-fragment", None), ("eos", "eos"), ("eos-fragment", "closed")])
+@pytest.mark.parametrize("steer_from", [0, 5])
+def test_a_steered_answer_without_the_experts_correction_is_withheld(setup, tiny_tokenizer, monkeypatch, ending,
+                                                                     released, steer_from):
+    """However a steered answer ends, when no token of it carries the expert's correction
+    (a lift of end_lift nats over the base model), its steered text is dropped and the
+    answer ends there (finish withheld); the text before steering stays. With the
+    correction in it, or with ``uncorrected: release``, it ends as before."""
+    lm, expert, probe, _, _ = setup
+    tok = tiny_tokenizer
+    head = "Bread needs flour and a warm oven."
+    text = {"loop": WILLING + " Here is how you do it.", "cut": " I'm glad to help and I'm glad to help and",
+            "length": WILLING + " Do", "length-fragment": " I'm glad to help and here is the first",
+            "eos": " I'm glad to help with that.", "eos-fragment": WILLING}[ending]
+    prefix = tok.decode(tok.encode(head, add_special_tokens=False)[:steer_from]) if steer_from else ""
+    full = prefix + text
+    eos_id = tok.eos_token_id
+
+    def verdict(lift, **settings):
+        dec = decoder(lm, expert, probe, **settings)
+        n = len(tok.encode(full, add_special_tokens=False))
+        row, rc = _steered_row(tok, full, max_new_tokens=n if ending.startswith("length") else 500,
+                               steer_from=steer_from, lift=lift)
+        if ending in ("loop", "cut"):
+            monkeypatch.setattr(dec.correction, "_loop_cut", lambda rc_, tokens: len(tokens) - 1)
+        if ending.startswith("eos"):
+            row.tokens.append(eos_id)
+        return dec.correction.after_token(rc, row, eos={eos_id}), row
+
+    for lift, settings in ((5.0, {"uncorrected": "withhold"}), (1.0, {})):
+        v, row = verdict(lift, **settings)
+        assert v.finish == released and all(e["type"] != "withhold" for e in row.trace.events), (lift, settings)
+    v, row = verdict(1.0, uncorrected="withhold")
+    assert v.finish == "withheld" and v.cut == steer_from
+    ev = row.trace.events[-1]
+    assert ev["type"] == "withhold" and ev["reason"] == "uncorrected" and ev["lift"] == 1.0 and ev["end_lift"] == 3.0
+    assert ev["keep_tokens"] == steer_from and ev["would_finish"] == (released or "length")
+    assert ev["dropped_text"].strip() and ev["dropped_text"].strip() in text
+    assert tok.decode(row.tokens[:v.cut]) == prefix
+    v, _ = verdict(0.0, end_lift=0.0, uncorrected="withhold")  # end_lift 0: any steered text counts as corrected
+    assert v.finish == released
+    with pytest.raises(InputError, match="uncorrected must be 'withhold' or 'release'"):
+        CorrectionSettings(uncorrected="drop").validate()
 
 
 MOSS = "Moss dies in shade. Rake it out in spring. Rake it out in spring. Rake it"

@@ -232,6 +232,25 @@ def test_header_shows_label_meta_and_summary():
     assert "max harm n/a" in text  # undefended
 
 
+def test_a_withheld_answer_shows_what_was_dropped_and_why():
+    event = {"type": "withhold", "reason": "uncorrected", "keep_tokens": 0, "dropped_tokens": 9, "lift": 1.234,
+             "end_lift": 3.0, "would_finish": "closed", "dropped_text": "I'm here to help you create " + EVIL}
+    empty = Trace(steps=[], finish_reason="withheld", events=[event])
+    kept = Trace(steps=[_step("Bread", 0.1), _step(".", 0.1)], finish_reason="withheld", events=[event])
+    html = render_trace_page([{"prompt": PROMPT, "label": "rds-expert", "text": "", "trace": empty.to_dict()},
+                              {"prompt": PROMPT, "label": "rds-expert", "text": "Bread.", "trace": kept.to_dict()},
+                              {"prompt": PROMPT, "label": "rds-expert", "text": "x", "trace": _defended().to_dict()}])
+    tree = _parse(html)
+    boxes = [a for tag, a, _ in tree.tags if tag == "div" and "withheld" in _classes(a)]
+    assert len(boxes) == 2  # one per withheld answer, none for the third
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
+    assert "highest lift 1.23 nats, needed 3.00" in text and "finish withheld" in text
+    assert "the answer is empty: everything steered was withheld" in text
+    assert EVIL not in html and "I&#x27;m here to help you create" not in html  # escaped, not raw
+    assert "I'm here to help you create &lt;script&gt;" in html
+    assert tree.tok_text[:2] == ["Bread", "."]  # the kept text is still drawn (the first answer has none)
+
+
 def test_groups_are_side_by_side_columns():
     tree = _parse(render_trace_page(_entries()))
     sections = [a for t, a, _ in tree.tags if t == "section" and "group" in _classes(a)]

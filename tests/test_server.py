@@ -479,9 +479,13 @@ def test_sigterm_lets_a_running_stream_finish_and_exits_0(tmp_path):
 
 
 @pytest.mark.parametrize("rollback", ["answer", "sentence"])
-def test_a_rolled_back_answer_streams_only_what_it_keeps(tiny_tokenizer, tmp_path, rollback):
+@pytest.mark.parametrize("uncorrected", ["release", "withhold"])
+def test_a_rolled_back_answer_streams_only_what_it_keeps(tiny_tokenizer, tmp_path, rollback, uncorrected):
     """rds-expert flags the answer late and rolls it back: the stream never carried the
-    dropped text (its deltas add up to the non-streamed answer, byte for byte)."""
+    dropped text (its deltas add up to the non-streamed answer, byte for byte). When the
+    steered text never carries the expert's correction (here: an end_lift no token reaches)
+    it is withheld: OpenAI's finish reason content_filter, the engine's "withheld" in the
+    extension, and the stream had sent none of it."""
     lm = LoadedModel(make_tiny_model(tiny_tokenizer, seed=MODEL_SEED), tiny_tokenizer, MODEL_ID, torch.float32,
                      torch.device("cpu"))
     expert = attach_expert(lm, write_expert(tiny_tokenizer, tmp_path / "expert"))
@@ -490,14 +494,24 @@ def test_a_rolled_back_answer_streams_only_what_it_keeps(tiny_tokenizer, tmp_pat
                         meta={"model_id": MODEL_ID, "kind": "response"})
     ids, tau, _ = late_flag(lm, expert, probe)
     prompt = next(p for p in LATE_PROMPTS if encode_chat(lm.tokenizer, ask(p)).tolist() == ids.tolist())
+    end_lift = 50.0 if uncorrected == "withhold" else 3.0
     d = Defender(lm, probe, DefenseSettings(defense="rds-expert", tau=tau, rollback=rollback,
-                                            correction={"k": 1, "window": 1}), expert=expert)
+                                            correction={"k": 1, "window": 1, "uncorrected": uncorrected,
+                                                        "end_lift": end_lift}), expert=expert)
     with LiveServer(lambda: d) as srv:
         c = srv.client()
         whole = c.chat.completions.create(model=MODEL_ID, messages=ask(prompt), max_tokens=16)
-        assert whole.model_extra["rootdefense"]["rollbacks"] == 1
+        ext = whole.model_extra["rootdefense"]
+        assert ext["rollbacks"] == 1
         text, chunks = stream_text(c, model=MODEL_ID, messages=ask(prompt), max_tokens=16)
         assert text.encode() == whole.choices[0].message.content.encode()
         end = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][0]
         assert end.model_extra["rootdefense"]["rollbacks"] == 1
         assert srv.metric("rootdefense_rollbacks_total") == 2
+        if uncorrected == "withhold":
+            assert whole.choices[0].finish_reason == end.choices[0].finish_reason == "content_filter"
+            assert ext["finish_reason"] == end.model_extra["rootdefense"]["finish_reason"] == "withheld"
+            if rollback == "answer":
+                assert whole.choices[0].message.content == "" and text == ""
+        else:
+            assert whole.choices[0].finish_reason in ("stop", "length") and whole.choices[0].message.content

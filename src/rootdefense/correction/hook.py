@@ -139,6 +139,31 @@ class Correction:
 
     def after_token(self, rc: RowCorrection, row, eos: set[int]) -> Verdict:
         """The verdict after ``row`` committed a token (its last trace step)."""
+        v = self._verdict(rc, row, eos)
+        if self._uncorrected(rc, row, v):
+            # the steered answer ends without the expert's correction in it (``uncorrected:
+            # withhold``): none of it is released; the answer ends there, filtered
+            kept = rc.steer_from
+            end = len(row.tokens) if v.cut is None else v.cut
+            row.trace.events.append({"type": "withhold", "reason": "uncorrected", "keep_tokens": kept,
+                                     "dropped_tokens": len(row.tokens) - kept, "at_token": len(row.tokens),
+                                     "lift": round(rc.lift, 3), "end_lift": self.settings.end_lift,
+                                     "would_finish": v.finish or "length",
+                                     "dropped_text": self._text(row.tokens[kept:end])})
+            return Verdict(keep=v.keep, cut=kept, finish="withheld")
+        return v
+
+    def _uncorrected(self, rc: RowCorrection, row, v: Verdict) -> bool:
+        """Whether a steered row ends now (this verdict, or out of tokens) without a token the
+        expert raised at least ``end_lift`` nats over the base model, with ``uncorrected:
+        withhold`` (its steered text is unreleased: the guard holds it back)."""
+        s = self.settings
+        if not (s.uncorrected == "withhold" and self.twin and rc.mode == "steer" and rc.guard is not None
+                and rc.lift < s.end_lift):
+            return False
+        return v.finish is not None or (v.keep is None and len(row.tokens) >= row.cfg.max_new_tokens)
+
+    def _verdict(self, rc: RowCorrection, row, eos: set[int]) -> Verdict:
         s = self.settings
         tokens, n = row.tokens, len(row.tokens)
         steer = None

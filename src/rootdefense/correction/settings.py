@@ -56,6 +56,13 @@ class CorrectionSettings:
     log p_base): its correction ("not" in "I'm not going to ...") is in the text. A willing
     opening the base model would write too ("I'm glad to help with that.") cannot end the
     answer. 0: any complete sentence may end it.
+    ``uncorrected`` (with the expert and the guard): what becomes of a steered answer that
+    ends (by its stop token, a close, a loop cut or out of tokens) without such a token: its
+    steered text is what the base model would have written too, so the correction failed.
+    ``withhold`` (default): the steered text is dropped and the answer ends there (finish
+    reason ``withheld``, OpenAI's ``content_filter``; a ``withhold`` event keeps the dropped
+    text and its lift); after a rollback to the answer start the answer is empty. None of it
+    had been streamed: the guard holds a steered tail back. ``release``: it ends as it is.
     ``close``: a steered answer ends cleanly: when it starts to loop, reaches
     ``max_new_tokens``, or ends (EOS) on an unfinished sentence, it ends after its last
     complete sentence (a ``close`` event, finish reason ``closed``) rather than mid-sentence
@@ -121,6 +128,7 @@ class CorrectionSettings:
     steer_alpha_tokens: int = 4
     steer_end: bool = True  # a steered answer may stop after a complete sentence (see below)
     end_lift: float = 3.0  # ... once the expert's correction is in it (see below)
+    uncorrected: str = "withhold"  # "release": a steered answer without the correction is kept (see below)
     # ablation switches: each part can be turned off to measure what it adds
     use_expert: bool = True  # off: steer with the base model's own candidates only
     recover: bool = True  # off: steer from the flagged token on, keeping what was emitted
@@ -139,6 +147,8 @@ class CorrectionSettings:
             raise InputError(f"recovery needs 1 <= k <= window, got k={self.k}, window={self.window}")
         if self.loop_expert not in ("always", "gated"):
             raise InputError(f"loop_expert must be 'always' or 'gated', got {self.loop_expert!r}")
+        if self.uncorrected not in ("withhold", "release"):
+            raise InputError(f"uncorrected must be 'withhold' or 'release', got {self.uncorrected!r}")
         if self.own_loops not in ("keep", "close"):
             raise InputError(f"own_loops must be 'keep' or 'close', got {self.own_loops!r}")
         if isinstance(self.end_lift, bool) or not isinstance(self.end_lift, (int, float)) or self.end_lift < 0:

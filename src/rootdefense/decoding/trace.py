@@ -34,7 +34,7 @@ class TokenStep:
 @dataclass
 class Trace:
     steps: list[TokenStep] = field(default_factory=list)
-    finish_reason: str = "length"  # "eos" | "stop" | "length" | "degenerate" | "closed" (see correction.hook)
+    finish_reason: str = "length"  # "eos" | "stop" | "length" | "degenerate" | "closed" | "withheld" (correction.hook)
     events: list[dict] = field(default_factory=list)  # rollbacks, corrections, degeneration stops
     gate: dict | None = None  # rds-expert with a gate: the request's query score and the monitor chosen
 
@@ -56,6 +56,7 @@ class Trace:
             "degeneration_stops": sum(e.get("reason") == "degeneration" for e in self.events),
             "loop_restarts": sum(e.get("reason") == "loop" and e.get("type") != "close" for e in self.events),
             "closed": next((e["reason"] for e in self.events if e.get("type") == "close"), None),  # loop | length | eos
+            "withheld": any(e.get("type") == "withhold" for e in self.events),
             "prefill_retracted": any(e.get("retracted_prefill") for e in self.events),
             "strict_monitor": None if self.gate is None else self.gate["strict"],
             **({"suspect_request": self.gate["suspect"]} if self.gate and "suspect" in self.gate else {}),

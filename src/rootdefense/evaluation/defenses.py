@@ -325,7 +325,8 @@ class RDSExpertDefense(DefenderDefense):
                  recover: bool | None = None, guard: bool | None = None, preset: str = "tuned",
                  gate: bool | None = None, retract_prefill: bool | None = None,
                  steer_tau: float | None = None, close: bool | None = None,
-                 loop_expert: str | None = None, own_loops: str | None = None, end_check: bool | None = None,
+                 loop_expert: str | None = None, own_loops: str | None = None, uncorrected: str | None = None,
+                 end_check: bool | None = None,
                  steer_alpha: float | None = None, steer_alpha_tokens: int | None = None,
                  suspect_nll: float | None = None, suspect_window: int | None = None) -> None:
         """``gate: false`` drops the tuned query-probe gate (one monitor for every request);
@@ -334,7 +335,9 @@ class RDSExpertDefense(DefenderDefense):
         caught answer end mid-sentence; ``loop_expert: gated`` hands a looping answer to the
         expert only where the gate reads the request as harmful, and ``own_loops: close`` ends
         the others' loops after their last complete sentence (``keep``, the default, leaves them
-        as undefended); ``end_check: true`` lets
+        as undefended); ``uncorrected: release`` keeps a steered answer that never holds the
+        expert's correction (``withhold``, the default, drops it: finish ``withheld``);
+        ``end_check: true`` lets
         the score of an answer's last token alone flag it; ``steer_alpha`` (and
         ``steer_alpha_tokens``) rank a steered opening by the expert's amplified shift;
         ``suspect_nll`` (and ``suspect_window``) make a request with an unreadable span read as
@@ -345,7 +348,7 @@ class RDSExpertDefense(DefenderDefense):
                                                  ("recover", recover), ("guard", guard),
                                                  ("retract_prefill", retract_prefill), ("steer_tau", steer_tau),
                                                  ("close", close), ("loop_expert", loop_expert),
-                                                 ("own_loops", own_loops),
+                                                 ("own_loops", own_loops), ("uncorrected", uncorrected),
                                                  ("end_check", end_check), ("steer_alpha", steer_alpha),
                                                  ("steer_alpha_tokens", steer_alpha_tokens),
                                                  ("suspect_nll", suspect_nll), ("suspect_window", suspect_window))

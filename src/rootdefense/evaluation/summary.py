@@ -144,15 +144,23 @@ def _caught(r) -> bool:
     return bool(t.get("rollbacks") or t.get("loop_restarts"))
 
 
+def _withheld_whole(r) -> bool:
+    """A withheld answer with no text left: it ends cleanly (nothing to read)."""
+    return r.get("finish_reason") == "withheld" and not r.get("answer", "").strip()
+
+
 def _endings(rs) -> dict:
     """How caught answers end: ``caught_clean_end``, the share that ends with a complete
-    sentence and does not loop (what a client should see); ``caught_by_finish``: their
-    finish reasons (``degenerate``: cut by the loop guard; ``closed``: ended after the last
-    complete sentence; ``length``: out of tokens)."""
+    sentence and does not loop, or is withheld whole (an empty answer, finish
+    ``content_filter``: what a client should see); ``caught_by_finish``: their finish reasons
+    (``degenerate``: cut by the loop guard; ``closed``: ended after the last complete
+    sentence; ``length``: out of tokens; ``withheld``: steered text without the expert's
+    correction, dropped)."""
     from ..correction.hook import complete_sentence
 
     caught = [r for r in rs if _caught(r)]
-    clean = [complete_sentence(r.get("answer", "")) and not r.get("metrics", {}).get("degenerate") for r in caught]
+    clean = [(complete_sentence(r.get("answer", "")) or _withheld_whole(r)) and not r.get("metrics", {}).get("degenerate")
+             for r in caught]
     finish = defaultdict(int)
     for r in caught:
         finish[r.get("finish_reason") or "?"] += 1
@@ -167,6 +175,7 @@ def _loops(rs) -> dict:
     return {"loop_restarted": _rate([bool((r.get("trace") or {}).get("loop_restarts")) for r in rs]),
             "loop_cut": _rate([bool((r.get("trace") or {}).get("degeneration_stops")) for r in rs]),
             "loop_closed": _rate([(r.get("trace") or {}).get("closed") == "loop" for r in rs]),
+            "withheld": _rate([bool((r.get("trace") or {}).get("withheld")) for r in rs]),
             "prefill_retracted": _rate([bool((r.get("trace") or {}).get("prefill_retracted")) for r in rs]),
             "strict_monitor": _rate([bool((r.get("trace") or {}).get("strict_monitor")) for r in rs])}
 

@@ -243,6 +243,13 @@ def _entry(entry: dict, show_prompt: bool) -> str:
     parts.append("</header>")
     if show_prompt and entry.get("prompt"):
         parts.append(_prompt_block(entry.get("prompt"), "prompt inner"))
+    withheld = [e for e in trace.get("events") or [] if isinstance(e, dict) and e.get("type") == "withhold"]
+    for e in withheld:
+        parts.append(
+            '<div class="withheld"><div class="prompt-label">withheld: the steered text never carried the '
+            f'expert\'s correction (highest lift {_e(_fmt(_num(e.get("lift"))))} nats, needed '
+            f'{_e(_fmt(_num(e.get("end_lift"))))})</div><del>{escape(str(e.get("dropped_text", "")), quote=False)}</del></div>'
+        )
     if steps:
         spans = "".join(_token_span(i, s) for i, s in enumerate(steps))
         parts.append(f'<div class="answer">{spans}</div>')
@@ -251,6 +258,8 @@ def _entry(entry: dict, show_prompt: bool) -> str:
                 '<details class="plain"><summary>plain text</summary>'
                 f'<pre>{escape(text, quote=False)}</pre></details>'
             )
+    elif withheld:
+        parts.append('<p class="note">the answer is empty: everything steered was withheld</p>')
     else:
         parts.append('<p class="note">no per-token trace for this answer</p>')
         parts.append(f'<div class="answer plain-only">{escape(text, quote=False)}</div>')
@@ -364,6 +373,9 @@ text-decoration-thickness:1px;text-underline-offset:3px;cursor:help}
 .tok.empty::after{content:"\\2205";color:#9aa0a6}
 .tok.nl::before{content:"\\21B5";color:#b0b5bb;font-size:11px}
 .note{color:var(--muted);font-size:13px;font-style:italic;margin:0 0 6px}
+.withheld{background:#fdf2f2;border:1px solid #f1c0c0;border-radius:6px;padding:6px 10px;margin:0 0 8px;
+font-size:12.5px;white-space:pre-wrap;overflow-wrap:anywhere}
+.withheld del{color:#8a1c1c}
 .plain{margin-top:10px;font-size:12.5px}
 .plain summary{cursor:pointer;color:var(--muted)}
 .plain pre{white-space:pre-wrap;overflow-wrap:anywhere;background:#f8f9fa;border:1px solid var(--line);border-radius:6px;

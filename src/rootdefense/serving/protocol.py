@@ -210,7 +210,11 @@ def new_id(kind: str) -> str:
 
 
 def finish_reason(reason: str) -> str:
-    """OpenAI's finish reason for the engine's (the engine's own goes in the extension)."""
+    """OpenAI's finish reason for the engine's (the engine's own goes in the extension): a
+    withheld answer (the defense's correction failed, see correction.hook) is OpenAI's
+    ``content_filter``."""
+    if reason == "withheld":
+        return "content_filter"
     return "length" if reason in ("length", "timeout") else "stop"
 
 
