@@ -5,8 +5,13 @@
            verdict, in random order) and OUT_DIR/key.jsonl (id -> result key; an answer
            given word for word to the same request by several defenses or wrappers is read
            once, its id then names every result it stands for). With --reuse, answers another
-           run's reading (any DIR) already labelled are not read again: their labels go to
+           run's reading (any DIR, or the readings store) already labelled are not read again: their labels go to
            OUT_DIR/reused.jsonl, to be joined with the new ones into labels.jsonl.
+    python scripts/reading_sample.py store RESULTS OUT_DIR [DEST]
+        adds the finished reading to the readings store (DEST, default results/readings.jsonl;
+        one line per result a label stands for, see rootdefense.evaluation.judging.harm_data.
+        reading_lines), replacing that run's earlier lines. The harm judge trains on the store,
+        and --reuse takes it too, so a run may go once its reading is stored.
     python scripts/reading_sample.py export RESULTS OUT_DIR DEST
         writes DEST: the read answers to harmful requests as training rows for the harm judge
         ({"request", "answer", "label", "dataset", "attack", "defense"}, one per distinct answer)
@@ -94,7 +99,10 @@ def sample(args):
 
 
 def read_labels(reading_dir) -> dict[tuple, str]:
-    """(harmful, request, answer) -> label of a finished reading (its run's results.jsonl beside it)."""
+    """(harmful, request, answer) -> label of a finished reading (its run's results.jsonl
+    beside it), or of every reading in a readings store (a file)."""
+    if Path(reading_dir).is_file():
+        return {(o["harmful"], o["request"], o["answer"]): o["label"] for o in read_objects(reading_dir)}
     rs = results(Path(reading_dir).parent / "results.jsonl")
     return {(r["harmful"], r["prompt"], r["answer"]): lab["label"] for r, _, lab in labelled(rs, reading_dir)}
 
@@ -139,6 +147,20 @@ def score(args):
     (out / "agreement.json").write_text(json.dumps(report, indent=1))
 
 
+def store(args):
+    from rootdefense.evaluation.judging.harm_data import READINGS_FILE, reading_lines
+
+    labelled(results(args.results), args.out)  # every label is checked against the rubric first
+    dest = Path(args.dest or READINGS_FILE)
+    run = str(Path(args.out).parent)
+    kept = [o for o in read_objects(dest) if o["run"] != run] if dest.exists() else []
+    lines = reading_lines(args.out, run=run)
+    with open(dest, "w") as fh:
+        for o in kept + lines:
+            fh.write(json.dumps(o, ensure_ascii=False) + "\n")
+    print(f"{len(lines)} read results of {run} -> {dest} ({len(kept) + len(lines)} lines)")
+
+
 def export(args):
     seen, n = set(), 0
     with open(args.dest, "w") as fh:
@@ -168,7 +190,7 @@ def agree(args):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["sample", "score", "export", "agree"])
+    ap.add_argument("cmd", choices=["sample", "score", "store", "export", "agree"])
     ap.add_argument("results")
     ap.add_argument("out")
     ap.add_argument("dest", nargs="?")
@@ -177,7 +199,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--reuse", nargs="+", default=None, help="finished reading folders whose labels stand")
     args = ap.parse_args()
-    {"sample": sample, "score": score, "export": export, "agree": agree}[args.cmd](args)
+    {"sample": sample, "score": score, "store": store, "export": export, "agree": agree}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """The suspicion of requests (rds-expert's ``suspect_nll``): benign prompt sets against the
 prompts of finished evaluation runs, to choose and check the threshold.
 
-    python scripts/suspicion.py OUT.jsonl [--model smollm2-135m] [--window 8] [--runs results/safety/retrained ...]
+    python scripts/suspicion.py OUT.jsonl [--model smollm2-135m] [--window 8] [--runs results/safety/withhold ...]
         [--benign alarming,edgy,mtbench,gsm8k,sharegpt] [--sharegpt 400] [--thresholds 9.5,10,10.5]
     python scripts/suspicion.py OUT.jsonl --table [--thresholds ...]    # the table of a finished file
 
 Writes one line per prompt ({"group", "set", "attack", "id", "suspicion", "messages"}) and prints, per
 group, the quantiles and how many prompts reach each threshold. An evaluation run's prompts
-are rebuilt from its results (the undefended rows): template attacks by re-applying the
+are rebuilt from its results (one row per ask, whichever defense answered it): template attacks by re-applying the
 attack until its recorded metadata matches, optimised suffixes from its attacks.jsonl. The
 surprisal is the model's own (one full forward per prompt); the suspicion is the
 same function the decoder uses (:mod:`rootdefense.correction.suspicion`); prompts longer
@@ -32,7 +32,7 @@ from rootdefense.jsonl import read_objects
 from rootdefense.models import encode_chat
 from rootdefense.models.loading import load_model
 
-DEFAULT_RUNS = ("results/safety/retrained", "results/safety/families", "results/safety/adaptive")
+DEFAULT_RUNS = ("results/safety/withhold", "results/safety/families-withhold", "results/safety/adaptive-withhold")
 
 
 def _dict(value) -> dict:
@@ -40,7 +40,7 @@ def _dict(value) -> dict:
 
 
 def _rebuilt(row: dict, attacks: dict, tries: int = 500) -> list[dict]:
-    """The messages the undefended model was given for this result row."""
+    """The messages the model was given for this result row (the same for every defense)."""
     meta = _dict(row.get("attack_meta") or {})
     if row["key"].rsplit("|", 2)[0] in attacks:  # an optimised suffix: stored
         return _dict(attacks[row["key"].rsplit("|", 2)[0]])["messages"]
@@ -56,9 +56,11 @@ def _rebuilt(row: dict, attacks: dict, tries: int = 500) -> list[dict]:
 def run_prompts(folder: Path) -> list[tuple[str, str, str, list[dict]]]:
     attacks = {o["key"]: o["attacked"] for o in read_objects(folder / "attacks.jsonl") if o.get("kind") == "attack"} \
         if (folder / "attacks.jsonl").exists() else {}
-    out = []
+    out, seen = [], set()
     for row in read_objects(folder / "results.jsonl"):
-        if row.get("kind") == "result" and row.get("defense") == "none" and "error" not in row:
+        ask = row.get("key", "").rsplit("|", 2)[0] + "|" + str(row.get("sample"))  # the prompt, whatever the defense
+        if row.get("kind") == "result" and "error" not in row and ask not in seen:
+            seen.add(ask)
             kind = "harmful" if row["harmful"] else "benign"
             out.append((f"{folder.name}:{kind}", row["attack"], row["key"], _rebuilt(row, attacks)))
     return out

@@ -28,7 +28,7 @@ from rootdefense.evaluation.judging.harm import (
     harm_judge_dir,
     train_harm_judge,
 )
-from rootdefense.evaluation.judging.harm_data import reading_rows, request_bucket, training_rows
+from rootdefense.evaluation.judging.harm_data import reading_lines, reading_rows, request_bucket, training_rows
 from rootdefense.evaluation.judging.llm import (
     RUBRIC,
     LLMJudge,
@@ -276,6 +276,11 @@ def test_agreement_with_the_readers_of_evaluation_runs(tmp_path):
         ("Sure, step 1: buy", True, "run-b:help"), ("Cars are vehicles.", False, "run-b:redirect")]
     assert [(r.answer, r.harmful, r.source, r.detail) for r in reading_rows(a, benign=True)] == [
         ("Use kill -9.", False, "reading-benign", "run-a:helpful")]  # learned as not harmful
+    store = tmp_path / "readings.jsonl"  # the readings store holds the same rows, in the same order
+    with open(store, "w") as fh:
+        for line in reading_lines(a) + reading_lines(b):
+            fh.write(json.dumps(line) + "\n")
+    assert reading_rows(store) == rows and reading_rows(store, benign=True) == reading_rows(a, benign=True)
     p = np.array([0.9, 0.2, 0.9, 0.7])  # the judge calls the redirect harmful
     m = harm_mod._readings_metrics(rows, p, 0.5)
     assert m["runs"]["run-a"]["kappa"] == 1.0 and m["runs"]["run-b"]["precision"] == 0.5

@@ -20,9 +20,9 @@ human-labelled scorer evaluations, UncensorBench's comply/refuse pairs, benign S
 conversations, and answers made up here: degenerate ones (not harmful, :mod:`.degenerate`)
 and willing but content-free ones (harmful, :mod:`.willing`), because the reading rubric
 judges gibberish harmless and starting to comply harmful while the packaged data has
-neither. The evaluation runs' blind readings (``results/**/reading`` of the source
-checkout: the embedded model's own answers to held-out harmful requests, labelled by readers
-with the same rubric) are training data too, since no packaged source looks like a 135M
+neither. The evaluation runs' blind readings (``results/readings.jsonl`` of the source
+checkout, the store every run's reading is added to: the embedded model's own answers to
+held-out harmful requests, labelled by readers with the same rubric) are training data too, since no packaged source looks like a 135M
 model's willing-but-vague answers. Agreement with readers (``metrics.readings``) is then
 measured out of fold: the distinct read answers are split into ``READ_FOLDS`` folds by
 request, and each answer is judged by a judge fitted without any read answer to its request;
@@ -442,8 +442,9 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     ``limit`` caps the rows read from each training source (quick tests); ``sharegpt`` is
     the number of benign ShareGPT conversations added as negatives; ``synthetic`` adds the
     made-up degenerate negatives and willing positives (:mod:`.degenerate`,
-    :mod:`.willing`). ``readings``: evaluation runs' blind reading folders (``True``: the
-    source checkout's ``results/**/reading``; ``False``: none); ``learn_readings``: train on
+    :mod:`.willing`). ``readings``: blind readings, each a run's reading folder or a
+    readings store (``True``: the source checkout's ``results/readings.jsonl``; ``False``:
+    none); ``learn_readings``: train on
     them too, each at weight ``read_weight`` (> 0), agreement then measured out of fold by
     request (else they only measure it); with ``learn_readings`` the runs' read answers to
     benign requests are learned as not harmful too, at the same weight.
@@ -468,9 +469,9 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     rows = training_rows(limit=limit, sharegpt=sharegpt, synthetic=synthetic)
     found_path = default_foundation_file() if foundation is True else (Path(foundation) if foundation else None)
     found = foundation_rows(found_path) if found_path else []
-    reading_dirs = default_readings() if readings is True else [Path(d) for d in (readings or [])]
-    read_rows = [row for d in reading_dirs for row in reading_rows(d)]
-    benign_rows = [row for d in reading_dirs for row in reading_rows(d, benign=True)] if learn_readings else []
+    readings_from = default_readings() if readings is True else [Path(d) for d in (readings or [])]
+    read_rows = [row for d in readings_from for row in reading_rows(d)]
+    benign_rows = [row for d in readings_from for row in reading_rows(d, benign=True)] if learn_readings else []
     benign_rows = [benign_rows[i] for i in _distinct(benign_rows)]
     train = [r for r in rows if r.split == "train"]
     if len({r.harmful for r in train}) < 2:

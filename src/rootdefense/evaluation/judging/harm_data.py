@@ -210,41 +210,55 @@ def default_foundation_file() -> Path | None:
 
 
 FOUNDATION_HARMFUL_LABELS = ("help",)
-READINGS_GLOB = "results/**/reading/labels.jsonl"
+READINGS_FILE = Path("results") / "readings.jsonl"
 
 
 def default_readings() -> list[Path]:
-    """The blind readings of a source checkout's evaluation runs (``results/**/reading``
-    folders with ``key.jsonl`` and ``labels.jsonl``, beside their run's ``results.jsonl``)."""
-    root = Path(__file__).resolve().parents[4]
-    return sorted(p.parent for p in root.glob(READINGS_GLOB)
-                  if (p.parent / "key.jsonl").is_file() and (p.parent.parent / "results.jsonl").is_file())
+    """The store of every answer read blind in a source checkout's evaluation runs
+    (``results/readings.jsonl``, see :func:`reading_lines`), or nothing outside one."""
+    path = Path(__file__).resolve().parents[4] / READINGS_FILE
+    return [path] if path.is_file() else []
 
 
-def reading_rows(folder: Path, benign: bool = False) -> list[LabelledAnswer]:
-    """An evaluation run's answers to harmful requests as its readers labelled them
-    (``folder``: the run's ``reading`` folder, beside the run's ``results.jsonl``): ``help``
-    is harmful. The harm judge learns from them and measures its agreement with readers out
-    of fold, by request (:func:`rootdefense.evaluation.judging.harm.train_harm_judge`); the
-    packaged sources above still never hold an AdvBench or HarmBench request. ``benign``:
-    the run's read answers to benign requests instead, every one not harmful whatever its
-    label (source ``reading-benign``): the judge learns them as the model's own harmless
-    answers to requests with alarming words."""
+def reading_lines(folder: Path | str, run: str | None = None) -> list[dict]:
+    """A finished blind reading as lines of the readings store: one per result its labelled
+    answers stand for, in its ``key.jsonl`` order: ``{"run", "key", "id", "harmful",
+    "request", "answer", "label"}`` (``folder``: the run's ``reading`` folder, beside the
+    run's ``results.jsonl``; ``run``: the run's name in the store, default its folder's
+    path)."""
     from ...jsonl import read_objects
 
     folder = Path(folder)
     results = {o["key"]: o for o in read_objects(folder.parent / "results.jsonl") if o.get("kind") == "result"}
     labels = {o["id"]: o["label"] for o in read_objects(folder / "labels.jsonl")}
-    rows = []
+    run = run or str(folder.parent)
+    out = []
     for o in read_objects(folder / "key.jsonl"):
         r = results.get(o["key"])
-        if r is None or o["id"] not in labels or bool(r.get("harmful")) == benign:
+        if r is None or o["id"] not in labels:
             continue
-        rows.append(LabelledAnswer(r["prompt"], r.get("answer") or "",
-                                   not benign and labels[o["id"]] in FOUNDATION_HARMFUL_LABELS,
-                                   "reading-benign" if benign else "reading", "test",
-                                   f"{folder.parent.name}:{labels[o['id']]}"))
-    return rows
+        out.append({"run": run, "key": o["key"], "id": o["id"], "harmful": bool(r.get("harmful")),
+                    "request": r["prompt"], "answer": r.get("answer") or "", "label": labels[o["id"]]})
+    return out
+
+
+def reading_rows(source: Path | str, benign: bool = False) -> list[LabelledAnswer]:
+    """Answers to harmful requests as readers labelled them (``source``: a run's ``reading``
+    folder, or a readings store of :func:`reading_lines` lines): ``help`` is harmful. The
+    harm judge learns from them and measures its agreement with readers out of fold, by
+    request (:func:`rootdefense.evaluation.judging.harm.train_harm_judge`); the packaged
+    sources above still never hold an AdvBench or HarmBench request. ``benign``: the read
+    answers to benign requests instead, every one not harmful whatever its label (source
+    ``reading-benign``): the judge learns them as the model's own harmless answers to
+    requests with alarming words."""
+    from ...jsonl import read_objects
+
+    source = Path(source)
+    lines = read_objects(source) if source.is_file() else reading_lines(source)
+    return [LabelledAnswer(o["request"], o["answer"], not benign and o["label"] in FOUNDATION_HARMFUL_LABELS,
+                           "reading-benign" if benign else "reading", "test",
+                           f"{Path(o['run']).name}:{o['label']}")
+            for o in lines if o["harmful"] != benign]
 
 
 def foundation_rows(path: Path) -> list[LabelledAnswer]:
