@@ -2,7 +2,7 @@
 caught answers end) and benign cells per wrapper (over-refusal, identical answers, what
 caught them). A view of the data; the figures are summary.json's.
 
-    python scripts/safety_table.py results/safety/retrained/summary.json
+    python scripts/safety_table.py results/safety/withhold/summary.json
 """
 
 from __future__ import annotations

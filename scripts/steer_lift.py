@@ -1,7 +1,7 @@
 """How far the expert raised the tokens of each caught answer over the base model, against
 the readers' labels: the analysis behind ``end_lift`` (docs/method.md, rds-expert step 3).
 
-    python scripts/steer_lift.py OUT.jsonl [--runs results/safety/ending ...]
+    python scripts/steer_lift.py OUT.jsonl [--runs results/safety/withhold ...]
     python scripts/steer_lift.py OUT.jsonl --table     # the summary of a finished file
 
 For every read rds-expert answer to a harmful request that was rolled back or handed to the
@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_RUNS = ("results/safety/ending", "results/safety/adaptive-ending", "results/safety/families-ending")
+DEFAULT_RUNS = ("results/safety/withhold", "results/safety/adaptive-withhold", "results/safety/families-withhold")
 
 
 def measure(runs: list[str], out: str, lm, expert) -> list[dict]:

@@ -432,7 +432,7 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
         if (gate is not None or blend) and spec.suspicion_sharegpt else None
     seconds = round(time.perf_counter() - t0, 1)
     # end_check is not replayed here (see CorrectionSettings); evaluation chose it and, with a
-    # gate, loop_expert "gated" (results/safety/retrained: benign over-refusal 58 -> 27 of 160
+    # gate, loop_expert "gated" (results/safety/retrained, in git at 84f9aa1: benign over-refusal 58 -> 27 of 160
     # read answers, read help no higher)
     settings = {"tau": chosen["tau"], "window": chosen["window"], "k": chosen["k"], "use_expert": use_expert,
                 "rollback": "answer", "end_check": True}

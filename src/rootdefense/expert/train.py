@@ -11,7 +11,7 @@ wrapped request, meant to teach the expert to refuse the request beneath the wra
 the wrapper; the benign-but-alarming set's fit part is answered by the model too, plain and
 wrapped. Whole families can be held out (by default AutoDAN's templates). Measured, such an
 expert did not refuse more under attack families and refused less under fiction frames (it
-learned to stay in the frame; results/safety/expert), so it is not the shipped one. Only
+learned to stay in the frame; results/safety/expert, in git at 84f9aa1), so it is not the shipped one. Only
 fit/val-split prompts are used; the test split stays clean.
 """
 
@@ -51,7 +51,7 @@ class ExpertSpec:
     lr: float = 5e-4
     seed: int = 0
     # off by default: the shipped expert is trained without them; an expert trained with
-    # disguise 10 and alarming 48 refused less under fiction frames (results/safety/expert)
+    # disguise 10 and alarming 48 refused less under fiction frames (results/safety/expert at 84f9aa1)
     disguised: int = 0  # harmful and benign requests asked inside each wrapper family (0: none)
     families: tuple[str, ...] = ("roleplay", "fiction", "prefix-injection", "dan", "inthewild")  # autodan held out
     alarming: int = 0  # requests of the alarming set's fit part, answered by the model (half of them wrapped)
