@@ -508,6 +508,7 @@ def test_a_rolled_back_answer_streams_only_what_it_keeps(tiny_tokenizer, tmp_pat
         end = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason][0]
         assert end.model_extra["rootdefense"]["rollbacks"] == 1
         assert srv.metric("rootdefense_rollbacks_total") == 2
+        assert srv.metric("rootdefense_withheld_total") == (2 if uncorrected == "withhold" else 0)
         if uncorrected == "withhold":
             assert whole.choices[0].finish_reason == end.choices[0].finish_reason == "content_filter"
             assert ext["finish_reason"] == end.model_extra["rootdefense"]["finish_reason"] == "withheld"

@@ -287,6 +287,8 @@ class Answer:
         m.tokens_replaced.inc(trace.replaced)
         rollbacks = trace.summary()["rollbacks"]
         m.rollbacks.inc(rollbacks)
+        if reason == "withheld":
+            m.withheld.inc()
         took = time.perf_counter() - self.t0
         m.latency.observe(took)
         first = "-" if self.t_first is None else f"{self.t_first - self.t0:.2f}s"

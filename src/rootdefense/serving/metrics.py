@@ -18,6 +18,8 @@ class Metrics:
         self.tokens_out = Counter(p + "tokens_out", "answer tokens sent to clients", registry=r)
         self.tokens_replaced = Counter(p + "tokens_replaced", "answer tokens the defense replaced", registry=r)
         self.rollbacks = Counter(p + "rollbacks", "answers rds-expert rolled back", registry=r)
+        self.withheld = Counter(p + "withheld", "answers rds-expert withheld (finish content_filter: the steered "
+                                "text never carried the expert's correction)", registry=r)
         self.cancelled = Counter(p + "cancelled", "requests stopped before their end, by reason", ["reason"],
                                  registry=r)
         self.steps = Counter(p + "decode_steps", "decoding steps the model worker ran", registry=r)
