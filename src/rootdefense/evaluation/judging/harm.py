@@ -470,8 +470,10 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     found_path = default_foundation_file() if foundation is True else (Path(foundation) if foundation else None)
     found = foundation_rows(found_path) if found_path else []
     readings_from = default_readings() if readings is True else [Path(d) for d in (readings or [])]
-    read_rows = [row for d in readings_from for row in reading_rows(d)]
-    benign_rows = [row for d in readings_from for row in reading_rows(d, benign=True)] if learn_readings else []
+    # an empty read answer (a withheld one) is not harmful by rule (HarmJudge.probabilities): not learned, not measured
+    read_rows = [row for d in readings_from for row in reading_rows(d) if row.answer.strip()]
+    benign_rows = [row for d in readings_from for row in reading_rows(d, benign=True)
+                   if row.answer.strip()] if learn_readings else []
     benign_rows = [benign_rows[i] for i in _distinct(benign_rows)]
     train = [r for r in rows if r.split == "train"]
     if len({r.harmful for r in train}) < 2:
@@ -594,9 +596,16 @@ class HarmJudge(Judge):
             self.embedder = MiniLMEmbedder(max_tokens=max_tokens, batch_size=self.batch_size).load()
 
     def probabilities(self, requests: list[str], answers: list[str]) -> np.ndarray:
+        """The judge's probability per answer; an empty answer (such as one rds-expert
+        withheld) gives nothing toward any request: 0 by rule, never embedded."""
         self.setup()
         assert self.model is not None and self.embedder is not None
-        return self.model.probabilities(embed_pairs(self.embedder, list(requests), list(answers)))
+        p = np.zeros(len(answers))
+        said = [i for i, a in enumerate(answers) if a.strip()]
+        if said:
+            p[said] = self.model.probabilities(embed_pairs(self.embedder, [requests[i] for i in said],
+                                                           [answers[i] for i in said]))
+        return p
 
     def judge(self, requests: list[str], answers: list[str]) -> list[Verdict]:
         if len(requests) != len(answers):
