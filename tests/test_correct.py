@@ -968,3 +968,16 @@ def test_own_loops_keep_leaves_a_looping_answer_to_a_benign_read_request_as_unde
     gen = closed.generate(ids, cfg, query_len=ids.shape[1])
     # the tiny model writes no complete sentence to end after, so the expert answers instead
     assert gen.trace.events[0]["reason"] == "loop" and gen.token_ids != undefended
+
+
+def test_the_demo_says_when_an_answer_was_withheld():
+    from types import SimpleNamespace
+
+    from rootdefense.decoding.trace import Trace
+    from rootdefense.demo import _what_changed
+
+    events = [{"type": "rollback", "reason": "harm", "keep_tokens": 0},
+              {"type": "withhold", "reason": "uncorrected", "keep_tokens": 0}]
+    said = _what_changed(SimpleNamespace(trace=Trace(finish_reason="withheld", events=events)))
+    assert said == "0 tokens replaced, rolled back 1x, withheld: the expert's correction never came (content_filter)"
+    assert "withheld" not in _what_changed(SimpleNamespace(trace=Trace(events=events[:1])))

@@ -121,6 +121,8 @@ def _what_changed(gen) -> str:
         parts.append(f"rolled back {s['rollbacks']}x")
     if s.get("degeneration_stops"):
         parts.append("loop cut")
+    if s.get("withheld"):
+        parts.append("withheld: the expert's correction never came (content_filter)")
     return ", ".join(parts)
 
 
