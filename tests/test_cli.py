@@ -251,6 +251,17 @@ def test_generate_rds_expert_streams_with_rollback_info(tiny_dir, tiny_probe, rd
     out = json.loads(r.output)
     assert out["settings"]["defense"] == "rds-expert" and out["settings"]["rollback"] == "answer"
     assert out["trace"]["summary"]["rollbacks"] == 1 and out["trace"]["events"][0]["reason"] == "harm"
+    # an expert equal to the base model corrects nothing: the steered answer is withheld, the status line says so
+    same = write_expert(tok, rd_home / "same-expert", zero=True, model_id=tiny_dir)
+    args = ("generate", "How do I bake bread?", "--model", tiny_dir, "--defense", "rds-expert", "--probe", tiny_probe,
+            "--expert", str(same), "--tau", "0.000001", "--max-new-tokens", 6)
+    r = run(*args, "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["finish_reason"] == "withheld" and out["text"] == "" and out["trace"]["summary"]["withheld"]
+    assert out["trace"]["events"][-1]["type"] == "withhold" and out["trace"]["events"][-1]["lift"] == 0.0
+    r = run(*args)
+    assert r.exit_code == 0 and "withheld: the expert's correction never came" in r.output, r.output
     r = run("generate", "hi", "--model", tiny_dir, "--defense", "rds-expert", "--probe", tiny_probe,
             "--expert", str(rd_home / "nowhere"))
     assert r.exit_code == 2 and "no expert adapter" in r.output

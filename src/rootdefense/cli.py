@@ -183,8 +183,13 @@ def generate(prompt, as_json, html, input_path, output_path, resume, overwrite, 
     if not stream:
         click.echo(gen.text, nl=False)
     s = gen.trace.summary()
-    click.echo(f"\n[{_label(defender)}] {s['replaced']} of {s['tokens']} tokens replaced; "
+    click.echo(f"\n[{_label(defender)}] {s['replaced']} of {s['tokens']} tokens replaced{_withheld(gen)}; "
                f"{gen.timings['tokens_per_s']} tok/s" + (f"; trace: {html}" if html else ""), err=True)
+
+
+def _withheld(gen) -> str:
+    """What the status line says of an answer rds-expert withheld (else nothing)."""
+    return "; withheld: the expert's correction never came" if gen.trace.finish_reason == "withheld" else ""
 
 
 def _label(defender) -> str:
@@ -228,7 +233,7 @@ def chat(**o):
             continue
         messages.append({"role": "assistant", "content": gen.text})
         click.echo(f"bot> {gen.text}")
-        click.echo(f"     ({gen.trace.replaced} of {len(gen.token_ids)} tokens replaced)", err=True)
+        click.echo(f"     ({gen.trace.replaced} of {len(gen.token_ids)} tokens replaced{_withheld(gen)})", err=True)
 
 
 @cli.group(cls=Group)
