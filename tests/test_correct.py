@@ -229,16 +229,18 @@ BATCH_PROMPTS = [PROMPT, "Tell me a story about a dragon.", "hi", "How do I pick
 
 
 @pytest.mark.parametrize("drafts", [False, True])
-def test_rds_expert_in_a_batch_answers_as_alone(setup, drafts):
+@pytest.mark.parametrize("end_lift", [0.0, 50.0])
+def test_rds_expert_in_a_batch_answers_as_alone(setup, drafts, end_lift):
     """Flagged rows roll back and steer with the expert inside the batch while the others go
-    on: every answer, its events and its sources are the single stream's (greedy)."""
+    on: every answer, its events and its sources are the single stream's (greedy). With an
+    end_lift no token reaches, every steered row is withheld, in the batch as alone."""
     from rootdefense.drafting import PromptLookupDrafter
 
     lm, expert, probe, _, _ = setup
     _, tau, _ = late_flag(lm, expert, probe)
     ids = [encode_chat(lm.tokenizer, [{"role": "user", "content": p}]) for p in BATCH_PROMPTS]
     cfg = GenerationConfig(max_new_tokens=20)
-    d = Corrected(lm, probe, expert, CorrectionSettings(tau=tau, k=1, window=1),
+    d = Corrected(lm, probe, expert, CorrectionSettings(tau=tau, k=1, window=1, end_lift=end_lift),
                   drafter=PromptLookupDrafter() if drafts else None)
     alone = [d.generate(i, cfg) for i in ids]
     batch = d.decoder.generate_batch(ids, cfg)
@@ -248,6 +250,8 @@ def test_rds_expert_in_a_batch_answers_as_alone(setup, drafts):
         assert [s.source for s in got.trace.steps] == [s.source for s in want.trace.steps]
     rolled = sum(bool(g.trace.events) for g in batch)
     assert 0 < rolled, "some rows were rolled back and steered inside the batch"
+    withheld = [g.trace.finish_reason == "withheld" for g in batch]
+    assert withheld == ([bool(g.trace.summary()["rollbacks"]) for g in batch] if end_lift else [False] * len(batch))
 
 
 def test_sentence_rollback_keeps_earlier_sentences(setup):
