@@ -619,6 +619,8 @@ def test_a_steered_answer_without_the_experts_correction_is_withheld(setup, tiny
     assert tok.decode(row.tokens[:v.cut]) == prefix
     v, _ = verdict(0.0, end_lift=0.0, uncorrected="withhold")  # end_lift 0: any steered text counts as corrected
     assert v.finish == released
+    v, _ = verdict(0.0, use_expert=False, uncorrected="withhold")  # the base model steering alone has no lift to read
+    assert v.finish == released
     with pytest.raises(InputError, match="uncorrected must be 'withhold' or 'release'"):
         CorrectionSettings(uncorrected="drop").validate()
 

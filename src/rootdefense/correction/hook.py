@@ -157,9 +157,8 @@ class Correction:
         """Whether a steered row ends now (this verdict, or out of tokens) without a token the
         expert raised at least ``end_lift`` nats over the base model, with ``uncorrected:
         withhold`` (its steered text is unreleased: the guard holds it back)."""
-        s = self.settings
-        if not (s.uncorrected == "withhold" and self.twin and rc.mode == "steer" and rc.guard is not None
-                and rc.lift < s.end_lift):
+        if not (self.settings.uncorrected == "withhold" and rc.mode == "steer" and rc.guard is not None
+                and not self.corrected(rc)):
             return False
         return v.finish is not None or (v.keep is None and len(row.tokens) >= row.cfg.max_new_tokens)
 
@@ -230,9 +229,13 @@ class Correction:
         """Whether a steered row may stop now whatever the probe reads at its stop token
         (``steer_end``): its steered text ends a complete sentence and, with the expert, holds
         the expert's correction (``end_lift``)."""
-        s = self.settings
-        return s.steer_end and rc.mode == "steer" and (not self.twin or rc.lift >= s.end_lift) and \
+        return self.settings.steer_end and rc.mode == "steer" and self.corrected(rc) and \
             complete_sentence(self._text(row.tokens[rc.steer_from:]))
+
+    def corrected(self, rc: RowCorrection) -> bool:
+        """Whether the steered text holds the expert's correction: a token it raised at least
+        ``end_lift`` nats over the base model (always, when the base model steers alone)."""
+        return not self.twin or rc.lift >= self.settings.end_lift
 
     def _own_answer(self, rc: RowCorrection) -> bool:
         """The row is unflagged and its request reads as benign to the gate, with ``loop_expert:
