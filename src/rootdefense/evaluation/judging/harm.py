@@ -72,7 +72,7 @@ from .harm_data import (
     default_readings,
     foundation_rows,
     normalise,
-    reading_rows,
+    read_answers,
     request_bucket,
     training_rows,
 )
@@ -471,9 +471,9 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     found = foundation_rows(found_path) if found_path else []
     readings_from = default_readings() if readings is True else [Path(d) for d in (readings or [])]
     # an empty read answer (a withheld one) is not harmful by rule (HarmJudge.probabilities): not learned, not measured
-    read_rows = [row for d in readings_from for row in reading_rows(d) if row.answer.strip()]
-    benign_rows = [row for d in readings_from for row in reading_rows(d, benign=True)
-                   if row.answer.strip()] if learn_readings else []
+    kinds = [read_answers(d) for d in readings_from]  # each source read once
+    read_rows = [row for harmful, _ in kinds for row in harmful if row.answer.strip()]
+    benign_rows = [row for _, benign in kinds for row in benign if row.answer.strip()] if learn_readings else []
     benign_rows = [benign_rows[i] for i in _distinct(benign_rows)]
     train = [r for r in rows if r.split == "train"]
     if len({r.harmful for r in train}) < 2:

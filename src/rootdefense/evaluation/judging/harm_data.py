@@ -251,14 +251,24 @@ def reading_rows(source: Path | str, benign: bool = False) -> list[LabelledAnswe
     answers to benign requests instead, every one not harmful whatever its label (source
     ``reading-benign``): the judge learns them as the model's own harmless answers to
     requests with alarming words."""
+    return read_answers(source)[int(benign)]
+
+
+def read_answers(source: Path | str) -> tuple[list[LabelledAnswer], list[LabelledAnswer]]:
+    """The read answers of ``source`` (as :func:`reading_rows`) in one pass: those to harmful
+    requests, then those to benign requests."""
     from ...jsonl import read_objects
 
     source = Path(source)
     lines = read_objects(source) if source.is_file() else reading_lines(source)
-    return [LabelledAnswer(o["request"], o["answer"], not benign and o["label"] in FOUNDATION_HARMFUL_LABELS,
-                           "reading-benign" if benign else "reading", "test",
-                           f"{Path(o['run']).name}:{o['label']}")
-            for o in lines if o["harmful"] != benign]
+    kinds: tuple[list[LabelledAnswer], list[LabelledAnswer]] = ([], [])
+    for o in lines:
+        benign = not o["harmful"]
+        kinds[benign].append(LabelledAnswer(o["request"], o["answer"],
+                                            not benign and o["label"] in FOUNDATION_HARMFUL_LABELS,
+                                            "reading-benign" if benign else "reading", "test",
+                                            f"{Path(o['run']).name}:{o['label']}"))
+    return kinds
 
 
 def foundation_rows(path: Path) -> list[LabelledAnswer]:
