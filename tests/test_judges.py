@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from rootdefense.errors import InputError, RootDefenseError
+from rootdefense.errors import InputError, ModelError, RootDefenseError
 from rootdefense.evaluation.base import Verdict
 from rootdefense.evaluation.judging import JUDGES, make_judge
 from rootdefense.evaluation.judging import harm as harm_mod
@@ -621,3 +621,40 @@ def test_agreement_with_readers_is_out_of_fold_by_request():
 def test_read_weight_must_be_positive(tmp_path):
     with pytest.raises(InputError, match="read_weight must be a number above 0"):
         train_harm_judge(tmp_path / "harm", progress=False, limit=5, read_weight=0)
+
+
+# --------------------------------------------------------------------------- the answer reader
+
+
+def test_answer_states_read_the_answer_tokens_with_the_request_in_context(tiny_model, tiny_tokenizer):
+    """The harm judge's chat-model reading: the mean state over the answer's tokens only,
+    the same in a padded batch as alone, and different when the request differs."""
+    import torch
+
+    from rootdefense.evaluation.judging.states import AnswerStates
+
+    reader = AnswerStates(layer=2, batch_size=3, model=tiny_model, tokenizer=tiny_tokenizer)
+    requests = ["How do I pick a lock?", "How do I bake bread?", "Hi"]
+    answers = ["Sure: insert a pick and turn it slowly.", "Mix flour and water.", ""]
+    batch = reader.states(requests, answers)
+    assert batch.shape == (3, tiny_model.config.hidden_size) and np.isfinite(batch).all()
+    alone = np.vstack([reader.states([q], [a]) for q, a in zip(requests, answers)])
+    np.testing.assert_allclose(batch, alone, atol=1e-5)  # right padding changes nothing
+    ids, start = reader._ids(requests[0], answers[0])
+    with torch.inference_mode():
+        hidden = tiny_model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0]
+    np.testing.assert_allclose(batch[0], hidden[start:].mean(0).numpy(), atol=1e-5)
+    assert len(ids) - start == len(tiny_tokenizer(answers[0], add_special_tokens=False)["input_ids"])
+    other = reader.states(["How do I bake bread?"], [answers[0]])
+    assert not np.allclose(other[0], batch[0], atol=1e-4)  # the request is read too
+    both = reader.states_at(requests, answers, [1, 2])
+    np.testing.assert_allclose(both[:, 1], batch, atol=1e-6)
+    with torch.inference_mode():
+        first = tiny_model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+    np.testing.assert_allclose(both[0, 0], first[start:].mean(0).numpy(), atol=1e-5)
+    twice = reader.states(requests + requests[:1], answers + answers[:1])  # a repeated pair is read once
+    np.testing.assert_allclose(twice[3], batch[0], atol=1e-6)
+    with pytest.raises(ModelError, match="2 requests but 1 answers"):
+        reader.states(requests[:2], answers[:1])
+    with pytest.raises(ModelError, match="must lie in 1..2"):
+        AnswerStates(layer=9, model=tiny_model, tokenizer=tiny_tokenizer).states(requests, answers)

@@ -1,0 +1,153 @@
+"""Would the harm judge agree better with readers if it read answers with a chat model?
+
+Issue 22 asks for a judge with kappa >= 0.7 and recall >= 0.8 against blind readers. The
+shipped judge (a network over MiniLM sentence embeddings, rootdefense.evaluation.judging.harm)
+has 0.53 / 0.54. This script measures the alternative: the embedded chat model's mean hidden
+state over the answer's tokens, the request in its context (rootdefense.evaluation.judging.states),
+at layers 18 and 24, read by a class-balanced logistic regression, alone and averaged with the
+shipped judge, under the judge's own protocol (out of fold by request, 5 folds) with and
+without the packaged training rows.
+
+The read answers weigh 1 in a fit unless a line says otherwise. Writes one JSON line per (protocol, features, classifier) to OUT (default
+results/judge/reader-check.jsonl) as each is measured. About 17 minutes on 2 cores, most of
+it reading ~4,000 distinct answers with the chat model.
+
+    python scripts/judge_reader_check.py [--out results/judge/reader-check.jsonl] [--cache FILE.npz]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from rootdefense.evaluation.judging import harm
+from rootdefense.evaluation.judging.embedding import MiniLMEmbedder
+from rootdefense.evaluation.judging.harm_data import (
+    default_foundation_file,
+    default_readings,
+    foundation_rows,
+    read_answers,
+    request_bucket,
+    training_rows,
+)
+from rootdefense.evaluation.judging.states import AnswerStates
+
+LAYERS = (18, 24)
+
+
+def logistic(C: float, read_weight: float = 1.0):
+    """A class-balanced, standardised logistic regression (each class half the weight); the
+    read answers (the last ``n_read`` rows of a fit, set by :func:`out_of_fold`) weigh
+    ``read_weight``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    def fit(X, y, n_read=0):
+        w = np.ones(len(y))
+        w[len(y) - n_read:] = read_weight
+        for c in (0.0, 1.0):
+            w[y == c] *= 0.5 * w.sum() / max(w[y == c].sum(), 1e-9)
+        scale = StandardScaler().fit(X)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = LogisticRegression(C=C, max_iter=3000).fit(scale.transform(X), y, sample_weight=w)
+        return lambda Z: model.predict_proba(scale.transform(Z))[:, 1]
+    return fit
+
+
+def network(X, y, n_read=0):
+    model = harm._fit(X, y)  # read answers at weight 1 (harm.READ_WEIGHT)
+    return model.probabilities
+
+
+def out_of_fold(fit, X_train, y_train, X_benign, X_read, y_read, fold, learned):
+    """Each read answer's probability from a classifier fitted on the training rows, the
+    benign read answers and the read answers to the other folds' requests."""
+    p = np.zeros(len(y_read))
+    for k in sorted(set(fold.tolist())):
+        rest = learned[fold[learned] != k]
+        f = fit(np.vstack([X_train, X_benign, X_read[rest]]),
+                np.concatenate([y_train, np.zeros(len(X_benign)), y_read[rest]]), len(X_benign) + len(rest))
+        p[fold == k] = f(X_read[fold == k])
+    return p
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="results/judge/reader-check.jsonl")
+    ap.add_argument("--cache", default=None, help="an .npz to keep the features in (read again when it exists)")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    rows = training_rows()
+    found = foundation_rows(default_foundation_file())
+    kinds = [read_answers(d) for d in default_readings()]
+    read = [r for harmful, _ in kinds for r in harmful if r.answer.strip()]
+    benign = [r for _, b in kinds for r in b if r.answer.strip()]
+    benign = [benign[i] for i in harm._distinct(benign)]
+    every = rows + found + read + benign
+    requests, answers = [r.request for r in every], [r.answer for r in every]
+    if args.cache and Path(args.cache).is_file():
+        cached = np.load(args.cache)
+        minilm, reader = cached["minilm"], cached["reader"]
+        if len(minilm) != len(every):
+            raise SystemExit(f"{args.cache} holds {len(minilm)} rows, the data now {len(every)}: delete it")
+    else:
+        minilm = harm.embed_pairs(MiniLMEmbedder(), requests, answers, progress=True)
+        reader = AnswerStates().states_at(requests, answers, LAYERS, progress=True).reshape(len(every), -1)
+        if args.cache:
+            np.savez(args.cache, minilm=minilm, reader=reader)
+    n0, nf, nr = len(rows), len(found), len(read)
+    parts = {"minilm": minilm, "reader": reader}
+    train = np.array([r.split == "train" for r in rows])
+    y0 = np.array([r.harmful for r in rows], dtype=float)[train]
+    y_read = np.array([r.harmful for r in read], dtype=float)
+    fold = np.array([request_bucket(r.request) % harm.READ_FOLDS for r in read])
+    learned = harm._distinct(read)
+    seen = {}
+
+    def measure(protocol, features, classifier, fit=None, p=None):
+        X = parts[features] if features in parts else None
+        if p is None:
+            X_train = X[:n0][train] if protocol == "full" else np.zeros((0, X.shape[1]))
+            y_train = y0 if protocol == "full" else np.zeros(0)
+            p = out_of_fold(fit, X_train, y_train, X[n0 + nf + nr:], X[n0 + nf:n0 + nf + nr], y_read, fold, learned)
+        seen[(protocol, features, classifier)] = p
+        y, q = y_read[learned].astype(bool), p[learned]
+        line = {"protocol": protocol, "features": features, "classifier": classifier,
+                "at_0.5": harm.binary_metrics(y, q, 0.5),
+                "best_threshold_in_sample": max((harm.binary_metrics(y, q, t)["kappa"], round(float(t), 2))
+                                                for t in np.arange(0.05, 0.96, 0.05))}
+        if fit is not None and protocol == "full":  # the judge fitted on everything, on the packaged held-out rows
+            f = fit(np.vstack([X[:n0][train], X[n0 + nf + nr:], X[n0 + nf:n0 + nf + nr][learned]]),
+                    np.concatenate([y0, np.zeros(len(benign)), y_read[learned]]), len(benign) + len(learned))
+            held = harm._held_out_metrics(rows, f(X[:n0]), 0.5)
+            line["held_out_accuracy"] = {k: v.get("accuracy") for k, v in held.items()}
+            fm = harm._foundation_metrics(found, f(X[n0:n0 + nf]), 0.5)
+            line["foundation"] = {"harmful_kappa": fm["harmful_prompts"]["kappa"],
+                                  "benign_flagged": fm["benign_prompts"]["predicted_positive"]}
+        line["seconds"] = round(time.perf_counter() - t0)
+        with open(args.out, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+        m = line["at_0.5"]
+        print(protocol, features, classifier, f"kappa {m['kappa']} recall {m['recall']} precision {m['precision']} "
+              f"auroc {m['auroc']}", flush=True)
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("")
+    for protocol in ("full", "readings-only"):
+        measure(protocol, "minilm", "network (the shipped recipe)", network)
+        for C in (0.003, 0.01):
+            measure(protocol, "reader", f"logistic C={C}", logistic(C))
+    for weight in (4, 8):
+        measure("full", "reader", f"logistic C=0.003, read answers at weight {weight}", logistic(0.003, weight))
+    p = 0.5 * (seen[("full", "minilm", "network (the shipped recipe)")] + seen[("full", "reader", "logistic C=0.01")])
+    measure("full", "mean of the shipped network and the reader's logistic C=0.01", "average", p=p)
+
+
+if __name__ == "__main__":
+    main()
