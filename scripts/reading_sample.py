@@ -150,11 +150,12 @@ def score(args):
 def store(args):
     from rootdefense.evaluation.judging.harm_data import READINGS_FILE, reading_lines
 
-    labelled(results(args.results), args.out)  # every label is checked against the rubric first
+    rs = results(args.results)
+    labelled(rs, args.out)  # every label is checked against the rubric first
     dest = Path(args.dest or READINGS_FILE)
     run = str(Path(args.out).parent)
     kept = [o for o in read_objects(dest) if o["run"] != run] if dest.exists() else []
-    lines = reading_lines(args.out, run=run)
+    lines = reading_lines(args.out, run=run, results=rs)  # the results file read once, the one named
     with open(dest, "w") as fh:
         for o in kept + lines:
             fh.write(json.dumps(o, ensure_ascii=False) + "\n")

@@ -220,16 +220,18 @@ def default_readings() -> list[Path]:
     return [path] if path.is_file() else []
 
 
-def reading_lines(folder: Path | str, run: str | None = None) -> list[dict]:
+def reading_lines(folder: Path | str, run: str | None = None, results: dict[str, dict] | None = None) -> list[dict]:
     """A finished blind reading as lines of the readings store: one per result its labelled
     answers stand for, in its ``key.jsonl`` order: ``{"run", "key", "id", "harmful",
     "request", "answer", "label"}`` (``folder``: the run's ``reading`` folder, beside the
     run's ``results.jsonl``; ``run``: the run's name in the store, default its folder's
-    path)."""
+    path; ``results``: the run's result lines by key, when the caller has already read
+    them, else read from ``results.jsonl`` beside ``folder``)."""
     from ...jsonl import read_objects
 
     folder = Path(folder)
-    results = {o["key"]: o for o in read_objects(folder.parent / "results.jsonl") if o.get("kind") == "result"}
+    if results is None:
+        results = {o["key"]: o for o in read_objects(folder.parent / "results.jsonl") if o.get("kind") == "result"}
     labels = {o["id"]: o["label"] for o in read_objects(folder / "labels.jsonl")}
     run = run or str(folder.parent)
     out = []
