@@ -21,7 +21,9 @@ import argparse
 import json
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +34,6 @@ from rootdefense.evaluation.judging.harm_data import (
     default_readings,
     foundation_rows,
     read_answers,
-    request_bucket,
     training_rows,
 )
 from rootdefense.evaluation.judging.states import AnswerStates
@@ -40,41 +41,32 @@ from rootdefense.evaluation.judging.states import AnswerStates
 LAYERS = (18, 24)
 
 
-def logistic(C: float, read_weight: float = 1.0):
-    """A class-balanced, standardised logistic regression (each class half the weight); the
-    read answers (the last ``n_read`` rows of a fit, set by :func:`out_of_fold`) weigh
-    ``read_weight``."""
+@dataclass
+class Logistic:
+    """A fitted standardised logistic regression (``probabilities`` as the judge's network has)."""
+
+    scale: Any
+    model: Any
+
+    def probabilities(self, X: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(self.scale.transform(X))[:, 1]
+
+
+def logistic(C: float):
+    """``fit(X, y, sample_weight)`` for harm._fit_with_readings: a standardised logistic
+    regression, class-balanced as the judge's network is (each class half the weight)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    def fit(X, y, n_read=0):
-        w = np.ones(len(y))
-        w[len(y) - n_read:] = read_weight
+    def fit(X, y, sample_weight):
+        w = np.asarray(sample_weight, dtype=float).copy()
         for c in (0.0, 1.0):
             w[y == c] *= 0.5 * w.sum() / max(w[y == c].sum(), 1e-9)
         scale = StandardScaler().fit(X)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = LogisticRegression(C=C, max_iter=3000).fit(scale.transform(X), y, sample_weight=w)
-        return lambda Z: model.predict_proba(scale.transform(Z))[:, 1]
+            return Logistic(scale, LogisticRegression(C=C, max_iter=3000).fit(scale.transform(X), y, sample_weight=w))
     return fit
-
-
-def network(X, y, n_read=0):
-    model = harm._fit(X, y)  # read answers at weight 1 (harm.READ_WEIGHT)
-    return model.probabilities
-
-
-def out_of_fold(fit, X_train, y_train, X_benign, X_read, y_read, fold, learned):
-    """Each read answer's probability from a classifier fitted on the training rows, the
-    benign read answers and the read answers to the other folds' requests."""
-    p = np.zeros(len(y_read))
-    for k in sorted(set(fold.tolist())):
-        rest = learned[fold[learned] != k]
-        f = fit(np.vstack([X_train, X_benign, X_read[rest]]),
-                np.concatenate([y_train, np.zeros(len(X_benign)), y_read[rest]]), len(X_benign) + len(rest))
-        p[fold == k] = f(X_read[fold == k])
-    return p
 
 
 def main() -> None:
@@ -106,16 +98,16 @@ def main() -> None:
     train = np.array([r.split == "train" for r in rows])
     y0 = np.array([r.harmful for r in rows], dtype=float)[train]
     y_read = np.array([r.harmful for r in read], dtype=float)
-    fold = np.array([request_bucket(r.request) % harm.READ_FOLDS for r in read])
     learned = harm._distinct(read)
     seen = {}
 
-    def measure(protocol, features, classifier, fit=None, p=None):
+    def measure(protocol, features, classifier, fit=None, read_weight=1.0, p=None):
         X = parts[features] if features in parts else None
         if p is None:
             X_train = X[:n0][train] if protocol == "full" else np.zeros((0, X.shape[1]))
             y_train = y0 if protocol == "full" else np.zeros(0)
-            p = out_of_fold(fit, X_train, y_train, X[n0 + nf + nr:], X[n0 + nf:n0 + nf + nr], y_read, fold, learned)
+            p = harm._out_of_fold(X_train, y_train, read, X[n0 + nf:n0 + nf + nr], learned, read_weight,
+                                  X[n0 + nf + nr:], fit)
         seen[(protocol, features, classifier)] = p
         y, q = y_read[learned].astype(bool), p[learned]
         line = {"protocol": protocol, "features": features, "classifier": classifier,
@@ -123,11 +115,11 @@ def main() -> None:
                 "best_threshold_in_sample": max((harm.binary_metrics(y, q, t)["kappa"], round(float(t), 2))
                                                 for t in np.arange(0.05, 0.96, 0.05))}
         if fit is not None and protocol == "full":  # the judge fitted on everything, on the packaged held-out rows
-            f = fit(np.vstack([X[:n0][train], X[n0 + nf + nr:], X[n0 + nf:n0 + nf + nr][learned]]),
-                    np.concatenate([y0, np.zeros(len(benign)), y_read[learned]]), len(benign) + len(learned))
-            held = harm._held_out_metrics(rows, f(X[:n0]), 0.5)
+            model = harm._fit_with_readings(X[:n0][train], y0, np.vstack([X[n0 + nf + nr:], X[n0 + nf:n0 + nf + nr][learned]]),
+                                            np.concatenate([np.zeros(len(benign)), y_read[learned]]), read_weight, fit)
+            held = harm._held_out_metrics(rows, model.probabilities(X[:n0]), 0.5)
             line["held_out_accuracy"] = {k: v.get("accuracy") for k, v in held.items()}
-            fm = harm._foundation_metrics(found, f(X[n0:n0 + nf]), 0.5)
+            fm = harm._foundation_metrics(found, model.probabilities(X[n0:n0 + nf]), 0.5)
             line["foundation"] = {"harmful_kappa": fm["harmful_prompts"]["kappa"],
                                   "benign_flagged": fm["benign_prompts"]["predicted_positive"]}
         line["seconds"] = round(time.perf_counter() - t0)
@@ -140,11 +132,11 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("")
     for protocol in ("full", "readings-only"):
-        measure(protocol, "minilm", "network (the shipped recipe)", network)
+        measure(protocol, "minilm", "network (the shipped recipe)", harm._fit, harm.READ_WEIGHT)
         for C in (0.003, 0.01):
             measure(protocol, "reader", f"logistic C={C}", logistic(C))
     for weight in (4, 8):
-        measure("full", "reader", f"logistic C=0.003, read answers at weight {weight}", logistic(0.003, weight))
+        measure("full", "reader", f"logistic C=0.003, read answers at weight {weight}", logistic(0.003), weight)
     p = 0.5 * (seen[("full", "minilm", "network (the shipped recipe)")] + seen[("full", "reader", "logistic C=0.01")])
     measure("full", "mean of the shipped network and the reader's logistic C=0.01", "average", p=p)
 

@@ -376,10 +376,12 @@ def _fit(X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) 
 
 
 def _fit_with_readings(X_train: np.ndarray, y_train: np.ndarray, X_read: np.ndarray, y_read: np.ndarray,
-                       read_weight: float = READ_WEIGHT) -> HarmModel:
-    """Fit on the training rows (weight 1) and read answers (weight ``read_weight``)."""
+                       read_weight: float = READ_WEIGHT, fit=_fit):
+    """Fit on the training rows (weight 1) and read answers (weight ``read_weight``).
+    ``fit(X, y, sample_weight)``: the classifier, anything with ``probabilities`` (default:
+    the judge's network)."""
     weight = np.concatenate([np.ones(len(y_train)), np.full(len(y_read), read_weight)])
-    return _fit(np.vstack([X_train, X_read]), np.concatenate([y_train, y_read]), weight)
+    return fit(np.vstack([X_train, X_read]), np.concatenate([y_train, y_read]), weight)
 
 
 def _distinct(rows: list[LabelledAnswer]) -> np.ndarray:
@@ -393,10 +395,11 @@ def _distinct(rows: list[LabelledAnswer]) -> np.ndarray:
 
 def _out_of_fold(X_train: np.ndarray, y_train: np.ndarray, read_rows: list[LabelledAnswer], X_read: np.ndarray,
                  learned: np.ndarray, read_weight: float = READ_WEIGHT,
-                 X_benign: np.ndarray | None = None) -> np.ndarray:
+                 X_benign: np.ndarray | None = None, fit=_fit) -> np.ndarray:
     """Each read answer's probability from a judge fitted on the training rows and the read
     answers to requests of the other folds (folds: SHA-256 of the request mod ``READ_FOLDS``).
-    ``X_benign``: read answers to benign requests, learned as not harmful in every fold."""
+    ``X_benign``: read answers to benign requests, learned as not harmful in every fold;
+    ``fit``: the classifier (:func:`_fit_with_readings`)."""
     X_benign = np.zeros((0, X_read.shape[1])) if X_benign is None else X_benign
     fold = np.array([request_bucket(r.request) % READ_FOLDS for r in read_rows])
     y_read = np.array([float(r.harmful) for r in read_rows])
@@ -404,9 +407,9 @@ def _out_of_fold(X_train: np.ndarray, y_train: np.ndarray, read_rows: list[Label
     for k in sorted(set(fold.tolist())):
         rest = learned[fold[learned] != k]
         m = fold == k
-        fit = _fit_with_readings(X_train, y_train, np.vstack([X_benign, X_read[rest]]),
-                                 np.concatenate([np.zeros(len(X_benign)), y_read[rest]]), read_weight)
-        p[m] = fit.probabilities(X_read[m])
+        model = _fit_with_readings(X_train, y_train, np.vstack([X_benign, X_read[rest]]),
+                                   np.concatenate([np.zeros(len(X_benign)), y_read[rest]]), read_weight, fit)
+        p[m] = model.probabilities(X_read[m])
     return p
 
 

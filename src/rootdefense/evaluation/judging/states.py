@@ -23,7 +23,6 @@ from ...errors import ModelError
 
 READER_MODEL = "smollm2-135m"
 READER_LAYER = 24  # of 30
-READER_DIM = 576
 REQUEST_TOKENS = 256  # the request's last tokens
 ANSWER_TOKENS = 128  # the answer's first tokens (evaluation answers are 128 tokens)
 BATCH = 8
