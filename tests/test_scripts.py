@@ -161,3 +161,35 @@ def test_reading_sample_stores_readings_and_reuses_them_from_the_store(tmp_path)
     reused = [json.loads(x) for x in (tmp_path / "c-reading" / "reused.jsonl").read_text().splitlines()]
     to_read = [json.loads(x) for x in (tmp_path / "c-reading" / "to_read.jsonl").read_text().splitlines()]
     assert [o["label"] for o in reused] == ["help"] and [o["answer"] for o in to_read] == ["No."]
+
+
+def test_gate_traffic_reads_the_gate_where_the_engine_does(tiny_dir, tmp_path):
+    """Each held-out request's score is the query probe's on the last prompt token's state
+    at the probe's layer (batched, left-padded reads equal a single unpadded read); the
+    summary counts the armed requests per source and persona split."""
+    import torch
+
+    from rootdefense.correction.monitor import gate_score
+    from rootdefense.data.split import held_out
+    from rootdefense.probes.base import LinearProbe
+
+    g = torch.Generator().manual_seed(3)
+    LinearProbe(torch.randn(48, generator=g), 0.0, layer=2, threshold=0.5,
+                meta={"model_id": "tiny", "kind": "query"}).save(tmp_path / "probe")
+    out = tmp_path / "gate.jsonl"
+    r = script("gate_traffic.py", "--model", tiny_dir, "--probe", str(tmp_path / "probe"), "--gate", "0.5",
+               "--limit", "6", "--max-tokens", "4096", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["source"] for x in rows] == ["mtbench"] * 6 + ["sharegpt"] * 6
+    lm = load_model(tiny_dir)
+    probe = LinearProbe.load(tmp_path / "probe")
+    for row, e in zip(rows, held_out("mtbench", 6) + held_out("sharegpt", 6), strict=True):
+        ids = encode_chat(lm.tokenizer, [{"role": "user", "content": e.prompt}])
+        with torch.no_grad():
+            hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[probe.layer][0, -1]
+        assert row["id"] == e.id and row["query_score"] == pytest.approx(gate_score(probe, hidden), abs=1e-3)
+        assert row["armed"] == (row["query_score"] >= 0.5)
+    summary = json.loads((tmp_path / "gate-summary.json").read_text())
+    assert summary["by"]["sharegpt"] == {"requests": 6, "armed": sum(x["armed"] for x in rows[6:])}
+    assert summary["by"]["mtbench:persona"]["requests"] + summary["by"]["mtbench:other"]["requests"] == 6
