@@ -207,6 +207,8 @@ def test_probe_train_rejects_bad_options(tiny_dir):
     assert r.exit_code == 2 and "--layers" in r.output
     r = run("probe", "train", "--model", tiny_dir, "--per-dataset", 2)
     assert r.exit_code == 2 and "per_dataset" in r.output
+    r = run("probe", "train", "--model", tiny_dir, "--traffic", -1)
+    assert r.exit_code == 2 and "--traffic" in r.output
 
 
 def test_data_list_and_export():

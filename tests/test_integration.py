@@ -96,13 +96,14 @@ def test_rds_scores_and_intervenes_on_a_harmful_prompt(smollm):
 
 def test_cli_probe_train_and_eval(smollm, tmp_path):
     out = tmp_path / "probe"
-    r = run("probe", "train", "--kind", "query", "--per-dataset", 20, "--disguised", 5, "--layers", "12,30",
-            "--out", out)
+    r = run("probe", "train", "--kind", "query", "--per-dataset", 20, "--disguised", 5, "--traffic", 10,
+            "--layers", "12,30", "--out", out)
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "probe.json").read_text())
     assert meta["layer"] in (12, 30) and meta["model_id"] == "smollm2-135m"
     assert set(meta["metrics"]["cross_tpr"]) == {"advbench", "harmbench", "donotanswer", "uncensorbench"}
     assert len(meta["metrics"]["families"]) == 6 and meta["data"]["counts"]["disguised:dan"] == 10
+    assert meta["data"]["counts"]["sharegpt-traffic"] == 10
     r = run("probe", "eval", out, "--limit", 8, "--json")
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)

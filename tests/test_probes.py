@@ -177,3 +177,23 @@ def test_leave_one_family_out_measures_a_family_never_fitted():
     assert out["B"]["unseen_tpr"] < 0.5 and out["B"]["plain_tpr"] < 0.5  # never seen: mostly missed
     assert out["B"]["seen_tpr"] > 0.9  # seen: caught
     assert all(r["unseen_fpr"] <= 0.2 for r in out.values())
+
+
+def test_traffic_rows_add_short_sharegpt_turns_not_already_sampled(tiny_lm):
+    """Ordinary traffic for the query probe: ShareGPT turns beside the per-dataset sample
+    (none of it again), short enough, benign, plain, each in its own split; the same rows
+    for the same seed."""
+    from rootdefense.data import load_dataset
+    from rootdefense.data.split import split_of
+    from rootdefense.probes.features import prompt_ids
+    from rootdefense.probes.train import TRAFFIC, TRAFFIC_TOKENS, traffic_rows
+
+    seen = {e.prompt for e in load_dataset("sharegpt", limit=50)}
+    rows = traffic_rows(tiny_lm, 30, seen, seed=0)
+    assert len(rows) == 30 and len({r[0] for r in rows}) == 30 and not seen & {r[0] for r in rows}
+    assert all(r[1:3] == (False, TRAFFIC) and r[3] == split_of(r[0]) and r[4] == PLAIN for r in rows)
+    assert all(len(prompt_ids(tiny_lm, r[0])) <= TRAFFIC_TOKENS for r in rows)
+    assert {r[3] for r in rows} >= {"fit", "test"}
+    assert traffic_rows(tiny_lm, 30, seen, seed=0) == rows and traffic_rows(tiny_lm, 30, seen, seed=1) != rows
+    with pytest.raises(InputError, match="traffic"):
+        TrainSpec(kind="query", traffic=-1)

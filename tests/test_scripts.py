@@ -193,3 +193,39 @@ def test_gate_traffic_reads_the_gate_where_the_engine_does(tiny_dir, tmp_path):
     summary = json.loads((tmp_path / "gate-summary.json").read_text())
     assert summary["by"]["sharegpt"] == {"requests": 6, "armed": sum(x["armed"] for x in rows[6:])}
     assert summary["by"]["mtbench:persona"]["requests"] + summary["by"]["mtbench:other"]["requests"] == 6
+
+
+def test_query_traffic_check_counts_armed_requests_per_group_from_its_cache(tmp_path):
+    """From a filled cache, each probe scores its own layer's states, and a request counts
+    as armed in its group when its score reaches the gate; a probe at a layer the cache
+    does not hold is refused."""
+    import numpy as np
+    import torch
+
+    from rootdefense.probes.base import LinearProbe
+
+    rng = np.random.default_rng(0)
+    n, layers = 40, [18, 24, 27, 30]
+    X = rng.normal(size=(n, len(layers), 48)).astype(np.float32)
+    source = np.array(["traffic:sharegpt"] * 10 + ["traffic:mtbench"] * 5 + ["advbench"] * 10 + ["alarming"] * 15)
+    y = np.array([0] * 15 + [1] * 10 + [0] * 15)
+    split = np.array(["heldout"] * 15 + ["test"] * 8 + ["fit"] * 2 + ["test"] * 15)
+    family = np.array(["plain"] * 20 + ["dan"] * 5 + ["plain"] * 15)
+    np.savez(tmp_path / "cache.npz", X=X, y=y, source=source, split=split, family=family, layers=np.array(layers))
+    w = torch.from_numpy(rng.normal(size=48).astype(np.float32))
+    LinearProbe(w, 0.0, layer=24, threshold=0.5, meta={"model_id": "tiny", "kind": "query"}).save(tmp_path / "p24")
+    LinearProbe(w, 0.0, layer=12, threshold=0.5, meta={"model_id": "tiny", "kind": "query"}).save(tmp_path / "p12")
+    out = tmp_path / "check.json"
+    r = script("query_traffic_check.py", "--cache", str(tmp_path / "cache.npz"), "--probes", f"a={tmp_path / 'p24'}",
+               "--gates", "0.5", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    got = json.loads(out.read_text())["probes"]["a"]["at"]["0.5"]
+    s = 1 / (1 + np.exp(-(X[:, 1] @ w.numpy())))
+    assert got["traffic:sharegpt"] == {"armed": int((s[:10] >= 0.5).sum()), "of": 10,
+                                       "rate": round(float((s[:10] >= 0.5).mean()), 4)}
+    assert got["harmful test, plain"]["of"] == 5 and got["harmful test, disguised"]["of"] == 3  # 2 fit rows left out
+    assert got["harmful test, disguised"]["armed"] == int((s[20:23] >= 0.5).sum())
+    assert got["alarming test"]["armed"] == int((s[25:] >= 0.5).sum()) and got["benign test, plain"]["of"] == 15
+    bad = script("query_traffic_check.py", "--cache", str(tmp_path / "cache.npz"), "--probes", f"b={tmp_path / 'p12'}",
+                 "--out", str(out))
+    assert bad.returncode != 0 and "layer 12" in bad.stderr

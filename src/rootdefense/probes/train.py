@@ -28,7 +28,7 @@ from ..errors import InputError
 from ..stats import auroc, rate, threshold_at_fpr
 from .base import KINDS, LinearProbe
 from .disguise import FAMILIES, PLAIN, disguised, wrap
-from .features import query_features, response_features, self_answers
+from .features import prompt_ids, query_features, response_features, self_answers
 from .fit import fit_affine, scores
 
 # manyshot is HarmBench with answers (same prompts): used only as answer pairs
@@ -54,6 +54,9 @@ class TrainSpec:
     seed: int = 0
     # query probe: harmful and benign requests per attack family wrapped in it (0: plain only)
     disguised: int = 100
+    # query probe: this many more ShareGPT user turns (ordinary traffic, up to TRAFFIC_TOKENS
+    # prompt tokens each) beside the ``per_dataset`` sample; see :func:`traffic_rows`
+    traffic: int = 0
     sources: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -69,6 +72,8 @@ class TrainSpec:
             raise InputError("target_fpr must lie in (0, 0.5)")
         if self.disguised < 0:
             raise InputError(f"disguised must be >= 0 (requests per family and side), got {self.disguised}")
+        if self.traffic < 0:
+            raise InputError(f"traffic must be >= 0 (ShareGPT requests), got {self.traffic}")
 
 
 def _sample(examples, n, seed):
@@ -79,6 +84,27 @@ def _sample(examples, n, seed):
 
 def _default_layers(num_layers: int) -> list[int]:
     return sorted(set(range(3, num_layers + 1, 3)) | {num_layers})
+
+
+TRAFFIC = "sharegpt-traffic"
+TRAFFIC_TOKENS = 512
+
+
+def traffic_rows(lm, n: int, seen: set[str], seed: int) -> list[tuple]:
+    """``n`` ShareGPT user turns not in ``seen``, of at most TRAFFIC_TOKENS prompt tokens,
+    as benign plain rows (source ``sharegpt-traffic``, each in its own split). A query probe
+    fitted on 300 of ShareGPT's ~17,000 turns beside short imperative harmful requests reads
+    short generic requests ("how can i acquire skills") as harmful; ordinary traffic in
+    numbers teaches it otherwise. Long turns are left out for time only."""
+    pool = [e for e in load_dataset("sharegpt") if e.prompt not in seen]
+    random.Random(seed + 1).shuffle(pool)
+    out = []
+    for e in pool:
+        if len(out) >= n:
+            break
+        if len(prompt_ids(lm, e.prompt)) <= TRAFFIC_TOKENS:
+            out.append((e.prompt, False, TRAFFIC, split_of(e.prompt), PLAIN))
+    return out
 
 
 def _rows(prompts_by_set: dict[str, list], harmful: bool):
@@ -105,6 +131,8 @@ def train_probe(lm, spec: TrainSpec, log=print) -> tuple[LinearProbe, dict]:
     rows = _rows(harm, True) + _rows(benign, False)
     if spec.kind == "query" and spec.disguised:
         rows += disguised(rows, spec.disguised, spec.seed)
+    if spec.kind == "query" and spec.traffic:
+        rows += traffic_rows(lm, spec.traffic, {r[0] for r in rows}, spec.seed)
     prompts = [r[0] for r in rows]
     y = np.array([r[1] for r in rows], dtype=int)
     source = np.array([r[2] for r in rows])
@@ -136,6 +164,8 @@ def train_probe(lm, spec: TrainSpec, log=print) -> tuple[LinearProbe, dict]:
                 f"plain-trained {_pct(r['plain_tpr'])} / {_pct(r['plain_fpr'])}")
     counts = {**{k: len(v) for k, v in harm.items()}, **{k: len(v) for k, v in benign.items()}}
     counts.update({f"disguised:{f}": int((family == f).sum()) for f in FAMILIES if (family == f).any()})
+    if (source == TRAFFIC).any():
+        counts[TRAFFIC] = int((source == TRAFFIC).sum())
     meta = _meta(lm, spec, "last_prompt_token", layers[best], chosen, sweep, rows=len(prompts),
                  counts=counts, seconds=time.time() - t0)
     probe = LinearProbe(torch.tensor(w, dtype=torch.float32), b, layers[best], chosen["threshold"], meta)
