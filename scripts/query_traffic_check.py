@@ -12,7 +12,7 @@ compares query probes on the same held-out requests, at the gate's score and oth
   `edgy` test requests among them.
 
 Hidden states are read once at layers 18, 24, 27 and 30 (the last prompt token, as the
-engine reads the gate) and cached (--cache); a probe at another layer is refused. About 22
+engine reads the gate) and cached (--cache); a probe at another layer is refused. About 15
 minutes on 2 cores to fill the cache (the disguised requests are long), seconds after.
 
     python scripts/query_traffic_check.py [--probes NAME=FOLDER ...] [--gates 0.9,0.95]
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import numpy as np
@@ -37,41 +36,23 @@ TRAFFIC_MAX_TOKENS = 1024
 
 
 def collect(cache: Path) -> None:
-    from rootdefense.data import load_dataset
-    from rootdefense.data.split import edgy_half, held_out, split_of
+    from rootdefense.data.split import held_out
     from rootdefense.models import encode_chat, load_model
     from rootdefense.probes import train as T
-    from rootdefense.probes.disguise import PLAIN, disguised
+    from rootdefense.probes.disguise import PLAIN
     from rootdefense.probes.features import _batched_hidden
 
     lm = load_model("smollm2-135m")
     spec = T.TrainSpec(kind="query")
-    harm = {n: T._sample(load_dataset(n), spec.per_dataset, spec.seed) for n in T.HARMFUL_SETS}
-    benign = {n: load_dataset(n) if n == T.ALARMING else T._sample(load_dataset(n), spec.per_dataset, spec.seed)
-              for n in T.BENIGN_SETS}
-    benign[T.EDGY] = [e for e in load_dataset(T.EDGY) if edgy_half(e.prompt) == "train"]
-    rows = T._rows(harm, True) + T._rows(benign, False)
-    rows += disguised(rows, spec.disguised, spec.seed)
-    seen = {r[0] for r in rows}
+    harm, benign, _ = T.request_sets(spec)
+    rows = T.request_rows(lm, spec, harm, benign)
 
     def ntok(p):
         return len(encode_chat(lm.tokenizer, [{"role": "user", "content": p}])[0])
 
-    # ShareGPT turns of the fit and validation splits beside the training sample (for
-    # variants fitted on more traffic; the report below reads only held-out rows)
-    fit = [e for e in load_dataset("sharegpt") if split_of(e.prompt) == "fit" and e.prompt not in seen]
-    random.Random(1).shuffle(fit)
-    extra = []
-    for e in fit:
-        if ntok(e.prompt) <= 512:
-            extra.append((e.prompt, False, "sharegpt-extra", "fit", PLAIN))
-        if len(extra) >= 1500:
-            break
-    val = [e for e in load_dataset("sharegpt") if split_of(e.prompt) == "val" and e.prompt not in seen]
-    val = [(e.prompt, False, "sharegpt-val", "val", PLAIN) for e in val if ntok(e.prompt) <= 1024][:600]
     traffic = [(e.prompt, False, "traffic:" + n, "heldout", PLAIN) for n in ("mtbench", "sharegpt")
                for e in held_out(n, None) if ntok(e.prompt) <= TRAFFIC_MAX_TOKENS]
-    allrows = rows + extra + val + traffic
+    allrows = rows + traffic
     seqs = [encode_chat(lm.tokenizer, [{"role": "user", "content": r[0]}])[0].tolist() for r in allrows]
     states = _batched_hidden(lm, seqs, lambda i, n: [n - 1], LAYERS, 8, "query states")
     np.savez(cache, X=torch.cat(states, 0).numpy().astype(np.float32), y=np.array([r[1] for r in allrows], int),
@@ -85,7 +66,7 @@ def report(cache: Path, probes: dict[str, Path], gates: list[float]) -> dict:
     d = np.load(cache)
     X, y, source, split, family = d["X"], d["y"], d["source"].astype(str), d["split"], d["family"]
     layers = [int(x) for x in d["layers"]]
-    own = ~np.char.startswith(source, "sharegpt-") & ~np.char.startswith(source, "traffic:")
+    own = ~np.char.startswith(source, "sharegpt-") & ~np.char.startswith(source, "traffic:")  # not traffic
     test, plain = own & (split == "test"), family == "plain"
     groups = {
         "traffic:sharegpt": source == "traffic:sharegpt", "traffic:mtbench": source == "traffic:mtbench",

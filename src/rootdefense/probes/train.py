@@ -115,24 +115,37 @@ def _rows(prompts_by_set: dict[str, list], harmful: bool):
     return out
 
 
-def train_probe(lm, spec: TrainSpec, log=print) -> tuple[LinearProbe, dict]:
-    t0 = time.time()
-    n_layers = lm.num_layers
+def request_sets(spec: TrainSpec) -> tuple[dict, dict, list]:
+    """(harmful sets, benign sets, the edgy eval half) a probe trains on: each set sampled to
+    ``per_dataset``, the alarming set whole (split by its own parts: its test part only
+    reports), the edgy set's train half among the benign ones."""
     harm = {n: _sample(load_dataset(n), spec.per_dataset, spec.seed) for n in HARMFUL_SETS}
-    # the alarming set is small and split by its own parts: all of it (its test part only reports)
     benign = {n: load_dataset(n) if n == ALARMING else _sample(load_dataset(n), spec.per_dataset, spec.seed)
               for n in BENIGN_SETS}
     edgy_all = load_dataset(EDGY)
     benign[EDGY] = [e for e in edgy_all if edgy_half(e.prompt) == "train"]
-    edgy = [e for e in edgy_all if edgy_half(e.prompt) == "eval"]
-    if spec.kind == "response":
-        return _train_response(lm, spec, harm, benign, edgy, t0, log)
-    layers = [n_layers] if spec.kind == "paper" else (spec.layers or list(range(1, n_layers + 1)))
+    return harm, benign, [e for e in edgy_all if edgy_half(e.prompt) == "eval"]
+
+
+def request_rows(lm, spec: TrainSpec, harm: dict, benign: dict) -> list[tuple]:
+    """A query or paper probe's (prompt, harmful, source, split, family) rows: the plain
+    requests, and for a query probe the disguised ones and ordinary traffic as ``spec`` asks."""
     rows = _rows(harm, True) + _rows(benign, False)
     if spec.kind == "query" and spec.disguised:
         rows += disguised(rows, spec.disguised, spec.seed)
     if spec.kind == "query" and spec.traffic:
         rows += traffic_rows(lm, spec.traffic, {r[0] for r in rows}, spec.seed)
+    return rows
+
+
+def train_probe(lm, spec: TrainSpec, log=print) -> tuple[LinearProbe, dict]:
+    t0 = time.time()
+    n_layers = lm.num_layers
+    harm, benign, edgy = request_sets(spec)
+    if spec.kind == "response":
+        return _train_response(lm, spec, harm, benign, edgy, t0, log)
+    layers = [n_layers] if spec.kind == "paper" else (spec.layers or list(range(1, n_layers + 1)))
+    rows = request_rows(lm, spec, harm, benign)
     prompts = [r[0] for r in rows]
     y = np.array([r[1] for r in rows], dtype=int)
     source = np.array([r[2] for r in rows])
