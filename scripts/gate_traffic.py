@@ -26,15 +26,30 @@ from pathlib import Path
 import torch
 
 from rootdefense.api import find_probe, resolve_settings
-from rootdefense.probes.base import LinearProbe
 from rootdefense.data.split import held_out
 from rootdefense.jsonl import JsonlWriter
-from rootdefense.models import encode_chat, load_model
-from rootdefense.probes.features import _batched_hidden
+from rootdefense.models import load_model
+from rootdefense.probes.base import LinearProbe
+from rootdefense.probes.features import prompt_ids, query_features
 
 PERSONA = re.compile(r"\s*(?:i want you to act|act as|pretend|you are|you're|imagine you(?:'re| are)|role-?play|"
                      r"play the role|from now on,? you)", re.IGNORECASE)
 SOURCES = ("mtbench", "sharegpt")
+
+
+def held_out_traffic(lm, max_tokens: int, limit: int | None = None) -> tuple[list[tuple], dict[str, int]]:
+    """((source, example, prompt tokens) of every held-out request of SOURCES up to
+    ``max_tokens`` prompt tokens (the first ``limit`` per source), how many longer ones each
+    source had)."""
+    items, skipped = [], {s: 0 for s in SOURCES}
+    for source in SOURCES:
+        for e in held_out(source, limit):
+            n = len(prompt_ids(lm, e.prompt))
+            if n > max_tokens:
+                skipped[source] += 1
+            else:
+                items.append((source, e, n))
+    return items, skipped
 
 
 def main() -> None:
@@ -51,19 +66,12 @@ def main() -> None:
     lm = load_model(args.model)
     probe = LinearProbe.load(args.probe) if args.probe else find_probe(lm.model_id, "query")
     gate = args.gate if args.gate is not None else resolve_settings(lm.model_id).correction["gate"]
-    items, skipped = [], {s: 0 for s in SOURCES}
-    for source in SOURCES:
-        for e in held_out(source, args.limit):
-            ids = encode_chat(lm.tokenizer, [{"role": "user", "content": e.prompt}])[0].tolist()
-            if len(ids) > args.max_tokens:
-                skipped[source] += 1
-                continue
-            items.append((source, e, ids))
-    states = _batched_hidden(lm, [ids for _, _, ids in items], lambda i, n: [n - 1], [probe.layer], 8, "gate")
-    scores = probe.score(torch.cat(states, 0)[:, 0]).tolist()
-    rows = [{"source": source, "id": e.id, "prompt": e.prompt[:300], "prompt_tokens": len(ids),
+    items, skipped = held_out_traffic(lm, args.max_tokens, args.limit)
+    states = query_features(lm, [e.prompt for _, e, _ in items], [probe.layer], batch_size=8)
+    scores = probe.score(states[:, 0]).tolist()
+    rows = [{"source": source, "id": e.id, "prompt": e.prompt[:300], "prompt_tokens": n,
              "persona": bool(PERSONA.match(e.prompt)), "query_score": round(s, 4), "armed": s >= gate}
-            for (source, e, ids), s in zip(items, scores, strict=True)]
+            for (source, e, n), s in zip(items, scores, strict=True)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with JsonlWriter(args.out, append=False) as out:
         for r in rows:

@@ -36,28 +36,23 @@ TRAFFIC_MAX_TOKENS = 1024
 
 
 def collect(cache: Path) -> None:
-    from rootdefense.data.split import held_out
-    from rootdefense.models import encode_chat, load_model
+    from gate_traffic import held_out_traffic  # scripts/ is on the path of a script run from it
+
+    from rootdefense.models import load_model
     from rootdefense.probes import train as T
     from rootdefense.probes.disguise import PLAIN
-    from rootdefense.probes.features import _batched_hidden
+    from rootdefense.probes.features import query_features
 
     lm = load_model("smollm2-135m")
     spec = T.TrainSpec(kind="query")
     harm, benign, _ = T.request_sets(spec)
     rows = T.request_rows(lm, spec, harm, benign)
-
-    def ntok(p):
-        return len(encode_chat(lm.tokenizer, [{"role": "user", "content": p}])[0])
-
-    traffic = [(e.prompt, False, "traffic:" + n, "heldout", PLAIN) for n in ("mtbench", "sharegpt")
-               for e in held_out(n, None) if ntok(e.prompt) <= TRAFFIC_MAX_TOKENS]
-    allrows = rows + traffic
-    seqs = [encode_chat(lm.tokenizer, [{"role": "user", "content": r[0]}])[0].tolist() for r in allrows]
-    states = _batched_hidden(lm, seqs, lambda i, n: [n - 1], LAYERS, 8, "query states")
-    np.savez(cache, X=torch.cat(states, 0).numpy().astype(np.float32), y=np.array([r[1] for r in allrows], int),
-             source=np.array([r[2] for r in allrows]), split=np.array([r[3] for r in allrows]),
-             family=np.array([r[4] for r in allrows]), layers=np.array(LAYERS))
+    rows += [(e.prompt, False, "traffic:" + source, "heldout", PLAIN)
+             for source, e, _ in held_out_traffic(lm, TRAFFIC_MAX_TOKENS)[0]]
+    X = query_features(lm, [r[0] for r in rows], LAYERS, batch_size=8)
+    np.savez(cache, X=X.numpy().astype(np.float32), y=np.array([r[1] for r in rows], int),
+             source=np.array([r[2] for r in rows]), split=np.array([r[3] for r in rows]),
+             family=np.array([r[4] for r in rows]), layers=np.array(LAYERS))
 
 
 def report(cache: Path, probes: dict[str, Path], gates: list[float]) -> dict:
@@ -66,8 +61,7 @@ def report(cache: Path, probes: dict[str, Path], gates: list[float]) -> dict:
     d = np.load(cache)
     X, y, source, split, family = d["X"], d["y"], d["source"].astype(str), d["split"], d["family"]
     layers = [int(x) for x in d["layers"]]
-    own = ~np.char.startswith(source, "sharegpt-") & ~np.char.startswith(source, "traffic:")  # not traffic
-    test, plain = own & (split == "test"), family == "plain"
+    test, plain = split == "test", family == "plain"  # the probe's own test split (traffic rows are "heldout")
     groups = {
         "traffic:sharegpt": source == "traffic:sharegpt", "traffic:mtbench": source == "traffic:mtbench",
         "harmful test, plain": test & (y == 1) & plain, "harmful test, disguised": test & (y == 1) & ~plain,

@@ -281,13 +281,9 @@ def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
     token (cut where the loop guard would stop it) and, when a query probe is trained, the
     query probe's score of the request. With ``path`` (JSON lines) every answer is written
     as it is made, and a run with the same spec and probes resumes from what is there."""
-    import torch
-
     from .api import Defender, find_probe
     from .errors import ProbeError
-    from .evaluation.attacks import make_attack
     from .evaluation.base import EvalContext
-    from .models import encode_chat, normalize_messages
 
     probe = find_probe(lm.model_id, "response")
     try:
@@ -302,9 +298,7 @@ def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
         log(f"note: the validation split holds {len(harmful)} harmful and {len(benign)} benign prompts")
     ctx = EvalContext(lm=lm, seed=spec.seed, options={})
     guard = DegenerationGuard(4, 3, 12)
-    # each request under each attack, template by its place in the list (variety across requests)
-    jobs = [(a, i, e, True) for a in spec.attacks for i, e in enumerate(harmful)] + \
-        [(a, i, e, False) for a in spec.benign_attacks for i, e in enumerate(benign)]
+    jobs = calibration_jobs(spec, harmful, benign)
     header = {"kind": "calibration", "model_id": lm.model_id, "spec": _spec_key(spec),
               "probe_sha256": weights_sha256(probe_dir(lm.model_id)),
               "query_probe_sha256": None if query is None else weights_sha256(probe_dir(lm.model_id, "query"))}
@@ -314,15 +308,9 @@ def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
                                                 initial=len(done)):
         if (attack, ex.prompt, harmful_side) in done:
             continue
-        ap = make_attack(attack).apply(ex, ctx, index) if attack != "none" else None
-        messages = ap.messages if ap else normalize_messages(ex.prompt)
-        gen = watcher.generate(messages=messages, config=cfg, prefill=ap.prefill if ap else "")
-        q = None
-        if query is not None:
-            with torch.no_grad():
-                ids = encode_chat(lm.tokenizer, messages).to(lm.device)
-                hs = lm.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
-                q = round(float(query.score(hs[query.layer][0, -1:].float())[0]), 5)
+        messages, prefill = calibration_request(attack, index, ex, ctx)
+        gen = watcher.generate(messages=messages, config=cfg, prefill=prefill)
+        q = None if query is None else query_score(lm, query, messages)
         records.append({"attack": attack, "harmful": harmful_side, "prompt": ex.prompt, "answer": gen.text,
                         "query_score": q,
                         "harms": [round(h, 5) for h in guarded([st.harm for st in gen.trace.steps], gen.token_ids,
@@ -333,6 +321,37 @@ def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
         writer.write({"kind": "complete", "answers": len(records)})
         writer.close()
     return records
+
+
+def calibration_jobs(spec: TuneSpec, harmful, benign) -> list[tuple]:
+    """(attack, template index, example, harmful) of every calibration answer: each request
+    under each attack, the template by its place in the list (variety across requests)."""
+    return [(a, i, e, True) for a in spec.attacks for i, e in enumerate(harmful)] + \
+        [(a, i, e, False) for a in spec.benign_attacks for i, e in enumerate(benign)]
+
+
+def calibration_request(attack: str, index: int, example, ctx) -> tuple[list[dict], str]:
+    """(messages, assistant prefill) of a calibration request under ``attack``."""
+    from .evaluation.attacks import make_attack
+    from .models import normalize_messages
+
+    if attack == "none":
+        return normalize_messages(example.prompt), ""
+    ap = make_attack(attack).apply(example, ctx, index)
+    return ap.messages, ap.prefill
+
+
+def query_score(lm, query, messages: list[dict]) -> float:
+    """The query probe's score of a request (its last prompt token, the probe's layer), as
+    the calibration records keep it (5 decimals)."""
+    import torch
+
+    from .models import encode_chat
+
+    with torch.no_grad():
+        ids = encode_chat(lm.tokenizer, messages).to(lm.device)
+        hs = lm.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
+        return round(float(query.score(hs[query.layer][0, -1:].float())[0]), 5)
 
 
 def _spec_key(spec: TuneSpec) -> dict:
