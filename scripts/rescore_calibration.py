@@ -7,7 +7,7 @@ every request's query score read by the probe in PROBE_DIR exactly as tuning.col
 that probe's. Then, with that probe in a home's query folder and DST as its calibration.jsonl:
 `rootdefense tune --reuse --benign N ...` (N as the file was made with).
 
-    python scripts/rescore_calibration.py SRC DST PROBE_DIR BENIGN
+    python scripts/rescore_calibration.py SRC DST PROBE_DIR BENIGN [MODEL]   # MODEL: smollm2-135m
 """
 
 import json
@@ -24,9 +24,11 @@ from rootdefense.tuning import TuneSpec, calibration_jobs, calibration_prompts, 
 
 
 def main() -> None:
+    if len(sys.argv) not in (5, 6):
+        sys.exit(__doc__)
     src, dst, probe_dir, benign = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
     torch.set_num_threads(2)
-    lm = load_model("smollm2-135m")
+    lm = load_model(sys.argv[5] if len(sys.argv) == 6 else "smollm2-135m")
     query = LinearProbe.load(probe_dir)
     spec = TuneSpec(benign=benign)
     jobs = {(a, e.prompt, h): (a, i, e) for a, i, e, h in calibration_jobs(spec, *calibration_prompts(spec))}

@@ -229,3 +229,42 @@ def test_query_traffic_check_counts_armed_requests_per_group_from_its_cache(tmp_
     bad = script("query_traffic_check.py", "--cache", str(tmp_path / "cache.npz"), "--probes", f"b={tmp_path / 'p12'}",
                  "--out", str(out))
     assert bad.returncode != 0 and "layer 12" in bad.stderr
+
+
+def test_rescore_calibration_reads_each_request_as_tuning_does_and_keeps_the_rest(tiny_dir, tmp_path):
+    """Every calibration answer gets the new probe's score of its request (rebuilt under its
+    attack exactly as tuning.collect builds it), the header names the new probe, and the
+    answers, harms and other lines are copied unchanged."""
+    import torch
+
+    from rootdefense.defaults import weights_sha256
+    from rootdefense.evaluation.base import EvalContext
+    from rootdefense.probes.base import LinearProbe
+    from rootdefense.tuning import TuneSpec, calibration_jobs, calibration_prompts, calibration_request, query_score
+
+    g = torch.Generator().manual_seed(5)
+    LinearProbe(torch.randn(48, generator=g), 0.0, layer=1, threshold=0.5,
+                meta={"model_id": "tiny", "kind": "query"}).save(tmp_path / "probe")
+    spec = TuneSpec(benign=4)
+    jobs = calibration_jobs(spec, *calibration_prompts(spec))
+    picked = [jobs[0], jobs[-1], next(j for j in jobs if j[0] == "roleplay")]
+    rows = [{"kind": "calibration", "model_id": "tiny", "query_probe_sha256": "old"}]
+    rows += [{"attack": a, "harmful": h, "prompt": e.prompt, "answer": f"answer {n}", "query_score": 0.0,
+              "harms": [0.1 * n]} for n, (a, _, e, h) in enumerate(picked)]
+    rows.append({"kind": "complete", "answers": 3})
+    src, dst = tmp_path / "src.jsonl", tmp_path / "out" / "dst.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = script("rescore_calibration.py", str(src), str(dst), str(tmp_path / "probe"), "4", tiny_dir)
+    assert r.returncode == 0, r.stderr
+    out = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert out[0] == {**rows[0], "query_probe_sha256": weights_sha256(tmp_path / "probe")}
+    assert out[-1] == rows[-1]
+    lm, probe = load_model(tiny_dir), LinearProbe.load(tmp_path / "probe")
+    ctx = EvalContext(lm=lm, seed=spec.seed, options={})
+    for row, new, (a, i, e, h) in zip(rows[1:-1], out[1:-1], picked, strict=True):
+        assert {k: v for k, v in new.items() if k != "query_score"} == {k: v for k, v in row.items()
+                                                                          if k != "query_score"}
+        assert new["query_score"] == query_score(lm, probe, calibration_request(a, i, e, ctx)[0])
+    assert len({x["query_score"] for x in out[1:-1]}) == 3  # the three requests read differently
+    bad = script("rescore_calibration.py", str(src), str(dst))
+    assert bad.returncode != 0 and "SRC DST PROBE_DIR BENIGN" in bad.stderr
