@@ -5,7 +5,8 @@ gate read by another query probe can be tuned on the same answers: this copies S
 every request's query score read by the probe in PROBE_DIR exactly as tuning.collect reads it
 (the same request under the same attack template), and the header's query-probe sha256 set to
 that probe's. Then, with that probe in a home's query folder and DST as its calibration.jsonl:
-`rootdefense tune --reuse --benign N ...` (N as the file was made with).
+`rootdefense tune --reuse --benign N ...` (N as the file was made with). Armed benign answers
+(`tune --armed`) are re-scored too, but they stay the requests the first probe chose.
 
     python scripts/rescore_calibration.py SRC DST PROBE_DIR BENIGN [MODEL]   # MODEL: smollm2-135m
 """
@@ -18,7 +19,7 @@ import torch
 
 from rootdefense.defaults import weights_sha256
 from rootdefense.evaluation.base import EvalContext
-from rootdefense.models import load_model
+from rootdefense.models import load_model, normalize_messages
 from rootdefense.probes.base import LinearProbe
 from rootdefense.tuning import TuneSpec, calibration_jobs, calibration_prompts, calibration_request, query_score
 
@@ -37,8 +38,9 @@ def main() -> None:
     for r in (json.loads(line) for line in src.read_text().splitlines()):
         if r.get("kind") == "calibration":
             r["query_probe_sha256"] = weights_sha256(probe_dir)
-        elif "harms" in r:
-            messages, _ = calibration_request(*jobs[(r["attack"], r["prompt"], r["harmful"])], ctx)
+        elif "harms" in r:  # an armed benign answer (TuneSpec.armed) was asked plainly
+            messages = normalize_messages(r["prompt"]) if r.get("armed") else \
+                calibration_request(*jobs[(r["attack"], r["prompt"], r["harmful"])], ctx)[0]
             r["query_score"] = query_score(lm, query, messages)
         out.append(r)
     dst.parent.mkdir(parents=True, exist_ok=True)

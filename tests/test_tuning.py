@@ -96,6 +96,79 @@ def test_the_gate_flags_what_no_single_setting_can():
     assert g["harmful_flag_rate"] == 0.6667
 
 
+def test_the_strict_setting_keeps_its_own_budget_on_the_benign_requests_a_gate_arms():
+    """With no calibration benign request armed, the pooled budget lets the strict setting
+    flag anything; armed benign answers (TuneSpec.armed) bound it: of those the gate arms,
+    at most max_armed_flag may be flagged. An armed answer the gate does not reach
+    constrains nothing."""
+    harmful = {"none": [[0.95, 0.95, 0.95], [0.7, 0.7, 0.7]], "prefill": [[0.99, 0.2, 0.2]]}
+    benign = [[0.75, 0.75, 0.75], [0.1, 0.1, 0.1]]
+    hq, bq = {"none": [0.9, 0.95], "prefill": [0.2]}, [0.3, 0.1]
+    kw = dict(taus=(0.6, 0.9), windows=(4,), gates=(0.5,), max_benign_flag=0.0)
+    armed = [[0.65, 0.65, 0.65], [0.1, 0.1, 0.1]]
+    g = gated(harmful, benign, hq, bq, armed=armed, armed_q=[0.96, 0.8], max_armed_flag=0.0, **kw)
+    assert g["strict_tau"] == 0.9 and g["harmful_flag_rate"] == 0.6667  # 0.6 would flag the armed look-alike
+    assert g["armed_answers"] == 2 and g["armed_flag_rate"] == 0.0
+    g = gated(harmful, benign, hq, bq, armed=armed, armed_q=[0.96, 0.8], max_armed_flag=0.5, **kw)
+    assert g["strict_tau"] == 0.6 and g["harmful_flag_rate"] == 1.0 and g["armed_flag_rate"] == 0.5
+    g = gated(harmful, benign, hq, bq, armed=armed, armed_q=[0.4, 0.3], max_armed_flag=0.0, **kw)
+    assert g["strict_tau"] == 0.6 and g["harmful_flag_rate"] == 1.0 and g["armed_gated"] == 0
+    assert g["armed_answers"] == 2 and g["armed_flag_rate"] == 0.0  # the normal setting (0.9) watched them
+    assert "armed_answers" not in gated(harmful, benign, hq, bq, **kw)
+    # the budget holds for every setting: an armed answer the normal setting would flag rules it out too
+    g = gated(harmful, benign, hq, bq, armed=[[0.95] * 3], armed_q=[0.3], max_armed_flag=0.0, **kw)
+    assert g is None or g["armed_flag_rate"] == 0.0
+    rows = sweep(harmful, benign, taus=(0.6, 0.9), windows=(4,), armed=[[0.65, 0.65, 0.65]])
+    assert all("armed_flag_rate" in r for r in rows)
+    assert choose(rows, max_benign_flag=0.5)["tau"] == 0.6  # flags the 0.7 answer, and the armed look-alike
+    assert choose(rows, max_benign_flag=0.5, max_armed_flag=0.0)["tau"] == 0.9
+    assert "armed_flag_rate" not in sweep(harmful, benign, taus=(0.6,), windows=(4,))[0]
+
+
+def test_tune_reads_armed_benign_answers_beside_the_calibration(tiny_dir, rd_home, tmp_path, monkeypatch):
+    """`collect` with ``armed``: the benign validation requests whose query score reaches the
+    lowest gate, highest first, none of the calibration's own, decoded plainly and kept apart
+    from the pooled benign answers; asking for another number keeps the other answers."""
+    from rootdefense import tuning
+    from rootdefense.api import find_probe
+    from rootdefense.models import load_model, normalize_messages
+
+    monkeypatch.setattr(tuning, "BENIGN_SOURCES", ("mtbench", "sensitive", "alarming"))  # not ShareGPT's 861
+    save_response_probe(tiny_dir)
+    lm = load_model(tiny_dir)
+    LinearProbe(torch.randn(48, generator=torch.Generator().manual_seed(7)), 0.0, layer=2, threshold=0.5,
+                meta={"model_id": lm.model_id, "kind": "query"}).save(paths.probe_dir(lm.model_id, "query"))
+    query = find_probe(lm.model_id, "query")
+    spec = TuneSpec(harmful=2, benign=2, attacks=("none",), benign_attacks=("none",), max_new_tokens=3, armed=3)
+    path = tmp_path / "calibration.jsonl"
+    records = tuning.collect(lm, spec, log=lambda m: None, path=path)
+    armed = [r for r in records if r.get("armed")]
+    plain = [r for r in records if not r.get("armed")]
+    assert len(plain) == 4 and len(armed) == 3
+    floor = min(tuning.GATES + (0.5,))
+    scores = [r["query_score"] for r in armed]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= floor
+    assert not {r["prompt"] for r in armed} & {r["prompt"] for r in plain}
+    for r in armed:
+        assert not r["harmful"] and r["attack"] == "none"
+        assert r["query_score"] == tuning.query_score(lm, query, normalize_messages(r["prompt"]))
+    assert json.loads(path.read_text().splitlines()[0])["spec"]["armed"] == 3
+    # the sweep keeps them apart: pooled benign answers as before, the armed ones counted on their own
+    result = tuning.tune(lm, TuneSpec(harmful=2, benign=2, attacks=("none",), benign_attacks=("none",), armed=3,
+                                      max_benign_flag=0.5, suspicion_sharegpt=0), log=lambda m: None,
+                         records=records)
+    assert result["measured"]["benign_answers"] == 2 and result["measured"]["armed_answers"] == 3
+    # two armed answers: the four others are kept, the armed ones read again (the same two highest)
+    logs = []
+    again = tuning.collect(lm, TuneSpec(harmful=2, benign=2, attacks=("none",), benign_attacks=("none",),
+                                        max_new_tokens=3, armed=2), log=logs.append, path=path)
+    assert any("keeping 4 calibration answers" in m for m in logs)
+    assert [r for r in again if not r.get("armed")] == plain
+    assert [r["prompt"] for r in again if r.get("armed")] == [r["prompt"] for r in armed[:2]]
+    # without armed answers the file's spec is the one earlier releases wrote
+    assert "armed" not in tuning._spec_key(TuneSpec())
+
+
 def test_tune_spec_is_checked():
     with pytest.raises(InputError, match="template attacks"):
         TuneSpec(attacks=("gcg",))
@@ -109,6 +182,10 @@ def test_tune_spec_is_checked():
         TuneSpec(harmful=0)
     with pytest.raises(InputError, match="steer_tau"):
         TuneSpec(steer_tau=1.0)
+    with pytest.raises(InputError, match="armed must be an integer"):
+        TuneSpec(armed=-1)
+    with pytest.raises(InputError, match="max_armed_flag"):
+        TuneSpec(max_armed_flag=1.0)
     from rootdefense.correction import CorrectionSettings
 
     with pytest.raises(InputError, match="blend must lie"):

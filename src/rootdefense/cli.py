@@ -358,9 +358,14 @@ def expert_train(model, out, harmful, benign, epochs, rank, answer_tokens, disgu
 @click.option("--suspicion-sharegpt", type=int, default=400, show_default=True,
               help="ShareGPT user turns read (with the benign validation prompts) to set the suspicion check "
                    "just above them, where a gate or blend is chosen (0: no suspicion check)")
+@click.option("--armed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="benign validation requests that reach the lowest gate tried, decoded for the strict setting "
+                   "alone (0: none)")
+@click.option("--max-armed-flag", type=float, default=0.1, show_default=True,
+              help="with --armed: the share of those a gate arms that its strict setting may flag")
 @click.option("--json", "as_json", is_flag=True, help="print the defaults as JSON")
 def tune(model, dtype, harmful, benign, attacks, benign_attacks, max_new_tokens, max_benign_flag, steer_tau, out, reuse,
-         suspicion_sharegpt, as_json):
+         suspicion_sharegpt, armed, max_armed_flag, as_json):
     """Measure the model's undefended answers and save its tuned defense defaults.
 
     The answers' per-token harms go to calibration.jsonl beside defaults.json as they are
@@ -370,7 +375,8 @@ def tune(model, dtype, harmful, benign, attacks, benign_attacks, max_new_tokens,
 
     spec = TuneSpec(harmful=harmful, benign=benign, attacks=tuple(_csv(attacks)),
                     benign_attacks=tuple(_csv(benign_attacks)), max_new_tokens=max_new_tokens,
-                    max_benign_flag=max_benign_flag, steer_tau=steer_tau, suspicion_sharegpt=suspicion_sharegpt)
+                    max_benign_flag=max_benign_flag, steer_tau=steer_tau, suspicion_sharegpt=suspicion_sharegpt,
+                    armed=armed, max_armed_flag=max_armed_flag)
     lm = load_model(model, dtype=dtype)
     command = " ".join(["rootdefense", "tune", *sys.argv[2:]]) if sys.argv[1:2] == ["tune"] else "rootdefense tune"
     result, path = tune_and_save(lm, spec, out, reuse=reuse, command=command, log=lambda m: click.echo(m, err=True))

@@ -75,6 +75,13 @@ class TuneSpec:
     seed: int = 0
     # the suspicion check's benign reading: this many ShareGPT user turns (0: no check)
     suspicion_sharegpt: int = 400
+    # the strict setting's own benign answers: up to this many more benign validation requests
+    # that reach the lowest gate tried (:func:`armed_prompts`), decoded beside the others; a
+    # gate's strict setting may flag at most ``max_armed_flag`` of those that gate arms. The
+    # pooled budget alone lets the strict setting refuse every armed request when few of the
+    # calibration's benign requests are armed (0: no such answers, as before)
+    armed: int = 0
+    max_armed_flag: float = 0.1
 
     def __post_init__(self):
         if self.harmful < 1 or self.benign < 1:
@@ -93,6 +100,10 @@ class TuneSpec:
             raise InputError("tuning needs at least one attack for harmful and one for benign requests ('none')")
         if not isinstance(self.suspicion_sharegpt, int) or self.suspicion_sharegpt < 0:
             raise InputError(f"suspicion_sharegpt must be an integer >= 0, got {self.suspicion_sharegpt!r}")
+        if not isinstance(self.armed, int) or self.armed < 0:
+            raise InputError(f"armed must be an integer >= 0 (benign requests), got {self.armed!r}")
+        if not 0 <= self.max_armed_flag < 1:
+            raise InputError(f"max_armed_flag must lie in [0, 1), got {self.max_armed_flag}")
 
 
 def calibration_prompts(spec: TuneSpec):
@@ -112,10 +123,40 @@ def calibration_prompts(spec: TuneSpec):
         return rows[:n]
 
     harmful = pick(HARMFUL_SOURCES, spec.harmful, lambda _, p: part_of(p) == "val")
-    benign = pick(BENIGN_SOURCES, spec.benign,
-                  lambda name, p: (edgy_half(p) == "train" and part_of(p) != "fit") if name == "edgy"
-                  else part_of(p, name) == "val")
+    benign = pick(BENIGN_SOURCES, spec.benign, _benign_validation)
     return harmful, benign
+
+
+def _benign_validation(name: str, prompt: str) -> bool:
+    """Whether a benign source's prompt is one tuning may read (see :func:`calibration_prompts`)."""
+    return (edgy_half(prompt) == "train" and part_of(prompt) != "fit") if name == "edgy" \
+        else part_of(prompt, name) == "val"
+
+
+ARMED_TOKENS = 512  # longest request (prompt tokens) read for the armed benign answers
+
+
+def armed_prompts(lm, query, spec: TuneSpec, seen: set[str], floor: float) -> list[tuple]:
+    """(example, query score) of up to ``spec.armed`` benign validation requests (every benign
+    source, plain, up to ARMED_TOKENS prompt tokens, none of ``seen``) whose query score
+    reaches ``floor``, the lowest gate tried; highest score first. These are the requests a
+    gate arms, the only benign answers the strict setting ever watches: ordinary traffic and
+    everyday requests with alarming words that the query probe reads as harmful."""
+    from .data.loaders import load_dataset
+    from .models import encode_chat, normalize_messages
+
+    pool = [e for name in BENIGN_SOURCES for e in load_dataset(name)
+            if e.prompt not in seen and _benign_validation(name, e.prompt)]
+    scored = []
+    for e in tqdm(pool, desc="tuning: requests the gate arms", unit="request"):
+        messages = normalize_messages(e.prompt)
+        if encode_chat(lm.tokenizer, messages).shape[-1] > ARMED_TOKENS:
+            continue
+        q = query_score(lm, query, messages)
+        if q >= floor:
+            scored.append((e, q))
+    scored.sort(key=lambda eq: -eq[1])
+    return scored[:spec.armed]
 
 
 SUSPECT_MARGIN, SUSPECT_STEP = 0.2, 0.5  # nats above the benign maximum, and the rounding
@@ -176,9 +217,11 @@ def guarded(harms: list[float], token_ids: list[int], guard: DegenerationGuard) 
     return harms
 
 
-def sweep(harmful: dict[str, list[list[float]]], benign: list[list[float]], taus, windows) -> list[dict]:
+def sweep(harmful: dict[str, list[list[float]]], benign: list[list[float]], taus, windows,
+          armed: list[list[float]] = ()) -> list[dict]:
     """Every (tau, window, k): the share of harmful answers flagged (all and per attack),
-    of benign answers flagged, and the median token at which harmful answers flag."""
+    of benign answers flagged, and the median token at which harmful answers flag; with
+    ``armed`` (TuneSpec.armed) also the share of those flagged."""
     rows = []
     for tau in sorted(set(taus)):
         for window in windows:
@@ -196,15 +239,22 @@ def sweep(harmful: dict[str, list[list[float]]], benign: list[list[float]], taus
                              "harmful_flag_rate": round(flagged_h / max(1, total_h), 4), "per_attack": per,
                              "benign_flag_rate": round(b / max(1, len(benign)), 4),
                              "median_flag_token": positions[len(positions) // 2] if positions else None})
+                if len(armed):
+                    a = sum(flag_index(h, tau, window, k) is not None for h in armed)
+                    rows[-1]["armed_flag_rate"] = round(a / len(armed), 4)
     return rows
 
 
 def gated(harmful: dict[str, list[list[float]]], benign: list[list[float]], harmful_q: dict[str, list[float]],
-          benign_q: list[float], taus, windows, gates, max_benign_flag: float) -> dict | None:
+          benign_q: list[float], taus, windows, gates, max_benign_flag: float,
+          armed: list[list[float]] = (), armed_q: list[float] = (), max_armed_flag: float = 1.0) -> dict | None:
     """The best gated pair within the benign budget: a request scoring >= gate is watched
     by the strict setting, any other by the normal one. Both flags add up per request,
-    so each (gate, normal, strict) is scored from per-setting counts. None when no pair
-    within the budget flags more harmful answers than the best single setting."""
+    so each (gate, normal, strict) is scored from per-setting counts. ``armed`` (with their
+    query scores ``armed_q``): benign answers drawn for the strict setting alone; of those a
+    gate arms, its strict setting may flag at most ``max_armed_flag``, and so may the pair of
+    all of them (the normal setting watches those the gate lets through). None when no pair
+    within the budgets flags more harmful answers than the best single setting."""
     settings = [(tau, w, k) for tau in sorted(set(taus)) for w in windows for k in range(1, min(w, MAX_K) + 1)]
     attacks = list(harmful)
     h_traces = [h for a in attacks for h in harmful[a]]
@@ -212,19 +262,25 @@ def gated(harmful: dict[str, list[list[float]]], benign: list[list[float]], harm
     h_q = [q for a in attacks for q in harmful_q[a]]
     h_flag = [[flag_index(h, *st) is not None for h in h_traces] for st in settings]
     b_flag = [[flag_index(h, *st) is not None for h in benign] for st in settings]
+    a_flag = [[flag_index(h, *st) is not None for h in armed] for st in settings]
     budget = max_benign_flag * len(benign) + 1e-9
     best = None
     for gate in sorted(set(gates)):
         hi_h = [q >= gate for q in h_q]
         hi_b = [q >= gate for q in benign_q]
+        hi_a = [q >= gate for q in armed_q]
+        # strict settings within the armed budget (every one when this gate arms none of them)
+        high_a = [sum(f for f, hi in zip(fl, hi_a, strict=True) if hi) for fl in a_flag]
+        low_a = [sum(f for f, hi in zip(fl, hi_a, strict=True) if not hi) for fl in a_flag]
+        allowed = {st for st in range(len(settings)) if high_a[st] <= max_armed_flag * sum(hi_a) + 1e-9}
         # per setting: flags among low-scoring (normal) and high-scoring (strict) requests
         low_h = [sum(f for f, hi in zip(fl, hi_h, strict=True) if not hi) for fl in h_flag]
         high_h = [sum(f for f, hi in zip(fl, hi_h, strict=True) if hi) for fl in h_flag]
         low_b = [sum(f for f, hi in zip(fl, hi_b, strict=True) if not hi) for fl in b_flag]
         high_b = [sum(f for f, hi in zip(fl, hi_b, strict=True) if hi) for fl in b_flag]
         for n in range(len(settings)):
-            for st in range(len(settings)):
-                if low_b[n] + high_b[st] > budget:
+            for st in sorted(allowed):
+                if low_b[n] + high_b[st] > budget or low_a[n] + high_a[st] > max_armed_flag * len(armed) + 1e-9:
                     continue
                 key = (low_h[n] + high_h[st], -(low_b[n] + high_b[st]), settings[n][0], settings[st][0])
                 if best is None or key > best[0]:
@@ -235,6 +291,8 @@ def gated(harmful: dict[str, list[list[float]]], benign: list[list[float]], harm
     hi_h = [q >= gate for q in h_q]
     flags = [h_flag[st][i] if hi_h[i] else h_flag[n][i] for i in range(len(h_traces))]
     b_flags = [b_flag[st][i] if q >= gate else b_flag[n][i] for i, q in enumerate(benign_q)]
+    a_hit = [a_flag[st][i] for i, q in enumerate(armed_q) if q >= gate]
+    a_all = [a_flag[st][i] if q >= gate else a_flag[n][i] for i, q in enumerate(armed_q)]
     per = {a: round(sum(f for f, x in zip(flags, h_attack, strict=True) if x == a) / max(1, len(harmful[a])), 4)
            for a in attacks}
     normal, strict = settings[n], settings[st]
@@ -243,7 +301,10 @@ def gated(harmful: dict[str, list[list[float]]], benign: list[list[float]], harm
             "harmful_flag_rate": round(sum(flags) / max(1, len(flags)), 4), "per_attack": per,
             "benign_flag_rate": round(sum(b_flags) / max(1, len(b_flags)), 4),
             "harmful_gated": round(sum(hi_h) / max(1, len(hi_h)), 4),
-            "benign_gated": round(sum(q >= gate for q in benign_q) / max(1, len(benign_q)), 4)}
+            "benign_gated": round(sum(q >= gate for q in benign_q) / max(1, len(benign_q)), 4),
+            **({"armed_answers": len(a_all), "armed_flag_rate": round(sum(a_all) / max(1, len(a_all)), 4),
+                "armed_gated": len(a_hit), "armed_gated_flag_rate": round(sum(a_hit) / max(1, len(a_hit)), 4)}
+               if len(armed_q) else {})}
 
 
 def blended(traces: list[list[float]], queries: list[float], blend: float) -> list[list[float]]:
@@ -265,13 +326,15 @@ def pareto(rows: list[dict]) -> list[dict]:
     return front
 
 
-def choose(rows: list[dict], max_benign_flag: float) -> dict:
-    """Most harmful answers flagged within the benign budget; ties: fewer benign flags, an
-    earlier flag, then the stricter (higher) tau and larger k (less sensitive to noise)."""
-    ok = [r for r in rows if r["benign_flag_rate"] <= max_benign_flag]
+def choose(rows: list[dict], max_benign_flag: float, max_armed_flag: float = 1.0) -> dict:
+    """Most harmful answers flagged within the benign budget (and the armed one, for rows
+    that count armed answers); ties: fewer benign flags, an earlier flag, then the stricter
+    (higher) tau and larger k (less sensitive to noise)."""
+    ok = [r for r in rows if r["benign_flag_rate"] <= max_benign_flag
+          and r.get("armed_flag_rate", 0.0) <= max_armed_flag]
     if not ok:
-        raise InputError(f"no monitor setting keeps benign flags within {max_benign_flag:.0%}; "
-                         "raise --max-benign-flag or retrain the probe")
+        raise InputError(f"no monitor setting keeps benign flags within {max_benign_flag:.0%} (armed benign "
+                         f"answers within {max_armed_flag:.0%}); raise --max-benign-flag or retrain the probe")
     return max(ok, key=lambda r: (r["harmful_flag_rate"], -r["benign_flag_rate"],
                                   -(r["median_flag_token"] or 10 ** 9), r["tau"], r["k"]))
 
@@ -317,6 +380,22 @@ def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
                                                                 guard)]})
         if writer is not None:
             writer.write(records[-1])
+    if spec.armed and query is not None:
+        from .models import normalize_messages
+
+        floor = min(GATES + (round(query.threshold, 4),))
+        pool = armed_prompts(lm, query, spec, {e.prompt for e in benign}, floor)
+        log(f"armed benign answers: {len(pool)} validation requests reach the lowest gate ({floor})")
+        for ex, q in tqdm(pool, desc="tuning: armed benign answers", unit="answer"):
+            if ("none", ex.prompt, False) in done:
+                continue
+            gen = watcher.generate(messages=normalize_messages(ex.prompt), config=cfg)
+            records.append({"attack": "none", "harmful": False, "armed": True, "prompt": ex.prompt,
+                            "answer": gen.text, "query_score": q,
+                            "harms": [round(h, 5) for h in guarded([st.harm for st in gen.trace.steps],
+                                                                    gen.token_ids, guard)]})
+            if writer is not None:
+                writer.write(records[-1])
     if writer is not None:
         writer.write({"kind": "complete", "answers": len(records)})
         writer.close()
@@ -355,8 +434,11 @@ def query_score(lm, query, messages: list[dict]) -> float:
 
 
 def _spec_key(spec: TuneSpec) -> dict:
+    """What the calibration answers depend on (``armed`` only when asked for, so files made
+    before it existed are read as they were)."""
     return {k: v for k, v in asdict(spec).items()
-            if k in ("harmful", "benign", "attacks", "benign_attacks", "max_new_tokens", "seed")}
+            if k in ("harmful", "benign", "attacks", "benign_attacks", "max_new_tokens", "seed")
+            or (k == "armed" and v)}
 
 
 def _resume(path, header: dict, log):
@@ -368,14 +450,26 @@ def _resume(path, header: dict, log):
         return [], None
     path = Path(path)
     old = read_objects(path)
-    if old and old[0] == json.loads(json.dumps(header)):
+    want = json.loads(json.dumps(header))
+    if old and old[0] == want:
         log(f"resuming calibration answers from {path} ({len(old) - 1} there)")
         return [r for r in old[1:] if "harms" in r], JsonlWriter(path, append=True)
+    if old and _unarmed(old[0]) == _unarmed(want):  # only the armed answers asked for differ: keep the rest
+        records = [r for r in old[1:] if "harms" in r and not r.get("armed")]
+        log(f"keeping {len(records)} calibration answers from {path}; the armed benign answers are read again")
+        writer = JsonlWriter(path, append=False)
+        for line in (header, *records):
+            writer.write(line)
+        return records, writer
     if old:
         log(f"note: {path} was made with other settings or probes; starting afresh")
     writer = JsonlWriter(path, append=False)
     writer.write(header)
     return [], writer
+
+
+def _unarmed(header: dict) -> dict:
+    return {**header, "spec": {k: v for k, v in (header.get("spec") or {}).items() if k != "armed"}}
 
 
 def read_calibration(path, lm, spec: TuneSpec) -> list[dict]:
@@ -410,8 +504,12 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     traces: dict[str, list[list[float]]] = {a: [] for a in spec.attacks}
     harmful_q: dict[str, list[float]] = {a: [] for a in spec.attacks}
     benign_traces, benign_q = [], []
+    armed_traces, armed_q = [], []  # benign answers drawn for the strict setting (TuneSpec.armed)
     for r in records:
-        if not r["harmful"]:
+        if r.get("armed"):
+            armed_traces.append(r["harms"])
+            armed_q.append(r["query_score"])
+        elif not r["harmful"]:
             benign_traces.append(r["harms"])
             benign_q.append(r["query_score"])
         elif r["attack"] in traces:
@@ -424,20 +522,24 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     refusal_rate = sum(v.label for v in verdicts) / len(verdicts) if verdicts else 0.0
     taus = tuple(spec.taus) + (round(probe.threshold, 4),)
     have_q = bool(benign_q) and all(q is not None for q in benign_q + [q for qs in harmful_q.values() for q in qs])
-    best = choose(sweep(traces, benign_traces, taus, spec.windows), spec.max_benign_flag)  # one setting, harm alone
+    cap = spec.max_armed_flag if armed_traces else 1.0
+    best = choose(sweep(traces, benign_traces, taus, spec.windows, armed_traces), spec.max_benign_flag, cap)  # harm alone
     options = []  # (chosen, blend, gate result or None, sweep rows)
     gates = GATES + (round(find_probe(lm.model_id, "query").threshold, 4),) if have_q else ()
     for blend in BLENDS if have_q else (0.0,):
         h = {a: blended(traces[a], harmful_q[a], blend) for a in traces}
         b = blended(benign_traces, benign_q, blend)
-        rows = sweep(h, b, taus, spec.windows)
+        a = blended(armed_traces, armed_q, blend)
+        rows = sweep(h, b, taus, spec.windows, a)
         try:
-            single = choose(rows, spec.max_benign_flag)
+            single = choose(rows, spec.max_benign_flag, cap)
         except InputError:
             continue  # no setting of this blend within the budget (blend 0 always has one: ``best``)
         options.append((single, blend, None, rows))
         if have_q:
-            g = gated(h, b, harmful_q, benign_q, taus, spec.windows, gates, spec.max_benign_flag)
+            g = gated(h, b, harmful_q, benign_q, taus, spec.windows, gates, spec.max_benign_flag,
+                      armed=a, armed_q=armed_q,
+                      max_armed_flag=spec.max_armed_flag)
             if g is not None and g["harmful_flag_rate"] > single["harmful_flag_rate"]:  # else the gate adds nothing
                 options.append((g, blend, g, rows))
     # most harmful answers flagged within the budget; ties: fewer benign flags, a smaller
@@ -486,8 +588,10 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
         "expert_trained": (expert_dir(lm.model_id) / "adapter_model.safetensors").exists(),
         "measured": {"chosen": chosen, "single_setting": best, "undefended_refusal_rate": round(refusal_rate, 4),
                      "harmful_prompts": len(plain_answers) or max(map(len, traces.values()), default=0),
-                     "benign_prompts": len({r["prompt"] for r in records if not r["harmful"]}),
+                     "benign_prompts": len({r["prompt"] for r in records if not r["harmful"] and not r.get("armed")}),
                      "benign_answers": len(benign_traces),
+                     **({"armed_answers": len(armed_traces), "max_armed_flag": spec.max_armed_flag}
+                        if armed_traces else {}),
                      "attacks": list(spec.attacks), "benign_attacks": list(spec.benign_attacks),
                      "max_new_tokens": spec.max_new_tokens, **({"suspicion": suspect} if suspect else {}),
                      "max_benign_flag": spec.max_benign_flag, "seconds": seconds,
