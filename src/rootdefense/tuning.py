@@ -149,10 +149,10 @@ def armed_prompts(lm, query, spec: TuneSpec, seen: set[str], floor: float) -> li
             if e.prompt not in seen and _benign_validation(name, e.prompt)]
     scored = []
     for e in tqdm(pool, desc="tuning: requests the gate arms", unit="request"):
-        messages = normalize_messages(e.prompt)
-        if encode_chat(lm.tokenizer, messages).shape[-1] > ARMED_TOKENS:
+        ids = encode_chat(lm.tokenizer, normalize_messages(e.prompt))
+        if ids.shape[-1] > ARMED_TOKENS:
             continue
-        q = query_score(lm, query, messages)
+        q = _score_ids(lm, query, ids)
         if q >= floor:
             scored.append((e, q))
     scored.sort(key=lambda eq: -eq[1])
@@ -264,23 +264,19 @@ def gated(harmful: dict[str, list[list[float]]], benign: list[list[float]], harm
     b_flag = [[flag_index(h, *st) is not None for h in benign] for st in settings]
     a_flag = [[flag_index(h, *st) is not None for h in armed] for st in settings]
     budget = max_benign_flag * len(benign) + 1e-9
+    armed_budget = max_armed_flag * len(armed) + 1e-9
     best = None
     for gate in sorted(set(gates)):
-        hi_h = [q >= gate for q in h_q]
-        hi_b = [q >= gate for q in benign_q]
-        hi_a = [q >= gate for q in armed_q]
-        # strict settings within the armed budget (every one when this gate arms none of them)
-        high_a = [sum(f for f, hi in zip(fl, hi_a, strict=True) if hi) for fl in a_flag]
-        low_a = [sum(f for f, hi in zip(fl, hi_a, strict=True) if not hi) for fl in a_flag]
-        allowed = {st for st in range(len(settings)) if high_a[st] <= max_armed_flag * sum(hi_a) + 1e-9}
         # per setting: flags among low-scoring (normal) and high-scoring (strict) requests
-        low_h = [sum(f for f, hi in zip(fl, hi_h, strict=True) if not hi) for fl in h_flag]
-        high_h = [sum(f for f, hi in zip(fl, hi_h, strict=True) if hi) for fl in h_flag]
-        low_b = [sum(f for f, hi in zip(fl, hi_b, strict=True) if not hi) for fl in b_flag]
-        high_b = [sum(f for f, hi in zip(fl, hi_b, strict=True) if hi) for fl in b_flag]
+        low_h, high_h = _split_flags(h_flag, h_q, gate)
+        low_b, high_b = _split_flags(b_flag, benign_q, gate)
+        low_a, high_a = _split_flags(a_flag, armed_q, gate)
+        # strict settings within the armed budget (every one when this gate arms none of them)
+        n_armed = sum(q >= gate for q in armed_q)
+        allowed = [st for st in range(len(settings)) if high_a[st] <= max_armed_flag * n_armed + 1e-9]
         for n in range(len(settings)):
-            for st in sorted(allowed):
-                if low_b[n] + high_b[st] > budget or low_a[n] + high_a[st] > max_armed_flag * len(armed) + 1e-9:
+            for st in allowed:
+                if low_b[n] + high_b[st] > budget or low_a[n] + high_a[st] > armed_budget:
                     continue
                 key = (low_h[n] + high_h[st], -(low_b[n] + high_b[st]), settings[n][0], settings[st][0])
                 if best is None or key > best[0]:
@@ -305,6 +301,14 @@ def gated(harmful: dict[str, list[list[float]]], benign: list[list[float]], harm
             **({"armed_answers": len(a_all), "armed_flag_rate": round(sum(a_all) / max(1, len(a_all)), 4),
                 "armed_gated": len(a_hit), "armed_gated_flag_rate": round(sum(a_hit) / max(1, len(a_hit)), 4)}
                if len(armed_q) else {})}
+
+
+def _split_flags(flags: list[list[bool]], queries, gate: float) -> tuple[list[int], list[int]]:
+    """Per setting, (flags among requests scoring below ``gate``, flags among those at or above)."""
+    hi = [q >= gate for q in queries]
+    low = [sum(f for f, h in zip(fl, hi, strict=True) if not h) for fl in flags]
+    high = [sum(f for f, h in zip(fl, hi, strict=True) if h) for fl in flags]
+    return low, high
 
 
 def blended(traces: list[list[float]], queries: list[float], blend: float) -> list[list[float]]:
@@ -374,10 +378,7 @@ def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
         messages, prefill = calibration_request(attack, index, ex, ctx)
         gen = watcher.generate(messages=messages, config=cfg, prefill=prefill)
         q = None if query is None else query_score(lm, query, messages)
-        records.append({"attack": attack, "harmful": harmful_side, "prompt": ex.prompt, "answer": gen.text,
-                        "query_score": q,
-                        "harms": [round(h, 5) for h in guarded([st.harm for st in gen.trace.steps], gen.token_ids,
-                                                                guard)]})
+        records.append(_answer_record(gen, guard, q, attack=attack, harmful=harmful_side, prompt=ex.prompt))
         if writer is not None:
             writer.write(records[-1])
     if spec.armed and query is not None:
@@ -390,16 +391,20 @@ def collect(lm, spec: TuneSpec, log=print, path=None) -> list[dict]:
             if ("none", ex.prompt, False) in done:
                 continue
             gen = watcher.generate(messages=normalize_messages(ex.prompt), config=cfg)
-            records.append({"attack": "none", "harmful": False, "armed": True, "prompt": ex.prompt,
-                            "answer": gen.text, "query_score": q,
-                            "harms": [round(h, 5) for h in guarded([st.harm for st in gen.trace.steps],
-                                                                    gen.token_ids, guard)]})
+            records.append(_answer_record(gen, guard, q, attack="none", harmful=False, armed=True, prompt=ex.prompt))
             if writer is not None:
                 writer.write(records[-1])
     if writer is not None:
         writer.write({"kind": "complete", "answers": len(records)})
         writer.close()
     return records
+
+
+def _answer_record(gen, guard: DegenerationGuard, query_score: float | None, **fields) -> dict:
+    """A calibration record: ``fields``, the answer, its request's query score and its tokens'
+    harms (cut where the loop guard would stop it)."""
+    harms = guarded([st.harm for st in gen.trace.steps], gen.token_ids, guard)
+    return {**fields, "answer": gen.text, "query_score": query_score, "harms": [round(h, 5) for h in harms]}
 
 
 def calibration_jobs(spec: TuneSpec, harmful, benign) -> list[tuple]:
@@ -423,13 +428,17 @@ def calibration_request(attack: str, index: int, example, ctx) -> tuple[list[dic
 def query_score(lm, query, messages: list[dict]) -> float:
     """The query probe's score of a request (its last prompt token, the probe's layer), as
     the calibration records keep it (5 decimals)."""
-    import torch
-
     from .models import encode_chat
 
+    return _score_ids(lm, query, encode_chat(lm.tokenizer, messages))
+
+
+def _score_ids(lm, query, ids) -> float:
+    """:func:`query_score` of an encoded request."""
+    import torch
+
     with torch.no_grad():
-        ids = encode_chat(lm.tokenizer, messages).to(lm.device)
-        hs = lm.model(input_ids=ids, output_hidden_states=True, logits_to_keep=1).hidden_states
+        hs = lm.model(input_ids=ids.to(lm.device), output_hidden_states=True, logits_to_keep=1).hidden_states
         return round(float(query.score(hs[query.layer][0, -1:].float())[0]), 5)
 
 
@@ -522,8 +531,9 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
     refusal_rate = sum(v.label for v in verdicts) / len(verdicts) if verdicts else 0.0
     taus = tuple(spec.taus) + (round(probe.threshold, 4),)
     have_q = bool(benign_q) and all(q is not None for q in benign_q + [q for qs in harmful_q.values() for q in qs])
-    cap = spec.max_armed_flag if armed_traces else 1.0
-    best = choose(sweep(traces, benign_traces, taus, spec.windows, armed_traces), spec.max_benign_flag, cap)  # harm alone
+    # one setting, harm alone (without armed answers no row counts them: their budget holds trivially)
+    best = choose(sweep(traces, benign_traces, taus, spec.windows, armed_traces), spec.max_benign_flag,
+                  spec.max_armed_flag)
     options = []  # (chosen, blend, gate result or None, sweep rows)
     gates = GATES + (round(find_probe(lm.model_id, "query").threshold, 4),) if have_q else ()
     for blend in BLENDS if have_q else (0.0,):
@@ -532,14 +542,13 @@ def tune(lm, spec: TuneSpec, log=print, records: list[dict] | None = None, path=
         a = blended(armed_traces, armed_q, blend)
         rows = sweep(h, b, taus, spec.windows, a)
         try:
-            single = choose(rows, spec.max_benign_flag, cap)
+            single = choose(rows, spec.max_benign_flag, spec.max_armed_flag)
         except InputError:
             continue  # no setting of this blend within the budget (blend 0 always has one: ``best``)
         options.append((single, blend, None, rows))
         if have_q:
             g = gated(h, b, harmful_q, benign_q, taus, spec.windows, gates, spec.max_benign_flag,
-                      armed=a, armed_q=armed_q,
-                      max_armed_flag=spec.max_armed_flag)
+                      armed=a, armed_q=armed_q, max_armed_flag=spec.max_armed_flag)
             if g is not None and g["harmful_flag_rate"] > single["harmful_flag_rate"]:  # else the gate adds nothing
                 options.append((g, blend, g, rows))
     # most harmful answers flagged within the budget; ties: fewer benign flags, a smaller
