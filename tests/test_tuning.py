@@ -356,6 +356,10 @@ def test_cli_tune_writes_defaults_that_generate_then_uses(tiny_dir, rd_home, tmp
     assert r.exit_code == 2 and "template attacks" in r.output
     r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--suspicion-sharegpt", "-1"])
     assert r.exit_code == 2 and "suspicion_sharegpt must be an integer >= 0" in r.output
+    r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--max-armed-flag", "1.5"])
+    assert r.exit_code == 2 and "max_armed_flag must lie in [0, 1)" in r.output
+    r = CliRunner().invoke(cli, ["tune", "--model", tiny_dir, "--armed", "-1"])
+    assert r.exit_code == 2 and "--armed" in r.output
 
 
 def test_defaults_name_probe_files_as_probes_write_them():
