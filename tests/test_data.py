@@ -38,6 +38,7 @@ EXPECTED = {
     "imperative": (300, 10_000),
     "sensitive": (300, 300),
     "alarming": (330, 400),
+    "alarming-more": (500, 700),
 }
 
 SMALL = [n for n in EXPECTED if n != "sharegpt"]

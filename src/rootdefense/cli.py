@@ -252,9 +252,12 @@ def probe():
               help="query probe: harmful and benign requests per attack family wrapped in it (0: plain only)")
 @click.option("--traffic", type=click.IntRange(min=0), default=0, show_default=True,
               help="query probe: this many more ShareGPT user turns (ordinary traffic) as benign requests")
+@click.option("--alarming-disguised", type=click.IntRange(min=0), default=50, show_default=True,
+              help="query probe: benign-but-alarming fit requests per attack family wrapped in it (0: none)")
 @click.option("--layers", default=None, help="comma-separated layers to sweep (default: all / every 3rd)")
 @dtype_option
-def probe_train(model, kind, out, per_dataset, self_answers, target_fpr, disguised, traffic, layers, dtype):
+def probe_train(model, kind, out, per_dataset, self_answers, target_fpr, disguised, traffic, alarming_disguised,
+                layers, dtype):
     """Collect hidden states from installed datasets and fit a probe."""
     from .models import load_model
     from .paths import probe_dir
@@ -267,7 +270,8 @@ def probe_train(model, kind, out, per_dataset, self_answers, target_fpr, disguis
     if self_answers < 8:
         raise InputError("--self-answers must be at least 8")
     spec = TrainSpec(kind=kind, per_dataset=per_dataset, layers=layer_list, target_fpr=target_fpr,
-                     self_answers=self_answers, disguised=disguised, traffic=traffic)
+                     self_answers=self_answers, disguised=disguised, traffic=traffic,
+                     alarming_disguised=alarming_disguised)
     lm = load_model(model, dtype=dtype)
     if layer_list and not all(0 <= layer <= lm.num_layers for layer in layer_list):
         raise InputError(f"--layers must lie in 0..{lm.num_layers} for this model")

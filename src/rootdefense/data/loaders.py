@@ -22,6 +22,8 @@ from ..errors import DataError
 from ..paths import package_dir
 from .alarming import LICENCE as ALARMING_LICENCE
 from .alarming import alarming_prompts
+from .alarming_more import LICENCE as MORE_ALARMING_LICENCE
+from .alarming_more import more_alarming_prompts
 from .imperative import LICENCE as IMPERATIVE_LICENCE
 from .imperative import imperative_prompts
 from .records import DatasetInfo, Example
@@ -81,6 +83,9 @@ DATASETS: dict[str, DatasetInfo] = {
         DatasetInfo("alarming", False, "", "rootdefense/data/alarming.py", ALARMING_LICENCE,
                     "Benign requests using alarming words in harmless senses (kill a process, smoke meat, "
                     "break a leg ...), 11 categories, written for rootdefense."),
+        DatasetInfo("alarming-more", False, "", "rootdefense/data/alarming_more.py", MORE_ALARMING_LICENCE,
+                    "More benign requests with alarming words in harmless senses, for fitting only "
+                    "(90% fit / 10% val, no test part), written for rootdefense."),
     )
 }
 
@@ -305,6 +310,11 @@ def _raw_alarming() -> Iterator[tuple[str, dict]]:
         yield text, {"category": category}
 
 
+def _raw_alarming_more() -> Iterator[tuple[str, dict]]:
+    for category, text in more_alarming_prompts():
+        yield text, {"category": category}
+
+
 _RAW: dict[str, Callable[[], Iterator[tuple[str, dict]]]] = {
     "advbench": _raw_advbench,
     "harmbench": _raw_harmbench,
@@ -318,6 +328,7 @@ _RAW: dict[str, Callable[[], Iterator[tuple[str, dict]]]] = {
     "imperative": _raw_imperative,
     "sensitive": _raw_sensitive,
     "alarming": _raw_alarming,
+    "alarming-more": _raw_alarming_more,
 }
 
 

@@ -1,7 +1,8 @@
 """Deterministic split by prompt text, so the same prompt never lands on two sides, in any
 dataset, on any machine: 20% test, 10% validation (threshold calibration), 70% fit. The
-benign-but-edgy set is halved instead (:func:`edgy_half`) and the benign-but-alarming set
-split 50/10/40 (:func:`alarming_part`), each with its own salt."""
+benign-but-edgy set is halved instead (:func:`edgy_half`), the benign-but-alarming set
+split 50/10/40 (:func:`alarming_part`) and its fit-only companion 90/10 (:func:`more_alarming_part`),
+each with its own salt."""
 
 from __future__ import annotations
 
@@ -34,10 +35,22 @@ def alarming_part(prompt: str) -> str:
     return "fit" if bucket < 5 else "val" if bucket == 5 else "test"
 
 
+def more_alarming_part(prompt: str) -> str:
+    """The second benign-but-alarming set (:mod:`rootdefense.data.alarming_more`) only
+    teaches: about 90% 'fit', 10% 'val'. It has no test part; over-refusal is measured on
+    the first set's test part, which no prompt of this set repeats."""
+    bucket = int(hashlib.sha256(("alarming-more:" + _normal(prompt)).encode()).hexdigest()[:8], 16) % 10
+    return "val" if bucket == 0 else "fit"
+
+
 def part_of(prompt: str, dataset: str | None = None) -> str:
-    """'fit', 'val' or 'test' for a prompt of ``dataset``: the benign-but-alarming set by
-    :func:`alarming_part`, every other set by :func:`split_of`."""
-    return alarming_part(prompt) if dataset == "alarming" else split_of(prompt)
+    """'fit', 'val' or 'test' for a prompt of ``dataset``: the benign-but-alarming sets by
+    :func:`alarming_part` and :func:`more_alarming_part`, every other set by :func:`split_of`."""
+    if dataset == "alarming":
+        return alarming_part(prompt)
+    if dataset == "alarming-more":
+        return more_alarming_part(prompt)
+    return split_of(prompt)
 
 
 SPLITS = ("all", "fit", "val", "test", "edgy-eval", "alarming-test")  # what `rootdefense data export` can select
@@ -58,10 +71,12 @@ def in_split(prompt: str, split: str) -> bool:
 
 def held_out(name: str, limit: int | None = None):
     """Examples of dataset ``name`` that no probe or expert trains on: the test split, for
-    the benign-but-edgy set its eval half, for the benign-but-alarming set its test part.
+    the benign-but-edgy set its eval half, for the benign-but-alarming set its test part
+    (none for its fit-only companion ``alarming-more``).
     ``limit`` keeps the first ones."""
     from .loaders import load_dataset
 
-    part, keep = {"edgy": (edgy_half, "eval"), "alarming": (alarming_part, "test")}.get(name, (split_of, "test"))
+    part, keep = {"edgy": (edgy_half, "eval"), "alarming": (alarming_part, "test"),
+                  "alarming-more": (more_alarming_part, "test")}.get(name, (split_of, "test"))
     rows = [e for e in load_dataset(name) if part(e.prompt) == keep]
     return rows[:limit] if limit else rows

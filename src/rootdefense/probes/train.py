@@ -33,10 +33,11 @@ from .fit import fit_affine, scores
 
 # manyshot is HarmBench with answers (same prompts): used only as answer pairs
 HARMFUL_SETS = ("advbench", "harmbench", "donotanswer", "uncensorbench")
-BENIGN_SETS = ("sharegpt", "mtbench", "gsm8k", "imperative", "sensitive", "alarming")
+BENIGN_SETS = ("sharegpt", "mtbench", "gsm8k", "imperative", "sensitive", "alarming", "alarming-more")
 # benign questions with alarming words: their own answers go to the response probe as well
 SENSITIVE = "sensitive"
 ALARMING = "alarming"  # split 50/10/40 (data.split.alarming_part): its test part is never fitted
+MORE_ALARMING = "alarming-more"  # fit-only companion, 90/10 (data.split.more_alarming_part)
 EDGY = "edgy"
 REFUSAL_RE = re.compile(r"\b(I can(?:no|')t|I'm sorry|I am sorry|I won't|I will not|As an AI|I'm not able|I apologi[sz]e)",
                         re.IGNORECASE)
@@ -57,6 +58,9 @@ class TrainSpec:
     # query probe: this many more ShareGPT user turns (ordinary traffic, up to TRAFFIC_TOKENS
     # prompt tokens each) beside the ``per_dataset`` sample; see :func:`traffic_rows`
     traffic: int = 0
+    # query probe: this many benign-but-alarming fit requests per attack family wrapped in it
+    # (beside ``disguised``; 0: none); see :func:`alarming_disguised`
+    alarming_disguised: int = 50
     sources: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -74,6 +78,8 @@ class TrainSpec:
             raise InputError(f"disguised must be >= 0 (requests per family and side), got {self.disguised}")
         if self.traffic < 0:
             raise InputError(f"traffic must be >= 0 (ShareGPT requests), got {self.traffic}")
+        if self.alarming_disguised < 0:
+            raise InputError(f"alarming_disguised must be >= 0 (requests per family), got {self.alarming_disguised}")
 
 
 def _sample(examples, n, seed):
@@ -107,6 +113,22 @@ def traffic_rows(lm, n: int, seen: set[str], seed: int) -> list[tuple]:
     return out
 
 
+def alarming_disguised(rows: list[tuple], per_family: int, seed: int) -> list[tuple]:
+    """``per_family`` benign-but-alarming requests of the fit part (both alarming sets) in
+    each attack family's templates, a different sample per family, each row with its
+    family (so leave-one-family-out leaves these out too). The ``disguised`` sample draws
+    from every benign set, so few of its wrapped benign requests carry an alarming word,
+    while nearly every wrapped harmful one does: a probe then reads "template + alarming
+    word" as harm, and refuses "how do I kill weeds" inside a persona."""
+    rng = random.Random(seed + 2)
+    pool = [r for r in rows if r[4] == PLAIN and r[2] in (ALARMING, MORE_ALARMING) and r[3] == "fit"]
+    out = []
+    for family in FAMILIES:
+        for i, r in enumerate(rng.sample(pool, min(per_family, len(pool)))):
+            out.append((wrap(family, r[0], i), False, r[2], r[3], family))
+    return out
+
+
 def _rows(prompts_by_set: dict[str, list], harmful: bool):
     """(prompt, harmful, source, split, family) rows of plain requests."""
     out = []
@@ -118,10 +140,10 @@ def _rows(prompts_by_set: dict[str, list], harmful: bool):
 def request_sets(spec: TrainSpec) -> tuple[dict, dict, list]:
     """(harmful sets, benign sets, the edgy eval half) a probe trains on: each set sampled to
     ``per_dataset``, the alarming set whole (split by its own parts: its test part only
-    reports), the edgy set's train half among the benign ones."""
+    reports; the fit-only second set whole), the edgy set's train half among the benign ones."""
     harm = {n: _sample(load_dataset(n), spec.per_dataset, spec.seed) for n in HARMFUL_SETS}
-    benign = {n: load_dataset(n) if n == ALARMING else _sample(load_dataset(n), spec.per_dataset, spec.seed)
-              for n in BENIGN_SETS}
+    benign = {n: load_dataset(n) if n in (ALARMING, MORE_ALARMING)
+              else _sample(load_dataset(n), spec.per_dataset, spec.seed) for n in BENIGN_SETS}
     edgy_all = load_dataset(EDGY)
     benign[EDGY] = [e for e in edgy_all if edgy_half(e.prompt) == "train"]
     return harm, benign, [e for e in edgy_all if edgy_half(e.prompt) == "eval"]
@@ -132,7 +154,10 @@ def request_rows(lm, spec: TrainSpec, harm: dict, benign: dict) -> list[tuple]:
     requests, and for a query probe the disguised ones and ordinary traffic as ``spec`` asks."""
     rows = _rows(harm, True) + _rows(benign, False)
     if spec.kind == "query" and spec.disguised:
-        rows += disguised(rows, spec.disguised, spec.seed)
+        plain = rows
+        rows = rows + disguised(plain, spec.disguised, spec.seed)
+        if spec.alarming_disguised:
+            rows += alarming_disguised(plain, spec.alarming_disguised, spec.seed)
     if spec.kind == "query" and spec.traffic:
         rows += traffic_rows(lm, spec.traffic, {r[0] for r in rows}, spec.seed)
     return rows
@@ -280,6 +305,8 @@ def _meta(lm, spec, position, layer, chosen, sweep, rows, counts, seconds):
         "seed": spec.seed,
         "data": {"harmful": list(HARMFUL_SETS), "benign": list(BENIGN_SETS), "held_out_fpr_set": f"{EDGY} (eval half)", "edgy_train_half": True,
                  "counts": counts, "rows": rows,
+                 "disguised_per_family": spec.disguised if spec.kind == "query" else 0,
+                 "alarming_disguised_per_family": spec.alarming_disguised if spec.kind == "query" and spec.disguised else 0,
                  "split": "sha256 of normalised prompt: 70% fit / 10% threshold / 20% test"},
         "metrics": {**{k: v for k, v in chosen.items() if k != "threshold"}, "layer": layer},
         "layer_sweep": [{k: r[k] for k in ("layer", "test_auroc", "cross_tpr_mean", "edgy_fpr")} for r in sweep],
