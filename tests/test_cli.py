@@ -209,6 +209,8 @@ def test_probe_train_rejects_bad_options(tiny_dir):
     assert r.exit_code == 2 and "per_dataset" in r.output
     r = run("probe", "train", "--model", tiny_dir, "--traffic", -1)
     assert r.exit_code == 2 and "--traffic" in r.output
+    r = run("probe", "train", "--model", tiny_dir, "--alarming-disguised", -1)
+    assert r.exit_code == 2 and "--alarming-disguised" in r.output
 
 
 def test_data_list_and_export():

@@ -97,12 +97,14 @@ def test_rds_scores_and_intervenes_on_a_harmful_prompt(smollm):
 def test_cli_probe_train_and_eval(smollm, tmp_path):
     out = tmp_path / "probe"
     r = run("probe", "train", "--kind", "query", "--per-dataset", 20, "--disguised", 5, "--traffic", 10,
-            "--layers", "12,30", "--out", out)
+            "--alarming-disguised", 3, "--layers", "12,30", "--out", out)
     assert r.exit_code == 0, r.output
     meta = json.loads((out / "probe.json").read_text())
     assert meta["layer"] in (12, 30) and meta["model_id"] == "smollm2-135m"
     assert set(meta["metrics"]["cross_tpr"]) == {"advbench", "harmbench", "donotanswer", "uncensorbench"}
-    assert len(meta["metrics"]["families"]) == 6 and meta["data"]["counts"]["disguised:dan"] == 10
+    # 5 harmful and 5 benign requests per family, and 3 benign-but-alarming fit requests
+    assert len(meta["metrics"]["families"]) == 6 and meta["data"]["counts"]["disguised:dan"] == 10 + 3
+    assert meta["data"]["alarming_disguised_per_family"] == 3 and meta["data"]["counts"]["alarming-more"] > 500
     assert meta["data"]["counts"]["sharegpt-traffic"] == 10
     r = run("probe", "eval", out, "--limit", 8, "--json")
     assert r.exit_code == 0, r.output

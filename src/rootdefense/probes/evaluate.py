@@ -24,7 +24,8 @@ def evaluate_probe(lm, probe, limit: int | None = None) -> dict:
 
     if kind in ("paper", "query"):
         harm = {n: held_out(n, limit) for n in HARMFUL_SETS}
-        ben = {n: held_out(n, limit) for n in BENIGN_SETS}
+        # a fit-only set (alarming-more) has no held-out part to score
+        ben = {n: exs for n in BENIGN_SETS if (exs := held_out(n, limit))}
         hs = {n: score(query_features(lm, [e.prompt for e in exs], [probe.layer])) for n, exs in harm.items()}
         bss = {n: score(query_features(lm, [e.prompt for e in exs], [probe.layer])) for n, exs in ben.items()}
         bs = np.concatenate(list(bss.values()))
