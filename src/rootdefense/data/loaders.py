@@ -300,18 +300,9 @@ def _raw_imperative() -> Iterator[tuple[str, dict]]:
         yield text, {}
 
 
-def _raw_sensitive() -> Iterator[tuple[str, dict]]:
-    for category, text in sensitive_prompts():
-        yield text, {"category": category}
-
-
-def _raw_alarming() -> Iterator[tuple[str, dict]]:
-    for category, text in alarming_prompts():
-        yield text, {"category": category}
-
-
-def _raw_alarming_more() -> Iterator[tuple[str, dict]]:
-    for category, text in more_alarming_prompts():
+def _categorised(pairs: Iterable[tuple[str, str]]) -> Iterator[tuple[str, dict]]:
+    """A written-here set's (category, prompt) pairs as raw rows."""
+    for category, text in pairs:
         yield text, {"category": category}
 
 
@@ -326,9 +317,9 @@ _RAW: dict[str, Callable[[], Iterator[tuple[str, dict]]]] = {
     "gsm8k": _raw_gsm8k,
     "sharegpt": _raw_sharegpt,
     "imperative": _raw_imperative,
-    "sensitive": _raw_sensitive,
-    "alarming": _raw_alarming,
-    "alarming-more": _raw_alarming_more,
+    "sensitive": lambda: _categorised(sensitive_prompts()),
+    "alarming": lambda: _categorised(alarming_prompts()),
+    "alarming-more": lambda: _categorised(more_alarming_prompts()),
 }
 
 

@@ -14,8 +14,13 @@ def _normal(prompt: str) -> str:
     return re.sub(r"\W+", " ", prompt.lower()).strip()
 
 
+def _bucket(prompt: str, n: int, salt: str = "") -> int:
+    """A fixed bucket in 0..n-1 for ``prompt``: sha256 of the salt and the normalised text."""
+    return int(hashlib.sha256((salt + _normal(prompt)).encode()).hexdigest()[:8], 16) % n
+
+
 def split_of(prompt: str) -> str:
-    bucket = int(hashlib.sha256(_normal(prompt).encode()).hexdigest()[:8], 16) % 10
+    bucket = _bucket(prompt, 10)
     return "test" if bucket < 2 else "val" if bucket == 2 else "fit"
 
 
@@ -23,7 +28,7 @@ def edgy_half(prompt: str) -> str:
     """The benign-but-edgy set is small, so it is halved rather than split 70/10/20: the
     'train' half teaches probes that edgy words are not harm; the 'eval' half measures
     over-refusal and is never trained on."""
-    bucket = int(hashlib.sha256(("edgy:" + _normal(prompt)).encode()).hexdigest()[:8], 16) % 2
+    bucket = _bucket(prompt, 2, "edgy:")
     return "train" if bucket == 0 else "eval"
 
 
@@ -31,7 +36,7 @@ def alarming_part(prompt: str) -> str:
     """The benign-but-alarming set (:mod:`rootdefense.data.alarming`) measures over-refusal,
     so it keeps a large test part: about 50% 'fit' (may teach a defense that harmless senses
     of alarming words are not harm), 10% 'val' (calibration), 40% 'test' (never tuned on)."""
-    bucket = int(hashlib.sha256(("alarming:" + _normal(prompt)).encode()).hexdigest()[:8], 16) % 10
+    bucket = _bucket(prompt, 10, "alarming:")
     return "fit" if bucket < 5 else "val" if bucket == 5 else "test"
 
 
@@ -39,18 +44,16 @@ def more_alarming_part(prompt: str) -> str:
     """The second benign-but-alarming set (:mod:`rootdefense.data.alarming_more`) only
     teaches: about 90% 'fit', 10% 'val'. It has no test part; over-refusal is measured on
     the first set's test part, which no prompt of this set repeats."""
-    bucket = int(hashlib.sha256(("alarming-more:" + _normal(prompt)).encode()).hexdigest()[:8], 16) % 10
-    return "val" if bucket == 0 else "fit"
+    return "val" if _bucket(prompt, 10, "alarming-more:") == 0 else "fit"
+
+
+_OWN_PARTS = {"alarming": alarming_part, "alarming-more": more_alarming_part}  # sets split apart from the rest
 
 
 def part_of(prompt: str, dataset: str | None = None) -> str:
     """'fit', 'val' or 'test' for a prompt of ``dataset``: the benign-but-alarming sets by
     :func:`alarming_part` and :func:`more_alarming_part`, every other set by :func:`split_of`."""
-    if dataset == "alarming":
-        return alarming_part(prompt)
-    if dataset == "alarming-more":
-        return more_alarming_part(prompt)
-    return split_of(prompt)
+    return _OWN_PARTS.get(dataset, split_of)(prompt)
 
 
 SPLITS = ("all", "fit", "val", "test", "edgy-eval", "alarming-test")  # what `rootdefense data export` can select
@@ -76,7 +79,8 @@ def held_out(name: str, limit: int | None = None):
     ``limit`` keeps the first ones."""
     from .loaders import load_dataset
 
-    part, keep = {"edgy": (edgy_half, "eval"), "alarming": (alarming_part, "test"),
-                  "alarming-more": (more_alarming_part, "test")}.get(name, (split_of, "test"))
-    rows = [e for e in load_dataset(name) if part(e.prompt) == keep]
+    if name == "edgy":
+        rows = [e for e in load_dataset(name) if edgy_half(e.prompt) == "eval"]
+    else:
+        rows = [e for e in load_dataset(name) if part_of(e.prompt, name) == "test"]
     return rows[:limit] if limit else rows

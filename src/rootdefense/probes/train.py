@@ -120,13 +120,8 @@ def alarming_disguised(rows: list[tuple], per_family: int, seed: int) -> list[tu
     from every benign set, so few of its wrapped benign requests carry an alarming word,
     while nearly every wrapped harmful one does: a probe then reads "template + alarming
     word" as harm, and refuses "how do I kill weeds" inside a persona."""
-    rng = random.Random(seed + 2)
     pool = [r for r in rows if r[4] == PLAIN and r[2] in (ALARMING, MORE_ALARMING) and r[3] == "fit"]
-    out = []
-    for family in FAMILIES:
-        for i, r in enumerate(rng.sample(pool, min(per_family, len(pool)))):
-            out.append((wrap(family, r[0], i), False, r[2], r[3], family))
-    return out
+    return disguised(pool, per_family, seed + 2)  # all benign: the harmful side draws nothing
 
 
 def _rows(prompts_by_set: dict[str, list], harmful: bool):
@@ -154,10 +149,8 @@ def request_rows(lm, spec: TrainSpec, harm: dict, benign: dict) -> list[tuple]:
     requests, and for a query probe the disguised ones and ordinary traffic as ``spec`` asks."""
     rows = _rows(harm, True) + _rows(benign, False)
     if spec.kind == "query" and spec.disguised:
-        plain = rows
-        rows = rows + disguised(plain, spec.disguised, spec.seed)
-        if spec.alarming_disguised:
-            rows += alarming_disguised(plain, spec.alarming_disguised, spec.seed)
+        rows += disguised(rows, spec.disguised, spec.seed)
+        rows += alarming_disguised(rows, spec.alarming_disguised, spec.seed)  # reads plain rows only
     if spec.kind == "query" and spec.traffic:
         rows += traffic_rows(lm, spec.traffic, {r[0] for r in rows}, spec.seed)
     return rows
