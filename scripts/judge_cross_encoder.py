@@ -66,9 +66,7 @@ class Trainer:
         torch.manual_seed(0)
         net = CrossEncoder().train()
         y = np.asarray(y, float)
-        w = np.ones(len(y))
-        for c in (0.0, 1.0):
-            w[y == c] *= 0.5 * len(y) / max((y == c).sum(), 1)
+        w = harm.balance_classes(y, np.ones(len(y)))
         opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=0.01)
         steps = a.epochs * math.ceil(len(y) / a.batch)
         sched = torch.optim.lr_scheduler.LambdaLR(

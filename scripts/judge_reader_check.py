@@ -59,9 +59,7 @@ def logistic(C: float):
     from sklearn.preprocessing import StandardScaler
 
     def fit(X, y, sample_weight):
-        w = np.asarray(sample_weight, dtype=float).copy()
-        for c in (0.0, 1.0):
-            w[y == c] *= 0.5 * w.sum() / max(w[y == c].sum(), 1e-9)
+        w = harm.balance_classes(y, sample_weight)
         scale = StandardScaler().fit(X)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -199,9 +199,11 @@ def _count_training(monkeypatch) -> list:
     """Training the judge saves a random one instead; the list records each training."""
     calls = []
 
-    def fake_train(out_dir=None, progress=True, **_):
+    def fake_train(out_dir=None, progress=True, readings=True, **_):
         calls.append(out_dir)
-        _random_model().save(out_dir)
+        model = _random_model()
+        model.meta["training"] = harm_mod.training_stamp(readings)
+        model.save(out_dir)
         return {}
 
     monkeypatch.setattr(harm_mod, "train_harm_judge", fake_train)
@@ -222,6 +224,28 @@ def test_ensure_trains_once_and_refuses_to_overwrite_a_broken_judge(rd_home, mon
     (folder / META_FILE).write_text(json.dumps({**meta, "format_version": harm_mod.FORMAT_VERSION - 1}))
     ensure_harm_judge(progress=False)
     assert len(calls) == 2 and HarmModel.load(folder).meta["format_version"] == harm_mod.FORMAT_VERSION
+
+
+def test_ensure_trains_again_when_the_recipe_or_the_readings_store_changed(rd_home, monkeypatch, tmp_path):
+    store = tmp_path / "readings.jsonl"
+    store.write_text('{"run": "a"}\n')
+    monkeypatch.setattr(harm_mod, "default_readings", lambda: [store])
+    calls = _count_training(monkeypatch)
+    ensure_harm_judge(progress=False)
+    ensure_harm_judge(progress=False)
+    assert len(calls) == 1
+    store.write_text('{"run": "a"}\n{"run": "b"}\n')  # the store grew: the judge learns it
+    ensure_harm_judge(progress=False)
+    ensure_harm_judge(readings=False, progress=False)  # other readings asked for: the judge is kept
+    assert len(calls) == 2
+    monkeypatch.setattr(harm_mod, "TRAINING_RECIPE", harm_mod.TRAINING_RECIPE + 1)  # a later release
+    ensure_harm_judge(progress=False)
+    assert len(calls) == 3
+    folder = harm_judge_dir()  # a judge from before the stamp existed is trained again too
+    meta = json.loads((folder / META_FILE).read_text())
+    (folder / META_FILE).write_text(json.dumps({k: v for k, v in meta.items() if k != "training"}))
+    ensure_harm_judge(progress=False)
+    assert len(calls) == 4
 
 
 def test_the_default_judge_is_trained_when_an_evaluation_first_needs_it(rd_home, monkeypatch):
@@ -332,6 +356,17 @@ def test_the_network_fit_is_deterministic_and_learns_with_the_standardisation_fo
     assert np.array_equal(model.probabilities(X), again.probabilities(X))
     assert ((model.probabilities(X) >= 0.5) == y.astype(bool)).mean() > 0.9
     assert model.w1.shape == (harm_mod.NET["hidden"], FEATURE_DIM)
+
+
+def test_class_balance_gives_each_class_half_the_total_weight():
+    y = np.array([0] * 7 + [1] * 3)
+    w = np.array([1.0] * 7 + [2.0, 2.0, 4.0])  # 7 against 8 before balancing
+    out = harm_mod.balance_classes(y, w)
+    assert out[y == 0].sum() == pytest.approx(7.5) and out[y == 1].sum() == pytest.approx(7.5)
+    assert out[7] == pytest.approx(out[9] / 2)  # the weights within a class keep their ratios
+    assert np.array_equal(w, [1.0] * 7 + [2.0, 2.0, 4.0])  # the caller's array is left alone
+    one_class = harm_mod.balance_classes(np.zeros(4), np.arange(1.0, 5.0))
+    assert np.array_equal(one_class, np.arange(1.0, 5.0))
 
 
 def test_binary_metrics_values():

@@ -42,8 +42,10 @@ Nothing is pickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -96,6 +98,10 @@ READ_FOLDS = 5  # folds by request for the out-of-fold agreement with readers
 # lost them at weight 1 (0.81 -> 0.63) and used 0.15.
 READ_WEIGHT = 1.0
 TRAIN_COMMAND = "rootdefense judge train"
+# Raised when the training changes but the saved format does not (2: exact class balance,
+# each class half the weight; 1 gave the positives slightly less), so that a judge an earlier
+# release trained into a home is trained again.
+TRAINING_RECIPE = 2
 
 
 def harm_judge_dir() -> Path:
@@ -337,6 +343,19 @@ def _foundation_metrics(rows: list[LabelledAnswer], p: np.ndarray, threshold: fl
 # --------------------------------------------------------------------------- training
 
 
+def balance_classes(y: np.ndarray, sample_weight: np.ndarray) -> np.ndarray:
+    """``sample_weight`` rescaled per class so that the negatives and the positives of ``y``
+    each carry half of its total (unchanged where either class has no weight)."""
+    y = np.asarray(y)
+    w = np.asarray(sample_weight, dtype=np.float64).copy()
+    masks = [y == 0, y == 1]
+    if all(w[m].sum() > 0 for m in masks):
+        half = 0.5 * w.sum()
+        for m in masks:
+            w[m] *= half / w[m].sum()
+    return w
+
+
 def _fit(X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) -> HarmModel:
     """Fit the network (``NET``) on standardised features, each row weighted by
     ``sample_weight`` times its class's balancing weight; the standardisation is folded into
@@ -345,11 +364,7 @@ def _fit(X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None) 
 
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    w = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
-    for cls in (0.0, 1.0):  # class balance: each class carries half the total weight
-        mask = y == cls
-        if mask.any():
-            w[mask] *= 0.5 * w.sum() / w[mask].sum()
+    w = balance_classes(y, np.ones(len(y)) if sample_weight is None else sample_weight)
     mu, sd = X.mean(0), X.std(0) + 1e-6
     torch.manual_seed(NET["seed"])
     order = torch.Generator().manual_seed(NET["seed"])
@@ -472,7 +487,7 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     rows = training_rows(limit=limit, sharegpt=sharegpt, synthetic=synthetic)
     found_path = default_foundation_file() if foundation is True else (Path(foundation) if foundation else None)
     found = foundation_rows(found_path) if found_path else []
-    readings_from = default_readings() if readings is True else [Path(d) for d in (readings or [])]
+    readings_from = _readings_sources(readings)
     # an empty read answer (a withheld one) is not harmful by rule (HarmJudge.probabilities): not learned, not measured
     kinds = [read_answers(d) for d in readings_from]  # each source read once
     read_rows = [row for harmful, _ in kinds for row in harmful if row.answer.strip()]
@@ -534,6 +549,7 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
                                        "benign_answers": len(benign_rows),
                                        "help": int(sum(read_rows[i].harmful for i in learned)),
                                        "runs": sorted({read_rows[i].detail.split(":")[0] for i in learned})}},
+        "training": training_stamp(readings),
         "metrics": metrics, "versions": _versions(), "train_seconds": seconds,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -541,16 +557,42 @@ def train_harm_judge(out_dir: Path | str | None = None, progress: bool = True, *
     return {**metrics, "folder": str(folder), "train_seconds": seconds, "classifier": model.meta["classifier"]}
 
 
+def _readings_sources(readings: list | bool) -> list[Path]:
+    return default_readings() if readings is True else [Path(d) for d in (readings or [])]
+
+
+def training_stamp(readings: list | bool = True) -> dict[str, Any]:
+    """What a judge's training depended on beyond its format: the training recipe and the
+    SHA-256 of the readings it learned from (``readings`` as in :func:`train_harm_judge`;
+    a reading folder counts by its ``labels.jsonl`` and ``key.jsonl``)."""
+    digest = hashlib.sha256()
+    for source in _readings_sources(readings):
+        for path in ([source / "key.jsonl", source / "labels.jsonl"] if source.is_dir() else [source]):
+            digest.update(path.read_bytes() if path.is_file() else b"")
+    return {"recipe": TRAINING_RECIPE, "readings_sha256": digest.hexdigest()}
+
+
 def ensure_harm_judge(progress: bool = True, **options: Any) -> Path:
-    """The trained judge's folder, training it first if it is missing or in an older format;
+    """The trained judge's folder, training it first if it is missing, in an older format,
+    or stale: trained by an earlier recipe or on other readings than the checkout's store
+    holds now (a judge made by ``judge train`` with other readings options is kept);
     ``options`` go to :func:`train_harm_judge` when it trains."""
     folder = harm_judge_dir()
     try:
-        HarmModel.load(folder)
+        model = HarmModel.load(folder)
     except JudgeError:
         if (folder / META_FILE).exists() and not _older_format(folder / META_FILE):
             raise  # present but broken: do not silently overwrite
         # missing, or made by an earlier rootdefense in an older format: (re)train it here
+        train_harm_judge(folder, progress=progress, **options)
+        return folder
+    stamp = model.meta.get("training")
+    expected = training_stamp(options.get("readings", True))
+    if not isinstance(stamp, dict) or stamp.get("recipe") != expected["recipe"] or (
+            stamp.get("readings_sha256") != expected["readings_sha256"] and "readings" not in options):
+        if progress:
+            print(f"rootdefense: the harm judge in {folder} was trained by an earlier recipe or on other "
+                  "readings than the store holds now; training it again", file=sys.stderr)
         train_harm_judge(folder, progress=progress, **options)
     return folder
 
