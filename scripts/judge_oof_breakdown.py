@@ -2,7 +2,8 @@
 
 Trains the judge as `rootdefense judge train --force` does (into OUT_DIR, so the shipped one is
 untouched unless OUT_DIR is its folder), keeps each read answer's out-of-fold probability and writes
-OUT_DIR/oof-breakdown.json: binary metrics per fold (folds by request, as the judge's own figure)
+OUT_DIR/oof-p.npy (each read answer's out-of-fold probability, in the store's order, as
+scripts/judge_cross_encoder.py writes its own) and OUT_DIR/oof-breakdown.json: binary metrics per fold (folds by request, as the judge's own figure)
 and per attack (the attack named in the store line's result key), over distinct read answers to
 harmful requests at the judge's threshold. With --old-balance the class weights are rescaled as
 before 2026-12-08 (class 0 to half the total, then class 1 to half of the new total), to measure
@@ -58,6 +59,8 @@ def main() -> None:
             parts = o["key"].split("|")
             attack.setdefault((o["request"], o["answer"]), parts[2] if len(parts) > 3 else "?")
     rows, p = captured["rows"], captured["p"]
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    np.save(Path(args.out_dir) / "oof-p.npy", p)  # every read row's out-of-fold probability, store order
     first = harm._distinct(rows)
     y = np.array([r.harmful for r in rows])[first]
     p = p[first]
@@ -70,7 +73,6 @@ def main() -> None:
            "per_fold": {int(k): harm.binary_metrics(y[fold == k], p[fold == k], t) for k in sorted(set(fold))},
            "per_attack": {a: harm.binary_metrics(y[att == a], p[att == a], t) for a in sorted(set(att))},
            "by_first_run": {r: harm.binary_metrics(y[run == r], p[run == r], t) for r in sorted(set(run))}}
-    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     (Path(args.out_dir) / "oof-breakdown.json").write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: out[k] for k in ("all_distinct", "per_fold")}, indent=1))
 
