@@ -17,7 +17,7 @@ import json
 import numpy as np
 
 from rootdefense.evaluation.judging import harm
-from rootdefense.evaluation.judging.harm_data import default_readings, read_answers, request_bucket
+from rootdefense.evaluation.judging.harm_data import default_readings, read_answers
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
     first = harm._distinct(rows)
     y = np.array([r.harmful for r in rows])[first]
     a, b = a[first], b[first]
-    fold = np.array([request_bucket(rows[i].request) % harm.READ_FOLDS for i in first])
+    fold = harm.read_folds(rows)[first]
     both = ~np.isnan(a) & ~np.isnan(b)
     out = {"a": args.a, "b": args.b, "folds": sorted(int(f) for f in set(fold[both]))}
     for name, p in (("a", a), ("b", b), ("mean", (a + b) / 2)):

@@ -29,7 +29,7 @@ import torch
 
 from rootdefense.evaluation.judging import harm
 from rootdefense.evaluation.judging.embedding import EMBED_DIM, minilm_dir
-from rootdefense.evaluation.judging.harm_data import default_readings, read_answers, request_bucket, training_rows
+from rootdefense.evaluation.judging.harm_data import default_readings, read_answers, training_rows
 
 
 class CrossEncoder(torch.nn.Module):
@@ -119,7 +119,7 @@ def main() -> None:
     benign = [r for _, b in kinds for r in b if r.answer.strip()]
     benign = [benign[i] for i in harm._distinct(benign)]
     learned = harm._distinct(read)
-    fold = np.array([request_bucket(r.request) % harm.READ_FOLDS for r in read])
+    fold = harm.read_folds(read)
     rows = [r for r in training_rows() if r.split == "train"] if args.rows else []
     random.Random(0).shuffle(rows)
     rows = rows[:args.rows]

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from rootdefense.evaluation.judging import harm
-from rootdefense.evaluation.judging.harm_data import default_readings, request_bucket
+from rootdefense.evaluation.judging.harm_data import default_readings
 
 
 def old_balance(y, w):
@@ -64,7 +64,7 @@ def main() -> None:
     first = harm._distinct(rows)
     y = np.array([r.harmful for r in rows])[first]
     p = p[first]
-    fold = np.array([request_bucket(rows[i].request) % harm.READ_FOLDS for i in first])
+    fold = harm.read_folds(rows)[first]
     att = np.array([attack.get((rows[i].request, rows[i].answer), "?") for i in first])
     run = np.array([rows[i].detail.split(":")[0] for i in first])
     t = harm.DEFAULT_THRESHOLD

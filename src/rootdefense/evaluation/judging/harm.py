@@ -408,6 +408,12 @@ def _distinct(rows: list[LabelledAnswer]) -> np.ndarray:
     return np.array(sorted(first.values()), dtype=int)
 
 
+def read_folds(rows: list[LabelledAnswer]) -> np.ndarray:
+    """Each read answer's fold for the out-of-fold agreement: SHA-256 of its request mod
+    ``READ_FOLDS`` (every answer to one request in one fold)."""
+    return np.array([request_bucket(r.request) % READ_FOLDS for r in rows], dtype=int)
+
+
 def _out_of_fold(X_train: np.ndarray, y_train: np.ndarray, read_rows: list[LabelledAnswer], X_read: np.ndarray,
                  learned: np.ndarray, read_weight: float = READ_WEIGHT,
                  X_benign: np.ndarray | None = None, fit=_fit) -> np.ndarray:
@@ -416,7 +422,7 @@ def _out_of_fold(X_train: np.ndarray, y_train: np.ndarray, read_rows: list[Label
     ``X_benign``: read answers to benign requests, learned as not harmful in every fold;
     ``fit``: the classifier (:func:`_fit_with_readings`)."""
     X_benign = np.zeros((0, X_read.shape[1])) if X_benign is None else X_benign
-    fold = np.array([request_bucket(r.request) % READ_FOLDS for r in read_rows])
+    fold = read_folds(read_rows)
     y_read = np.array([float(r.harmful) for r in read_rows])
     p = np.zeros(len(read_rows))
     for k in sorted(set(fold.tolist())):
@@ -587,9 +593,8 @@ def ensure_harm_judge(progress: bool = True, **options: Any) -> Path:
         train_harm_judge(folder, progress=progress, **options)
         return folder
     stamp = model.meta.get("training")
-    expected = training_stamp(options.get("readings", True))
-    if not isinstance(stamp, dict) or stamp.get("recipe") != expected["recipe"] or (
-            stamp.get("readings_sha256") != expected["readings_sha256"] and "readings" not in options):
+    if not isinstance(stamp, dict) or stamp.get("recipe") != TRAINING_RECIPE or (
+            "readings" not in options and stamp.get("readings_sha256") != training_stamp()["readings_sha256"]):
         if progress:
             print(f"rootdefense: the harm judge in {folder} was trained by an earlier recipe or on other "
                   "readings than the store holds now; training it again", file=sys.stderr)
